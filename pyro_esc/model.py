@@ -1,0 +1,239 @@
+"""The Laplace-prior / Gaussian-noise sparse coding model as a Pyro model (PAPER.md s.1)."""
+
+import torch
+from torch.distributions import constraints
+
+import pyro
+import pyro.distributions as dist
+from pyro.nn import PyroModule, PyroParam, pyro_method
+
+from ._checks import check_data_cached, check_int, check_positive, check_positive_tensor, check_subsample
+
+
+class SparseCoding(PyroModule):
+    r"""Probabilistic sparse coding with a Laplace prior and Gaussian noise.
+
+    For data points x^(n) in R^D and latents z in R^H::
+
+        p(z)   = prod_h Laplace(z_h; 0, lambda_h)
+        p(x|z) = Normal(x; W z, sigma^2 I_D),   ||W_:h|| = 1 for every column h
+
+    The unit-length columns remove the scale ambiguity between W and lambda.
+    Parameters are stored as Pyro params (``raw_dictionary``, whose columns are
+    normalised on every read, ``prior_scale`` and ``noise_var``) so that any
+    Pyro ELBO can learn them. :class:`~pyro_esc.EntropyELBO` instead sets
+    ``prior_scale`` and ``noise_var`` to their closed-form optimum after every
+    evaluation.
+
+    Calling ``model(x)`` runs the model: a plate ``"data"`` over the first
+    dimension of x, a latent site ``"z"`` (event shape (H,)) and an observed
+    site ``"x"`` (event shape (D,)). For minibatches pass the *full* data with
+    ``subsample`` (indices) or ``subsample_size``, as in Pyro's subsampling
+    idiom; the plate then scales the log density by N / B.
+
+    **Initialisation from data.** Unless :meth:`set_dictionary` was called, the
+    first call with data initialises the parameters from that data, in its
+    dtype and on its device (Pyro's lazy-initialisation idiom): the dictionary
+    columns are randomly chosen data points (normalised; a zero point is
+    replaced by noise), sigma^2 is half the mean per-dimension data variance
+    and lambda_h = sqrt(mean ||x||^2 / (2 H)), the scale at which H unit
+    columns with Laplace amplitudes reproduce the data's energy. Randomness
+    comes from torch's generator (``pyro.set_rng_seed``).
+
+    :param int data_dim: D, the dimension of a data point.
+    :param int n_latents: H, the number of latents (dictionary columns).
+    :param str init: ``"data"`` (default, as above) or ``"random"`` (keep the
+        random unit columns drawn at construction; only dtype and device follow
+        the data).
+    """
+
+    def __init__(self, data_dim, n_latents, init="data"):
+        super().__init__()
+        self.data_dim = check_int(data_dim, "data_dim")
+        self.n_latents = check_int(n_latents, "n_latents")
+        if init not in ("data", "random"):
+            raise ValueError(f"init must be 'data' or 'random', got {init!r}")
+        self.init = init
+        self.raw_dictionary = PyroParam(torch.randn(self.data_dim, self.n_latents))
+        self.prior_scale = PyroParam(torch.ones(self.n_latents), constraints.positive)
+        self.noise_var = PyroParam(torch.tensor(1.0), constraints.positive)
+        # A buffer, so checkpoints (state_dict) remember that data has been seen.
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def extra_repr(self):
+        return f"data_dim={self.data_dim}, n_latents={self.n_latents}"
+
+    # ------------------------------------------------------------------ views
+
+    @property
+    def dictionary(self):
+        """W, shape (D, H), with unit-length columns (a differentiable view of ``raw_dictionary``)."""
+        raw = self.raw_dictionary
+        return raw / raw.norm(dim=0)
+
+    # ------------------------------------------------------------- the model
+
+    def create_plates(self, x, subsample=None, subsample_size=None):
+        """The ``"data"`` plate for ``model(x, ...)``.
+
+        Pass it to an autoguide to share subsampling with the model, e.g.
+        ``AutoNormal(model, create_plates=model.create_plates)``.
+        """
+        return pyro.plate("data", x.size(0), subsample=subsample, subsample_size=subsample_size, dim=-1)
+
+    def forward(self, x, subsample=None, subsample_size=None):
+        """Run the model on data ``x`` of shape (N, D).
+
+        :param torch.Tensor x: all N data points (also when subsampling).
+        :param torch.Tensor subsample: optional indices of the minibatch.
+        :param int subsample_size: optional size of a random minibatch.
+        :returns: the latent sample z, shape (B, H).
+        """
+        # The plate draws a random subsample itself (not resolve_data), so that under
+        # Trace_ELBO the model replays the guide's indices.
+        x, subsample = self.resolve_data(x, subsample)
+        dictionary = self.dictionary
+        prior_scale = self.prior_scale
+        noise_scale = self.noise_var.sqrt()
+        with self.create_plates(x, subsample, subsample_size) as index:
+            z = pyro.sample("z", dist.Laplace(torch.zeros_like(prior_scale), prior_scale).to_event(1))
+            observed = x if index.size(0) == x.size(0) else x.index_select(0, index)
+            pyro.sample("x", dist.Normal(z @ dictionary.T, noise_scale).to_event(1), obs=observed)
+        return z
+
+    def resolve_data(self, x, subsample=None, subsample_size=None):
+        """Validate the model's arguments and initialise from data on first sight.
+
+        Objectives that do not run the model (:class:`~pyro_esc.EntropyELBO`,
+        :class:`~pyro_esc.AnalyticELBO`) call this with the model's arguments;
+        a random ``subsample_size`` is drawn here into explicit indices.
+
+        :returns: ``(x, subsample)`` with subsample a long tensor of indices or None.
+        """
+        x = check_data_cached(x, "x", self.data_dim)
+        subsample = check_subsample(subsample, x.size(0))
+        if subsample_size is not None:
+            check_int(subsample_size, "subsample_size")
+            if subsample is not None:
+                raise ValueError("pass either subsample or subsample_size, not both")
+            if subsample_size < x.size(0):
+                subsample = torch.randperm(x.size(0), device=x.device)[:subsample_size]
+        if not bool(self.initialized):
+            self._initialize(x)
+        else:
+            # The unconstrained tensor carries dtype and device without a pyro.param call.
+            param = self.raw_dictionary_unconstrained
+            if param.dtype != x.dtype or param.device != x.device:
+                raise ValueError(
+                    f"x has dtype {x.dtype} on {x.device}, but the model was initialised with "
+                    f"{param.dtype} on {param.device}; convert x or the model (model.to(...)).")
+        return x, subsample
+
+    @pyro_method
+    @torch.no_grad()
+    def _initialize(self, x):
+        like = dict(dtype=x.dtype, device=x.device)
+        n, dim = x.shape
+        if self.init == "data":
+            # Columns start at data points: for sparse data, each is dominated by
+            # few causes, which is a far better start than random directions.
+            if n >= self.n_latents:
+                index = torch.randperm(n, device=x.device)[: self.n_latents]
+            else:
+                index = torch.randint(n, (self.n_latents,), device=x.device)
+            columns = x[index].T.clone()
+            degenerate = columns.norm(dim=0) < 1e-12 * (1 + x.abs().max())
+            columns[:, degenerate] = torch.randn(dim, int(degenerate.sum()), **like)
+            columns = columns / columns.norm(dim=0)
+            noise_var = 0.5 * x.var(0, unbiased=False).mean().clamp_min(1e-12)
+            prior_scale = (x.square().sum(1).mean() / (2 * self.n_latents)).sqrt().clamp_min(1e-6)
+            self.raw_dictionary = PyroParam(columns)
+            self.prior_scale = PyroParam(prior_scale.expand(self.n_latents).clone(), constraints.positive)
+            self.noise_var = PyroParam(noise_var, constraints.positive)
+        else:
+            self.raw_dictionary = PyroParam(self.raw_dictionary.detach().to(**like))
+            self.prior_scale = PyroParam(self.prior_scale.detach().to(**like), constraints.positive)
+            self.noise_var = PyroParam(self.noise_var.detach().to(**like), constraints.positive)
+        self.initialized.fill_(True)
+
+    # ------------------------------------------------------------ setters
+
+    @pyro_method
+    @torch.no_grad()
+    def set_scales(self, prior_scale=None, noise_var=None):
+        """Set lambda (shape (H,) or a scalar) and/or sigma^2 (a scalar) in place.
+
+        Values must be finite and positive. The parameters keep their identity,
+        so optimiser state and the param store stay attached.
+        """
+        if prior_scale is not None:
+            prior_scale = check_positive_tensor(prior_scale, "prior_scale", (self.n_latents,), self.prior_scale)
+        if noise_var is not None:
+            noise_var = check_positive_tensor(noise_var, "noise_var", (), self.noise_var)
+        self.assign_scales(prior_scale, noise_var)
+
+    @torch.no_grad()
+    def assign_scales(self, prior_scale=None, noise_var=None):
+        """Like :meth:`set_scales` without validation, for objectives that computed valid values.
+
+        Runs on every training step, so it writes the unconstrained tensors
+        directly instead of going through ``pyro.param``.
+        """
+        # The positive constraint's bijection is exp, so the unconstrained value is the log.
+        if prior_scale is not None:
+            torch.log(prior_scale, out=self._param_tensor("prior_scale"))
+        if noise_var is not None:
+            torch.log(noise_var, out=self._param_tensor("noise_var"))
+
+    def _param_tensor(self, name):
+        # The unconstrained tensor that the param store holds for this parameter.
+        # Module and store share one tensor, except after the store was replaced
+        # (e.g. ParamStoreDict.load); then the store's is the one the module
+        # will adopt on its next read inside its Pyro context, so write there.
+        tensor = getattr(self, name + "_unconstrained")
+        if self._pyro_context.used:
+            stored = pyro.get_param_store()._params.get(self._pyro_get_fullname(name))
+            if stored is not None:
+                return stored
+        return tensor
+
+    @pyro_method
+    @torch.no_grad()
+    def set_dictionary(self, dictionary):
+        """Set W (shape (D, H)); columns are normalised. Marks the model as initialised."""
+        current = self.raw_dictionary
+        dictionary = torch.as_tensor(dictionary)
+        if tuple(dictionary.shape) != (self.data_dim, self.n_latents):
+            raise ValueError(f"dictionary must have shape ({self.data_dim}, {self.n_latents}), "
+                             f"got {tuple(dictionary.shape)}")
+        norms = dictionary.norm(dim=0)
+        if not bool(torch.isfinite(dictionary).all()) or not bool((norms > 0).all()):
+            raise ValueError("dictionary must be finite with no zero column")
+        current.unconstrained().copy_((dictionary / norms).to(current))
+        self.initialized.fill_(True)
+
+    # ------------------------------------------------------------ sampling
+
+    @torch.no_grad()
+    def sample(self, n):
+        """Draw n samples (z, x) from the generative model; z is (n, H), x is (n, D)."""
+        n = check_int(n, "n")
+        prior_scale = self.prior_scale.detach()
+        z = dist.Laplace(torch.zeros_like(prior_scale), prior_scale).sample((n,))
+        mean = z @ self.dictionary.detach().T
+        x = mean + self.noise_var.detach().sqrt() * torch.randn_like(mean)
+        return z, x
+
+    @pyro_method
+    def read_dictionary(self):
+        """W read inside the model's Pyro context, so SVI registers and trains it.
+
+        Objectives that compute with W without running the model must use this
+        (or run the model), or SVI silently never updates the dictionary.
+        """
+        return self.dictionary
+
+    @pyro_method
+    def read_scales(self):
+        """(lambda, sigma^2) read inside the model's Pyro context (see :meth:`read_dictionary`)."""
+        return self.prior_scale, self.noise_var
