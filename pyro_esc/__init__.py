@@ -4,17 +4,27 @@ Implements "Learning Sparse Codes with Entropy-Based ELBOs" (Velychko, Damm,
 Fischer, Lücke; AISTATS 2024) on top of Pyro and PyTorch.
 """
 
+from . import kl  # noqa: F401 - registers the closed-form KL(Gaussian || Laplace) with torch
+from .guides import AmortizedNormal, LocalMultivariateNormal
+from .likelihood import LogLikelihood, log_likelihood
 from .model import SparseCoding
 from .objectives import AnalyticELBO, EntropyELBO, NonFiniteObjectiveError
 from .posterior import GaussianPosterior, gaussian_posterior
+from .training import History, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AmortizedNormal",
     "AnalyticELBO",
     "EntropyELBO",
     "GaussianPosterior",
+    "History",
+    "LocalMultivariateNormal",
+    "LogLikelihood",
     "NonFiniteObjectiveError",
     "SparseCoding",
+    "fit",
     "gaussian_posterior",
+    "log_likelihood",
 ]

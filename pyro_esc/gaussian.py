@@ -143,6 +143,19 @@ def folded_normal_mean(loc, scale):
     return _FoldedNormalMean.apply(loc, scale)
 
 
+def expected_squared_errors(x, dictionary, mean, trace_terms):
+    """Per data point, E_q||x - W z||^2 = ||x - W nu||^2 + tr(W T W^T).
+
+    :param torch.Tensor x: data, shape (B, D).
+    :param torch.Tensor dictionary: W, shape (D, H).
+    :param torch.Tensor mean: posterior means nu, shape (B, H).
+    :param torch.Tensor trace_terms: tr(W T_n W^T) per point, shape (B,) (see
+        :meth:`pyro_esc.posterior.GaussianPosterior.trace_terms`).
+    :returns: shape (B,).
+    """
+    return (x - mean @ dictionary.T).square().sum(-1) + trace_terms
+
+
 def expected_squared_error(x, dictionary, mean, trace_term):
     """Sum over data points of E_q||x - W z||^2.
 

@@ -64,3 +64,54 @@ def dictionary_distance(learned, true):
     signs = torch.sign((matched * true_unit).sum(0))
     signs[signs == 0] = 1
     return float((matched * signs - true_unit).square().sum(0).mean().sqrt())
+
+
+def code_sparseness(codes):
+    """Sparseness of codes (e.g. posterior means), shape (N, H): two standard measures.
+
+    - ``kurtosis``: the mean over latents of the excess kurtosis of z_h across
+      data points, E[(z - mean)^4] / var^2 - 3 (0 for a Gaussian, 3 for a
+      Laplace; larger means heavier tails, i.e. sparser).
+    - ``l1_l2``: the mean over data points of ||z||_1 / (sqrt(H) ||z||_2), in
+      [1/sqrt(H), 1]; smaller means fewer active latents per point.
+
+    :returns: dict with ``kurtosis`` and ``l1_l2`` (floats).
+    """
+    codes = torch.as_tensor(codes).detach().double()
+    if codes.dim() != 2 or codes.size(0) < 2:
+        raise ValueError(f"codes must have shape (N, H) with N >= 2, got {tuple(codes.shape)}")
+    centred = codes - codes.mean(0)
+    variance = centred.square().mean(0)
+    kurtosis = centred.pow(4).mean(0) / variance.square().clamp_min(1e-300) - 3
+    norms = codes.norm(dim=1)
+    active = norms > 0
+    ratio = codes[active].abs().sum(1) / (codes.size(1) ** 0.5 * norms[active])
+    return {"kurtosis": float(kurtosis.mean()), "l1_l2": float(ratio.mean())}
+
+
+def field_spread(fields, shape):
+    """Spatial spread of image fields: how localised each field is, in pixels.
+
+    Each field's energy w^2 is a distribution over pixel positions; its spread
+    is sqrt(var_row + var_col) of that distribution (the radius of gyration).
+    A field concentrated on one pixel has spread 0; a uniform field on a
+    side x side patch has spread sqrt((side^2 - 1) / 6), about 0.41 side.
+
+    :param fields: shape (D, H) with D = rows * cols (pixel-space fields, e.g.
+        whitened fields mapped back through the inverse whitening).
+    :param tuple shape: (rows, cols) of a field.
+    :returns: tensor of spreads, shape (H,).
+    """
+    fields = torch.as_tensor(fields).detach().double()
+    rows, cols = shape
+    if fields.dim() != 2 or fields.size(0) != rows * cols:
+        raise ValueError(f"fields must have shape ({rows * cols}, H) for shape {tuple(shape)}, got {tuple(fields.shape)}")
+    energy = fields.square()
+    weights = energy / energy.sum(0).clamp_min(1e-300)
+    row_index = torch.arange(rows, dtype=torch.float64).repeat_interleave(cols)
+    col_index = torch.arange(cols, dtype=torch.float64).repeat(rows)
+    spread = 0
+    for index in (row_index, col_index):
+        mean = index @ weights
+        spread = spread + (index.square() @ weights - mean.square())
+    return spread.clamp_min(0).sqrt()

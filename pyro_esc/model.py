@@ -45,10 +45,14 @@ class SparseCoding(PyroModule):
     :param str init: ``"data"`` (default, as above) or ``"random"`` (keep the
         random unit columns drawn at construction; only dtype and device follow
         the data).
+    :param str name: prefix of the parameters' names in Pyro's param store
+        (default none: ``raw_dictionary``, ``prior_scale``, ``noise_var``).
+        Two models in one param store need different names, as for any
+        PyroModule.
     """
 
-    def __init__(self, data_dim, n_latents, init="data"):
-        super().__init__()
+    def __init__(self, data_dim, n_latents, init="data", name=""):
+        super().__init__(name=name)
         self.data_dim = check_int(data_dim, "data_dim")
         self.n_latents = check_int(n_latents, "n_latents")
         if init not in ("data", "random"):

@@ -14,14 +14,17 @@ Neither draws a sample; both read the guide through the protocol of
 """
 
 import math
+import weakref
 from typing import NamedTuple
 
 import torch
 
 from pyro.infer import ELBO
 
+from .annealing import Annealing
 from .gaussian import (
     expected_squared_error,
+    expected_squared_errors,
     folded_normal_mean,
     isotropic_normal_entropy,
     laplace_entropy,
@@ -64,12 +67,8 @@ class BatchStatistics(NamedTuple):
         return self.sq_error_sum / (self.num_points * self.data_dim)
 
 
-def batch_statistics(model, guide, *args, **kwargs):
-    """Compute :class:`BatchStatistics` for ``model(*args, **kwargs)`` under ``guide``.
-
-    Reads the dictionary inside the model's Pyro context (so SVI trains it) and
-    the guide through :func:`~pyro_esc.posterior.gaussian_posterior`.
-    """
+def _read_posterior(model, guide, args, kwargs):
+    # The common first half of every closed-form evaluation.
     if not isinstance(model, SparseCoding):
         raise ValueError(f"model must be a pyro_esc.SparseCoding (or subclass) for the closed-form "
                          f"objectives, got {type(model).__name__}")
@@ -79,11 +78,101 @@ def batch_statistics(model, guide, *args, **kwargs):
     if tuple(posterior.mean.shape) != (x_batch.size(0), model.n_latents):
         raise ValueError(f"the guide's posterior has shape {tuple(posterior.mean.shape)}, expected "
                          f"(B, H) = ({x_batch.size(0)}, {model.n_latents})")
-    dictionary = model.read_dictionary()
+    return x, subsample, x_batch, posterior, model.read_dictionary()
+
+
+def _summed_statistics(num_data, x_batch, posterior, dictionary):
     abs_sum = folded_normal_mean(posterior.mean, posterior.stddev).sum(0)
     trace_term = posterior.trace_term(dictionary)
     sq_error_sum = expected_squared_error(x_batch, dictionary, posterior.mean, trace_term)
-    return BatchStatistics(x.size(0), x_batch.size(0), x.size(1), posterior.entropy, abs_sum, sq_error_sum)
+    return BatchStatistics(num_data, x_batch.size(0), x_batch.size(1), posterior.entropy, abs_sum, sq_error_sum)
+
+
+def batch_statistics(model, guide, *args, **kwargs):
+    """Compute :class:`BatchStatistics` for ``model(*args, **kwargs)`` under ``guide``.
+
+    Reads the dictionary inside the model's Pyro context (so SVI trains it) and
+    the guide through :func:`~pyro_esc.posterior.gaussian_posterior`.
+    """
+    x, _, x_batch, posterior, dictionary = _read_posterior(model, guide, args, kwargs)
+    return _summed_statistics(x.size(0), x_batch, posterior, dictionary)
+
+
+class PointStatistics(NamedTuple):
+    """Per-point expected statistics: entropy (B,), E|z| (B, H), E||x - W z||^2 (B,)."""
+
+    entropy: torch.Tensor
+    abs_mean: torch.Tensor
+    sq_error: torch.Tensor
+
+    @classmethod
+    def of(cls, x_batch, posterior, dictionary):
+        return cls(posterior.point_entropies(),
+                   folded_normal_mean(posterior.mean, posterior.stddev),
+                   expected_squared_errors(x_batch, dictionary, posterior.mean, posterior.trace_terms(dictionary)))
+
+
+class RunningStatistics:
+    """Whole-data-set sufficient statistics for minibatch training, kept current from the batches.
+
+    It caches, for every data point n, H[q^(n)], E|z^(n)| and E||x^(n) - W z||^2
+    as last computed (the batch points with the current guide and dictionary,
+    the others as of their last visit; a full pass initialises the cache). The
+    objective then uses the whole data set::
+
+        S = sum_{n in batch} s_n(current) + sum_{n not in batch} s_n(cached)
+        lambda* = S_|z| / N,  sigma^2* = S_sq / (N D),  L_H = S_H / N - ...
+
+    The value is the full-data L_H up to staleness; the gradient flows through
+    the batch points only, scaled by N / B as in Pyro's subsampling, so it is
+    an unbiased estimate of the full gradient at the cached statistics. With
+    the batch equal to the data set it is exactly full-batch EntropyELBO.
+    """
+
+    def __init__(self, x, points):
+        self.num_data = x.size(0)
+        self.data_dim = x.size(1)
+        self._data = weakref.ref(x)
+        self.entropy = points.entropy.detach().clone()
+        self.abs_mean = points.abs_mean.detach().clone()
+        self.sq_error = points.sq_error.detach().clone()
+
+    @classmethod
+    def from_state(cls, x, state):
+        """Rebuild the cache for data ``x`` from :meth:`state_dict` (no pass over the data)."""
+        like = dict(dtype=x.dtype, device=x.device)
+        points = PointStatistics(state["entropy"].to(**like), state["abs_mean"].to(**like),
+                                 state["sq_error"].to(**like))
+        if points.entropy.shape != (x.size(0),):
+            raise ValueError(f"running statistics are for {points.entropy.size(0)} points, x has {x.size(0)}")
+        return cls(x, points)
+
+    def matches(self, x):
+        """Whether this cache belongs to the data tensor ``x``."""
+        return self._data() is x
+
+    def combine(self, subsample, points):
+        """:class:`BatchStatistics` over all N points, with gradients from the batch only."""
+        gain = self.num_data / subsample.size(0)
+
+        def mix(cached, current):
+            current_sum = current.sum(0)
+            # Value: cached total with the batch rows replaced. Gradient: the batch's, times N / B.
+            others = cached.sum(0) - cached.index_select(0, subsample).sum(0)
+            return others + current_sum * gain - (current_sum * (gain - 1)).detach()
+
+        statistics = BatchStatistics(self.num_data, self.num_data, self.data_dim,
+                                     mix(self.entropy, points.entropy), mix(self.abs_mean, points.abs_mean),
+                                     mix(self.sq_error, points.sq_error))
+        with torch.no_grad():
+            self.entropy[subsample] = points.entropy
+            self.abs_mean[subsample] = points.abs_mean
+            self.sq_error[subsample] = points.sq_error
+        return statistics
+
+    def state_dict(self):
+        return {"entropy": self.entropy, "abs_mean": self.abs_mean, "sq_error": self.sq_error}
+
 
 
 class EntropyTerms(NamedTuple):
@@ -119,9 +208,9 @@ class EntropyTerms(NamedTuple):
                if not bool(torch.isfinite(getattr(self, name)))]
         raise NonFiniteObjectiveError(
             f"EntropyELBO is not finite: term(s) {', '.join(bad)} = "
-            + ", ".join(f"{float(getattr(self, name)):g}" for name in bad)
-            + f" (lambda* in [{float(self.prior_scale.min()):g}, {float(self.prior_scale.max()):g}], "
-            f"sigma^2* = {float(self.noise_var):g})")
+            + ", ".join(f"{float(getattr(self, name).detach()):g}" for name in bad)
+            + f" (lambda* in [{float(self.prior_scale.detach().min()):g}, {float(self.prior_scale.detach().max()):g}], "
+            f"sigma^2* = {float(self.noise_var.detach()):g})")
 
 
 def entropy_terms(statistics):
@@ -163,39 +252,94 @@ class EntropyELBO(ELBO):
     optimised: they are written directly, not through ``pyro.param``, and so
     stay out of SVI's parameter capture and optimiser.
 
-    With minibatches (``subsample`` / ``subsample_size`` in the model's
-    arguments) lambda* and sigma^2* are estimated from the batch and the loss
-    is scaled by N / B.
+    **Minibatches** (``subsample`` / ``subsample_size`` in the model's
+    arguments): with ``minibatch_statistics="running"`` (default) lambda*,
+    sigma^2* and the entropy average come from whole-data-set statistics kept
+    current from the batches (:class:`RunningStatistics`; the first
+    subsampled call makes one full pass without gradients). With ``"batch"``
+    they are estimated from the batch alone and the loss is scaled by N / B.
+
+    **Annealing** (PAPER.md s.7): with ``annealing``, an
+    :class:`~pyro_esc.annealing.Annealing`, the optimised objective is
+    beta_q H[q] - beta_p H[p(z)] - beta_x H[p(x|z)] at the current training
+    step. ``differentiable_loss`` returns that weighted loss (it is what is
+    optimised); ``loss`` and ``loss_and_grads`` always return the true,
+    unweighted -N L_H. ``step`` counts ``loss_and_grads`` calls (training
+    steps) and drives the schedule; ``betas`` holds the last weights used.
+
+    :param annealing: optional :class:`~pyro_esc.annealing.Annealing`.
+    :param str minibatch_statistics: ``"running"`` or ``"batch"`` (see above).
 
     Reference: D. Velychko, S. Damm, A. Fischer, J. Lücke, "Learning Sparse
     Codes with Entropy-Based ELBOs", AISTATS 2024.
     """
 
-    def __init__(self):
+    def __init__(self, annealing=None, minibatch_statistics="running"):
         super().__init__(num_particles=1)
+        if annealing is not None and not isinstance(annealing, Annealing):
+            raise ValueError(f"annealing must be a pyro_esc.annealing.Annealing or None, got {annealing!r}")
+        if minibatch_statistics not in ("running", "batch"):
+            raise ValueError(f"minibatch_statistics must be 'running' or 'batch', got {minibatch_statistics!r}")
+        self.annealing = annealing
+        self.minibatch_statistics = minibatch_statistics
+        self.step = 0
+        self.betas = (1.0, 1.0, 1.0)
+        self.running = None
 
     def terms(self, model, guide, *args, **kwargs):
         """The :class:`EntropyTerms` at the current guide and dictionary (differentiable)."""
-        return entropy_terms(batch_statistics(model, guide, *args, **kwargs))
+        x, subsample, x_batch, posterior, dictionary = _read_posterior(model, guide, args, kwargs)
+        if subsample is None or self.minibatch_statistics == "batch":
+            return entropy_terms(_summed_statistics(x.size(0), x_batch, posterior, dictionary))
+        if posterior.is_joint:
+            raise ValueError("running minibatch statistics need per-point posteriors; this guide is joint")
+        if self.running is None or not self.running.matches(x):
+            with torch.no_grad():
+                full = gaussian_posterior(guide, x, None)
+                self.running = RunningStatistics(x, PointStatistics.of(x, full, dictionary))
+        return entropy_terms(self.running.combine(subsample, PointStatistics.of(x_batch, posterior, dictionary)))
 
-    def differentiable_loss(self, model, guide, *args, **kwargs):
-        """-N L_H as a differentiable tensor; sets the model's scales to lambda*, sigma^2*."""
+    def _losses(self, model, guide, args, kwargs):
         terms = self.terms(model, guide, *args, **kwargs)
         loss = -terms.num_data * terms.elbo
         terms.check_finite(loss)
         model.assign_scales(terms.prior_scale.detach(), terms.noise_var.detach())
-        return loss
+        self.betas = (1.0, 1.0, 1.0) if self.annealing is None else self.annealing.betas(self.step)
+        if self.betas == (1.0, 1.0, 1.0):
+            return loss, loss
+        return loss, -terms.num_data * terms.weighted_elbo(*self.betas)
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        """The optimised loss as a differentiable tensor: -N L_H, or its annealed version.
+
+        Also sets the model's scales to lambda*, sigma^2*.
+        """
+        return self._losses(model, guide, args, kwargs)[1]
 
     def loss(self, model, guide, *args, **kwargs):
-        """-N L_H as a float."""
+        """-N L_H as a float (never annealed)."""
         with torch.no_grad():
-            return float(self.differentiable_loss(model, guide, *args, **kwargs))
+            return float(self._losses(model, guide, args, kwargs)[0])
 
     def loss_and_grads(self, model, guide, *args, **kwargs):
-        """-N L_H as a float; also backpropagates it into the parameters' ``.grad``."""
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        loss.backward(retain_graph=self.retain_graph)
+        """-N L_H as a float; backpropagates the optimised (possibly annealed) loss; counts a step."""
+        loss, optimised = self._losses(model, guide, args, kwargs)
+        optimised.backward(retain_graph=self.retain_graph)
+        self.step += 1
         return loss.item()
+
+    def state_dict(self):
+        """Step counter and running statistics, for checkpoints."""
+        return {"step": self.step, "running": None if self.running is None else self.running.state_dict()}
+
+    def load_state_dict(self, state, x=None):
+        """Restore :meth:`state_dict`; running statistics are re-attached to the data ``x``."""
+        self.step = int(state["step"])
+        self.running = None
+        if state["running"] is not None:
+            if x is None:
+                raise ValueError("restoring running statistics needs the data x they belong to")
+            self.running = RunningStatistics.from_state(x, state["running"])
 
     def _get_trace(self, model, guide, args, kwargs):
         raise NotImplementedError("EntropyELBO is closed form: it draws no traces")

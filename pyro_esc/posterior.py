@@ -29,7 +29,7 @@ import torch
 
 import torch.distributions as tdist
 from pyro import poutine
-from pyro.distributions import Delta
+from pyro.distributions import Delta, LowRankMultivariateNormal, MultivariateNormal, Normal
 from pyro.infer.autoguide import AutoContinuous, AutoDelta, AutoNormal
 from pyro.nn import pyro_method
 
@@ -160,6 +160,16 @@ class GaussianPosterior:
             raise ValueError(f"entropy must be a scalar, got shape {tuple(entropy.shape)}")
         return cls(mean, variance, entropy, covariance_sum=covariance_sum)
 
+    def point_entropies(self):
+        """Per-point entropies H[q^(n)], shape (B,); not available for a joint posterior."""
+        if self._covariance_sum is not None:
+            raise ValueError("a joint posterior has no per-point entropies; use .entropy (the joint entropy)")
+        if self._scale_tril is not None:
+            return entropy_from_scale_tril(self._scale_tril)
+        if self._cov_factor is not None:
+            return entropy_from_low_rank(*self._cov_factor)
+        return entropy_from_scale(self.stddev)
+
     # ------------------------------------------------------------ trace term
 
     def trace_terms(self, dictionary):
@@ -191,6 +201,31 @@ class GaussianPosterior:
             # Diagonal: sum_h ||w_h||^2 sum_n tau_nh^2, summing over points first.
             return self.variance.sum(0) @ dictionary.square().sum(0)
         return self.trace_terms(dictionary).sum()
+
+    def per_point_distribution(self):
+        """The B per-point Gaussians q^(n) as one distribution: batch shape (B,), event shape (H,).
+
+            q^(n)(z) = Normal(z; nu^(n), T^(n)),   independent over n
+
+        Diagonal posteriors give ``Normal(nu, tau).to_event(1)``, full ones
+        ``MultivariateNormal(nu, scale_tril=L)``, low-rank ones
+        ``LowRankMultivariateNormal(nu, F, d)`` (Pyro's classes, which subclass
+        torch's). Use it to sample from q or to evaluate log q (e.g. importance
+        sampling); it shares the summary's tensors, so gradients flow to the guide.
+
+        A joint posterior (one Gaussian over all points, e.g. AutoMultivariateNormal)
+        knows its per-point covariance blocks only summed and raises a ValueError.
+        """
+        if self._covariance_sum is not None:
+            raise ValueError("a joint posterior (one Gaussian over all data points) has no per-point "
+                             "covariances, so it has no per-point distribution; use a per-point guide "
+                             "(AutoNormal, LocalMultivariateNormal, AmortizedNormal) instead")
+        if self._scale_tril is not None:
+            return MultivariateNormal(self.mean, scale_tril=self._scale_tril)
+        if self._cov_factor is not None:
+            factor, diag = self._cov_factor
+            return LowRankMultivariateNormal(self.mean, factor, diag)
+        return Normal(self.mean, self.stddev).to_event(1)
 
 
 def _check_mean(mean):

@@ -3,6 +3,9 @@ import torch
 
 import pyro
 
+# The tests use tiny tensors: intra-op threads only add contention on shared cores.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def fresh_pyro_state():

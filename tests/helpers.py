@@ -73,3 +73,102 @@ def guide_parameters(guide):
     """The guide's (name, unconstrained tensor) pairs from the param store."""
     return [(name, value) for name, value in pyro.get_param_store().named_parameters()
             if name.startswith(guide._pyro_name)]
+
+
+def exact_posterior(x, dictionary, prior_scale, noise_var, nodes=96, width=12.0):
+    """log p(x) and the posterior mean and covariance of z, by numerical integration (H = 1 or 2).
+
+    The integrand p(z) p(x|z) is smooth inside each orthant of z (the Laplace
+    prior has its kinks on the axes), so each orthant is integrated separately
+    with a Gauss-Legendre product rule. Inside orthant s the integrand is
+    proportional to a Gaussian in z with covariance C = sigma^2 (W^T W)^-1 and
+    mean C (W^T x / sigma^2 - s / lambda); the box mean +- ``width`` standard
+    deviations, clipped to the orthant, holds all of its mass.
+
+    :param x: one data point, shape (D,). The other arguments are W (D, H), lambda (H,), sigma^2.
+    :returns: ``(log_px, mean (H,), covariance (H, H))`` as float64 numpy values.
+    """
+    import itertools
+
+    import numpy as np
+
+    x = np.asarray(x, dtype=np.float64)
+    w = np.asarray(dictionary, dtype=np.float64)
+    lam = np.asarray(prior_scale, dtype=np.float64)
+    var = float(noise_var)
+    hidden = w.shape[1]
+    if hidden not in (1, 2):
+        raise ValueError("exact_posterior integrates H = 1 or 2 only")
+    gauss_nodes, gauss_weights = np.polynomial.legendre.leggauss(nodes)
+    covariance = var * np.linalg.inv(w.T @ w)
+    sd = np.sqrt(np.diag(covariance))
+
+    def log_joint(z):  # z (..., H)
+        log_prior = -(np.abs(z) / lam).sum(-1) - np.log(2 * lam).sum()
+        residual = x - z @ w.T
+        return log_prior - 0.5 * (len(x) * np.log(2 * np.pi * var) + (residual ** 2).sum(-1) / var)
+
+    pieces = []  # (log of integral of exp(log_joint - shift), first moments, second moments)
+    for signs in itertools.product((-1.0, 1.0), repeat=hidden):
+        signs = np.array(signs)
+        centre = covariance @ (w.T @ x / var - signs / lam)
+        low = np.maximum(signs * centre - width * sd, 0.0)  # in |z| coordinates
+        high = signs * centre + width * sd
+        if np.any(high <= low):
+            continue
+        axes = [(low[h] + high[h]) / 2 + (high[h] - low[h]) / 2 * gauss_nodes for h in range(hidden)]
+        weights = [(high[h] - low[h]) / 2 * gauss_weights for h in range(hidden)]
+        grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1) * signs
+        weight = np.prod(np.stack(np.meshgrid(*weights, indexing="ij"), -1), -1)
+        pieces.append((grid.reshape(-1, hidden), weight.reshape(-1), log_joint(grid).reshape(-1)))
+    shift = max(piece[2].max() for piece in pieces)
+    total = sum((wt * np.exp(lj - shift)).sum() for _, wt, lj in pieces)
+    first = sum(((wt * np.exp(lj - shift))[:, None] * z).sum(0) for z, wt, lj in pieces) / total
+    second = sum(np.einsum("k,ki,kj->ij", wt * np.exp(lj - shift), z, z) for z, wt, lj in pieces) / total
+    return shift + np.log(total), first, second - np.outer(first, first)
+
+
+def per_point_elbo(model, guide, x):
+    """The closed-form ELBO of each data point, F_n (shape (N,)), for a per-point Gaussian guide.
+
+        F_n = H[q_n] - D/2 log(2 pi sigma^2) - E||x_n - W z||^2 / (2 sigma^2)
+              - sum_h [log(2 lambda_h) + E|z_h| / lambda_h]
+
+    The entropy comes from torch's own distribution (not from pyro_esc.gaussian).
+    """
+    import math
+
+    from pyro_esc.gaussian import folded_normal_mean
+    from pyro_esc.posterior import gaussian_posterior
+
+    with torch.no_grad():
+        posterior = gaussian_posterior(guide, x)
+        dictionary = model.dictionary
+        prior_scale, noise_var = model.prior_scale, model.noise_var
+        entropy = posterior.per_point_distribution().entropy()
+        sq_error = (x - posterior.mean @ dictionary.T).square().sum(-1) + posterior.trace_terms(dictionary)
+        abs_mean = folded_normal_mean(posterior.mean, posterior.stddev)
+        return (entropy - 0.5 * x.size(1) * (math.log(2 * math.pi) + noise_var.log()) - sq_error / (2 * noise_var)
+                - (torch.log(2 * prior_scale) + abs_mean / prior_scale).sum(-1))
+
+
+def fixed_gaussian_guide(loc, scale_tril=None, scale=None):
+    """A per-point Gaussian user guide whose parameters start at the given values.
+
+    ``scale_tril`` (N, H, H) gives a MultivariateNormal "z" site, ``scale`` (N, H)
+    a diagonal Normal one; the protocol recognises both automatically.
+    """
+    import pyro.distributions as dist
+    from pyro.distributions import constraints
+
+    def guide(x, subsample=None):
+        mean = pyro.param("guide_loc", lambda: loc.clone())
+        with pyro.plate("data", x.size(0), subsample=subsample) as index:
+            if scale_tril is not None:
+                tril = pyro.param("guide_tril", lambda: scale_tril.clone(), constraint=constraints.lower_cholesky)
+                pyro.sample("z", dist.MultivariateNormal(mean[index], scale_tril=tril[index]))
+            else:
+                sd = pyro.param("guide_scale", lambda: scale.clone(), constraint=constraints.positive)
+                pyro.sample("z", dist.Normal(mean[index], sd[index]).to_event(1))
+
+    return guide

@@ -128,3 +128,13 @@ def test_subsampling_scales_the_log_density():
 def test_constructor_rejects_bad_arguments(data_dim, n_latents, init):
     with pytest.raises(ValueError, match="data_dim|n_latents|init"):
         SparseCoding(data_dim, n_latents, init=init)
+
+
+def test_named_models_keep_their_parameters_apart():
+    x, _ = bars(30, side=3)
+    first, second = SparseCoding(9, 6, name="first"), SparseCoding(9, 6, name="second")
+    first(x)
+    second(x[10:])
+    names = set(pyro.get_param_store().keys())
+    assert {"first.raw_dictionary", "second.raw_dictionary"} <= names
+    assert not torch.equal(first.dictionary, second.dictionary)

@@ -148,7 +148,7 @@ def test_minibatch_estimates_are_scaled_to_the_data_set(float64):
     everything = torch.arange(x.size(0))
     assert relative_difference(EntropyELBO().loss(model, guide, x, subsample=everything), full) < 1e-12
     batch = torch.tensor([3, 17, 5, 28, 39, 0, 11, 22])
-    entropy_batch = EntropyELBO().loss(model, guide, x, subsample=batch)
+    entropy_batch = EntropyELBO(minibatch_statistics="batch").loss(model, guide, x, subsample=batch)
     # An independent route: the full-batch closed-form ELBO of a model that sees only
     # the batch points, at the batch's lambda*, sigma^2* (just written), times N/B.
     loc = pyro.param("AutoNormal.locs.z").unconstrained().detach()[batch]
@@ -181,8 +181,45 @@ def test_subsampled_analytic_elbo_agrees_with_trace_elbo(float64):
 
 def test_random_subsample_size_is_drawn_once_per_evaluation(float64):
     model, guide, x = setup("AutoNormal", num=40)
+    elbo = EntropyELBO(minibatch_statistics="batch")
     pyro.set_rng_seed(5)
-    value = EntropyELBO().loss(model, guide, x, subsample_size=10)
+    value = elbo.loss(model, guide, x, subsample_size=10)
     pyro.set_rng_seed(5)
     batch = torch.randperm(40)[:10]
-    assert relative_difference(value, EntropyELBO().loss(model, guide, x, subsample=batch)) < 1e-12
+    assert relative_difference(value, elbo.loss(model, guide, x, subsample=batch)) < 1e-12
+    assert relative_difference(value, EntropyELBO(minibatch_statistics="batch").loss(model, guide, x)) > 1e-6
+
+
+def test_running_statistics_with_the_whole_data_set_as_batch_is_full_batch(float64):
+    model, guide, x = setup("AutoNormal", num=40)
+    params = [value for _, value in guide_parameters(guide)] + [pyro.param("raw_dictionary").unconstrained()]
+    full = EntropyELBO().differentiable_loss(model, guide, x)
+    full_grads = torch.autograd.grad(full, params)
+    running = EntropyELBO(minibatch_statistics="running")
+    value = running.differentiable_loss(model, guide, x, subsample=torch.randperm(40))
+    assert relative_difference(value.item(), full.item()) < 1e-12
+    for grad, full_grad in zip(torch.autograd.grad(value, params), full_grads):
+        assert torch.allclose(grad, full_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_running_statistics_value_is_full_data_and_gradient_is_scaled_batch_gradient(float64):
+    model, guide, x = setup("AutoNormal", num=40)
+    loc = pyro.param("AutoNormal.locs.z").unconstrained()
+    full_value = EntropyELBO().differentiable_loss(model, guide, x)
+    (full_grad,) = torch.autograd.grad(full_value, [loc])
+    full_scales = model.prior_scale.detach().clone(), model.noise_var.detach().clone()
+    batch = torch.tensor([4, 9, 33, 20, 1])
+    running = EntropyELBO()
+    value = running.differentiable_loss(model, guide, x, subsample=batch)
+    (grad,) = torch.autograd.grad(value, [loc])
+    # The cache is current, so the value and the written scales are the full-data ones ...
+    assert relative_difference(value.item(), full_value.item()) < 1e-12
+    assert torch.allclose(model.prior_scale.detach(), full_scales[0])
+    assert torch.allclose(model.noise_var.detach(), full_scales[1])
+    # ... and the gradient is the batch rows of the full gradient, times N / B, as in Pyro's subsampling.
+    expected = torch.zeros_like(full_grad)
+    expected[batch] = full_grad[batch] * 40 / 5
+    assert torch.allclose(grad, expected, rtol=1e-10, atol=1e-14)
+    # Batch statistics instead estimate lambda*, sigma^2* from the batch: a different value.
+    batch_value = EntropyELBO(minibatch_statistics="batch").loss(model, guide, x, subsample=batch)
+    assert relative_difference(batch_value, full_value.item()) > 1e-4

@@ -1,0 +1,130 @@
+"""Entropy annealing: weights on the three entropy terms of L_H (PAPER.md s.7).
+
+    L_beta = beta_q 1/N sum_n H[q^(n)] - beta_p H[p(z)] - beta_x H[p(x|z)]
+
+Each weight follows a schedule over training progress t in [0, 1] that reaches
+1 at t = 1 (and stays 1 after), so the final objective is the true L_H.
+
+- beta_q > 1 early is a temperature: broad posteriors and a smoother landscape,
+  so that the dictionary is shaped by many data points before the posteriors
+  commit to few causes.
+- beta_p changes the pressure on lambda: beta_p > 1 penalises large prior
+  scales more, i.e. pushes towards sparser codes.
+- beta_x weights the reconstruction entropy (the noise level).
+
+The default, :meth:`Annealing.default`, anneals only beta_q linearly from 2 to
+1 over the annealing period: the temperature reading of PAPER.md s.7, with
+the other two terms untouched.
+"""
+
+import math
+import numbers
+
+from ._checks import check_int
+
+
+class Schedule:
+    """A weight as a function of training progress t in [0, 1] with value 1 at t = 1.
+
+    Build one with :func:`constant`, :func:`linear`, :func:`exponential`,
+    :func:`step`, or from any callable ``f(t)`` with ``f(1) == 1``.
+    """
+
+    def __init__(self, function, name="custom"):
+        if not callable(function):
+            raise ValueError(f"a schedule must be callable f(t) for t in [0, 1], got {function!r}")
+        end = float(function(1.0))
+        if not math.isclose(end, 1.0, rel_tol=1e-9, abs_tol=1e-12):
+            raise ValueError(f"a schedule must end at 1 (f(1) == 1) so the final objective is the true one; "
+                             f"{name} gives f(1) = {end}")
+        self.function = function
+        self.name = name
+
+    def __call__(self, progress):
+        value = float(self.function(min(max(float(progress), 0.0), 1.0)))
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"schedule {self.name} gave {value} at t = {progress}; weights must be finite and >= 0")
+        return value
+
+    def __repr__(self):
+        return f"Schedule({self.name})"
+
+
+def _check_start(start):
+    if isinstance(start, bool) or not isinstance(start, numbers.Real) or not math.isfinite(start) or start < 0:
+        raise ValueError(f"start must be a finite number >= 0, got {start!r}")
+    return float(start)
+
+
+def constant(value):
+    """``value`` during annealing (t < 1), then 1."""
+    value = _check_start(value)
+    return Schedule(lambda t: value if t < 1 else 1.0, f"constant({value:g})")
+
+
+def linear(start):
+    """Linear from ``start`` at t = 0 to 1 at t = 1."""
+    start = _check_start(start)
+    return Schedule(lambda t: start + (1.0 - start) * t, f"linear({start:g})")
+
+
+def exponential(start):
+    """Geometric from ``start`` (> 0) to 1: start^(1 - t)."""
+    start = _check_start(start)
+    if start == 0:
+        raise ValueError("an exponential schedule needs start > 0")
+    return Schedule(lambda t: start ** (1.0 - t), f"exponential({start:g})")
+
+
+def step(start, at=0.5):
+    """``start`` until t = ``at``, then 1."""
+    start = _check_start(start)
+    if not 0 <= at <= 1:
+        raise ValueError(f"at must be in [0, 1], got {at!r}")
+    return Schedule(lambda t: start if t < at else 1.0, f"step({start:g}, at={at:g})")
+
+
+_ONE = Schedule(lambda t: 1.0, "1")
+
+
+def as_schedule(value, name):
+    """A :class:`Schedule` from a Schedule, a callable, or None (always 1)."""
+    if value is None:
+        return _ONE
+    if isinstance(value, Schedule):
+        return value
+    if callable(value):
+        return Schedule(value, name)
+    raise ValueError(f"{name} must be a Schedule, a callable f(t) with f(1) = 1, or None; got {value!r}")
+
+
+class Annealing:
+    """Weights (beta_q, beta_p, beta_x) for the three entropy terms, over ``num_steps`` steps.
+
+    After ``num_steps`` training steps every weight is 1.
+
+    :param int num_steps: length of the annealing period in optimisation steps.
+    :param posterior: schedule for beta_q (posterior entropy), or None for 1.
+    :param prior: schedule for beta_p (prior entropy H[p(z)]), or None for 1.
+    :param likelihood: schedule for beta_x (likelihood entropy H[p(x|z)]), or None for 1.
+    """
+
+    def __init__(self, num_steps, posterior=None, prior=None, likelihood=None):
+        self.num_steps = check_int(num_steps, "num_steps")
+        self.posterior = as_schedule(posterior, "posterior")
+        self.prior = as_schedule(prior, "prior")
+        self.likelihood = as_schedule(likelihood, "likelihood")
+
+    @classmethod
+    def default(cls, num_steps):
+        """beta_q linear from 2 to 1 over ``num_steps``; beta_p = beta_x = 1 (see the module docstring)."""
+        return cls(num_steps, posterior=linear(2.0))
+
+    def betas(self, step):
+        """(beta_q, beta_p, beta_x) after ``step`` completed optimisation steps."""
+        progress = step / self.num_steps
+        return self.posterior(progress), self.prior(progress), self.likelihood(progress)
+
+    def __repr__(self):
+        return (f"Annealing(num_steps={self.num_steps}, posterior={self.posterior.name}, "
+                f"prior={self.prior.name}, likelihood={self.likelihood.name})")

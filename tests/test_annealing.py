@@ -1,0 +1,83 @@
+"""Entropy annealing: schedules, and EntropyELBO's weighted objective (PAPER.md s.7)."""
+
+import math
+
+import pytest
+import torch
+
+import pyro
+from pyro.infer import SVI
+
+from pyro_esc import EntropyELBO
+from pyro_esc.annealing import Annealing, Schedule, constant, exponential, linear, step
+from test_objectives import setup
+
+
+@pytest.mark.parametrize("schedule, at_zero, at_half", [
+    (constant(3.0), 3.0, 3.0),
+    (linear(3.0), 3.0, 2.0),
+    (exponential(4.0), 4.0, 2.0),
+    (step(0.5, at=0.6), 0.5, 0.5),
+    (Schedule(lambda t: 1 + (1 - t) ** 2), 2.0, 1.25),
+])
+def test_schedules_start_where_asked_and_end_at_one(schedule, at_zero, at_half):
+    assert math.isclose(schedule(0.0), at_zero)
+    assert math.isclose(schedule(0.5), at_half)
+    assert schedule(1.0) == 1.0 and schedule(7.0) == 1.0  # after the annealing period
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: Schedule(lambda t: 2.0), "must end at 1"),
+    (lambda: Schedule("linear"), "callable"),
+    (lambda: linear(-1.0), "start"),
+    (lambda: exponential(0.0), "start > 0"),
+    (lambda: step(2.0, at=1.5), "at must be"),
+    (lambda: Annealing(0), "num_steps"),
+    (lambda: Annealing(10, posterior=2.0), "posterior must be"),
+    (lambda: EntropyELBO(annealing="linear"), "annealing must be"),
+])
+def test_bad_schedules_are_clear_errors(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_annealing_weights_follow_the_step():
+    annealing = Annealing(10, posterior=linear(2.0), prior=constant(0.5), likelihood=exponential(4.0))
+    assert annealing.betas(0) == (2.0, 0.5, 4.0)
+    beta_q, beta_p, beta_x = annealing.betas(5)
+    assert math.isclose(beta_q, 1.5) and beta_p == 0.5 and math.isclose(beta_x, 2.0)
+    assert annealing.betas(10) == (1.0, 1.0, 1.0) == annealing.betas(20)
+    assert Annealing.default(10).betas(0) == (2.0, 1.0, 1.0)
+
+
+def test_annealed_elbo_reports_the_true_loss_and_optimises_the_weighted_one(float64):
+    model, guide, x = setup("AutoNormal")
+    params = [value for name, value in pyro.get_param_store().named_parameters() if name.startswith("AutoNormal")]
+    annealing = Annealing(4, posterior=linear(3.0), prior=constant(2.0), likelihood=constant(0.5))
+    elbo = EntropyELBO(annealing=annealing)
+    plain = EntropyELBO()
+    # An independent route to the weighted objective: assemble it from the three terms.
+    terms = plain.terms(model, guide, x)
+    weighted = -x.size(0) * (3.0 * terms.posterior_entropy - 2.0 * terms.prior_entropy - 0.5 * terms.likelihood_entropy)
+    expected_grads = torch.autograd.grad(weighted, params)
+    assert math.isclose(elbo.loss(model, guide, x), plain.loss(model, guide, x), rel_tol=1e-12)
+    assert math.isclose(elbo.differentiable_loss(model, guide, x).item(), weighted.item(), rel_tol=1e-12)
+    for param in params:
+        param.grad = None
+    reported = elbo.loss_and_grads(model, guide, x)
+    assert math.isclose(reported, plain.loss(model, guide, x), rel_tol=1e-12)
+    for param, expected in zip(params, expected_grads):
+        assert torch.allclose(param.grad, expected)
+    assert elbo.step == 1 and elbo.betas == (3.0, 2.0, 0.5)
+
+
+def test_svi_steps_advance_the_schedule_to_the_true_objective():
+    model, guide, x = setup("AutoNormal")
+    elbo = EntropyELBO(annealing=Annealing(3, posterior=linear(2.0)))
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), loss=elbo)
+    seen = []
+    for _ in range(5):
+        svi.step(x)
+        seen.append(elbo.betas[0])
+    assert seen[0] == 2.0 and seen[3:] == [1.0, 1.0]
+    assert elbo.step == 5
