@@ -1,0 +1,357 @@
+"""Gaussian guides for :class:`~pyro_esc.SparseCoding` beyond Pyro's autoguides.
+
+- :class:`LocalMultivariateNormal`: one full-covariance Gaussian per data point,
+  q(z^(n)) = Normal(nu^(n), L^(n) L^(n)^T), created lazily from the model like
+  Pyro's ``AutoNormal`` and subsampled through the model's ``"data"`` plate.
+- :class:`AmortizedNormal`: an MLP encoder x -> (nu, L) (or diagonal scales),
+  which also encodes data it has never seen.
+
+Both are ordinary Pyro guides (``Trace_ELBO``, ``TraceMeanField_ELBO`` and
+``Predictive`` run them) and both implement the guide protocol
+``gaussian_posterior(x, subsample=None)`` of :mod:`pyro_esc.posterior`, so the
+closed-form objectives read their parameters directly, without sampling.
+
+Writing a new Gaussian guide: see :mod:`pyro_esc.posterior` and the README
+section "Adding a Gaussian guide".
+"""
+
+import functools
+import math
+from contextlib import ExitStack
+from operator import attrgetter
+
+import torch
+from torch import nn
+
+import pyro
+import pyro.distributions as dist
+from pyro.distributions import constraints
+from pyro.infer.autoguide import AutoGuide
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
+from pyro.infer.autoguide.utils import deep_setattr
+from pyro.nn import PyroModule, PyroParam, pyro_method
+from pyro.ops.tensor_utils import periodic_repeat
+
+from ._checks import check_data_cached, check_int, check_positive, check_subsample
+from .posterior import GaussianPosterior
+
+__all__ = ["AmortizedNormal", "LocalMultivariateNormal", "scale_tril_from_packed"]
+
+
+def _inverse_softplus(value):
+    # softplus^-1(y) = log(expm1(y)), written stably for large y.
+    return value + math.log(-math.expm1(-value))
+
+
+def scale_tril_from_packed(diagonal, off_diagonal):
+    """Assemble lower-triangular Cholesky factors from their packed entries.
+
+        L_hh = diagonal_h,   L_ij = off_diagonal_k  for i > j, k running row by row
+        (the order of ``torch.tril_indices(H, H, -1)``)
+
+    :param torch.Tensor diagonal: the diagonals, shape (..., H) (positive for a valid factor).
+    :param torch.Tensor off_diagonal: the strictly lower entries, shape (..., H (H - 1) / 2).
+    :returns: L, shape (..., H, H).
+    """
+    hidden = diagonal.size(-1)
+    if off_diagonal.shape != diagonal.shape[:-1] + (hidden * (hidden - 1) // 2,):
+        raise ValueError(f"off_diagonal must have shape {tuple(diagonal.shape[:-1]) + (hidden * (hidden - 1) // 2,)} "
+                         f"for diagonal of shape {tuple(diagonal.shape)}, got {tuple(off_diagonal.shape)}")
+    flat = _packed_positions(hidden, diagonal.device)
+    values = torch.cat([diagonal, off_diagonal], -1)
+    batch = values.shape[:-1]
+    tril = values.new_zeros(batch + (hidden * hidden,)).index_copy(-1, flat, values)
+    return tril.reshape(batch + (hidden, hidden))
+
+
+@functools.lru_cache(maxsize=None)
+def _packed_positions(hidden, device):
+    # Flat positions in an H x H matrix: the diagonal first, then tril_indices(H, H, -1).
+    rows, columns = torch.tril_indices(hidden, hidden, -1, device=device)
+    return torch.cat([torch.arange(hidden, device=device) * (hidden + 1), rows * hidden + columns])
+
+
+def _is_real(support):
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support is constraints.real
+
+
+class LocalMultivariateNormal(AutoGuide):
+    r"""One full-covariance Gaussian per data point, created lazily from the model.
+
+    For every latent site of the model (for :class:`~pyro_esc.SparseCoding`, the
+    site ``"z"``) and every data point n::
+
+        q(z^(n)) = Normal(nu^(n), T^(n)),   T^(n) = L^(n) L^(n)^T,
+        L^(n) lower triangular with L_hh = softplus(r_hh) > 0
+
+    Parameters per site: ``locs.<site>`` (N, H), ``scale_diags.<site>`` (N, H)
+    and ``scale_offdiags.<site>`` (N, H (H - 1) / 2), the strictly lower entries
+    of L packed row by row (see :func:`scale_tril_from_packed`): N H (H + 3) / 2
+    numbers in all, never N^2. Unlike ``AutoMultivariateNormal`` (one Gaussian
+    over all N H latents, (N H)^2 numbers), points are independent, so the guide
+    scales to large N and supports minibatches.
+
+    The diagonal is positive through softplus, as in Pyro's ``AutoNormal``
+    (``softplus_positive``): for the small scales that posteriors reach,
+    softplus is close to exp, so Adam's steps change L_hh by a relative amount
+    and the entropy sum_h log L_hh is nearly linear in the parameter; for large
+    values it is linear, so a large step cannot blow a scale up by a factor
+    e^step as exp would. The diagonal is a separate parameter so that the
+    constraint applies to it alone.
+
+    All parameters carry ``event_dim=1``, so inside the ``"data"`` plate
+    Pyro slices them to the minibatch. By default the guide takes its plates
+    from ``model.create_plates`` (when the model has it, as SparseCoding
+    does), so ``guide(x, subsample=idx)`` and ``subsample_size`` follow the
+    model. Initialisation: nu from ``init_loc_fn`` (zeros by default, the
+    prior's centre), L = ``init_scale`` * I.
+
+    The latent sites must be real-valued vectors (event shape (H,)) in one
+    plate at dim -1. :meth:`gaussian_posterior` (the protocol of
+    :mod:`pyro_esc.posterior`) reads the parameters directly, so
+    :class:`~pyro_esc.EntropyELBO` never samples.
+
+    :param callable model: the Pyro model (e.g. a :class:`~pyro_esc.SparseCoding`).
+    :param callable init_loc_fn: per-site initialisation of the means
+        (see Pyro's ``autoguide.initialization``); default ``init_to_feasible`` (zeros).
+    :param float init_scale: initial L = init_scale * I; default 0.1.
+    :param callable create_plates: plates for ``guide(*args, **kwargs)`` as for
+        any autoguide; default ``model.create_plates`` if the model has one.
+    """
+
+    def __init__(self, model, *, init_loc_fn=init_to_feasible, init_scale=0.1, create_plates=None):
+        self.init_loc_fn = init_loc_fn
+        self._init_scale = check_positive(init_scale, "init_scale")
+        if create_plates is None:
+            create_plates = getattr(model, "create_plates", None)
+        super().__init__(InitMessenger(init_loc_fn)(model), create_plates=create_plates)
+
+    def _setup_prototype(self, *args, **kwargs):
+        super()._setup_prototype(*args, **kwargs)
+        self.locs = PyroModule()
+        self.scale_diags = PyroModule()
+        self.scale_offdiags = PyroModule()
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            value = site["value"].detach()
+            frames = [frame for frame in site["cond_indep_stack"] if frame.vectorized]
+            if (not _is_real(site["fn"].support) or site["fn"].event_dim != 1 or value.dim() != 2
+                    or len(frames) != 1 or frames[0].dim != -1):
+                raise ValueError(
+                    f"LocalMultivariateNormal needs every latent site to be a real vector (event shape (H,)) "
+                    f"in one plate at dim -1; site {name!r} has support {site['fn'].support}, value shape "
+                    f"{tuple(value.shape)} and plates {[frame.name for frame in frames]}")
+            frame = frames[0]
+            full_size = frame.full_size or frame.size
+            loc = value.clone()
+            if full_size != frame.size:
+                # The prototype ran on a minibatch: repeat it to all points, as AutoNormal does.
+                loc = periodic_repeat(loc, full_size, 0).contiguous()
+            hidden = loc.size(-1)
+            diagonal = torch.full_like(loc, self._init_scale)
+            off_diagonal = loc.new_zeros(full_size, hidden * (hidden - 1) // 2)
+            deep_setattr(self.locs, name, PyroParam(loc, constraints.real, event_dim=1))
+            deep_setattr(self.scale_diags, name, PyroParam(diagonal, constraints.softplus_positive, event_dim=1))
+            deep_setattr(self.scale_offdiags, name, PyroParam(off_diagonal, constraints.real, event_dim=1))
+
+    def _site_params(self, name):
+        # Read inside a plate, these are the minibatch's rows (event_dim=1).
+        loc = attrgetter(name)(self.locs)
+        diagonal = attrgetter(name)(self.scale_diags)
+        off_diagonal = attrgetter(name)(self.scale_offdiags)
+        return loc, diagonal, off_diagonal
+
+    def forward(self, *args, **kwargs):
+        """Sample every latent site from its per-point MultivariateNormal.
+
+        Takes the model's arguments; returns a dict from site name to sample.
+        """
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        plates = self._create_plates(*args, **kwargs)
+        result = {}
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            with ExitStack() as stack:
+                for frame in site["cond_indep_stack"]:
+                    if frame.vectorized:
+                        stack.enter_context(plates[frame.name])
+                loc, diagonal, off_diagonal = self._site_params(name)
+                scale_tril = scale_tril_from_packed(diagonal, off_diagonal)
+                result[name] = pyro.sample(name, dist.MultivariateNormal(loc, scale_tril=scale_tril))
+        return result
+
+    @pyro_method
+    def gaussian_posterior(self, x, subsample=None):
+        """The protocol of :mod:`pyro_esc.posterior`: q(z | x) for the points x[subsample].
+
+        Reads the parameters of site ``"z"`` without sampling; with ``subsample``
+        only the batch's rows are unpacked.
+
+        :param torch.Tensor x: all N data points, as passed to the model.
+        :param torch.Tensor subsample: optional indices of the minibatch.
+        :rtype: ~pyro_esc.GaussianPosterior
+        """
+        x = check_data_cached(x, "x")
+        subsample = check_subsample(subsample, x.size(0))
+        if self.prototype_trace is None:
+            self._setup_prototype(x, **({} if subsample is None else {"subsample": subsample}))
+        if "z" not in self.prototype_trace.nodes:
+            raise ValueError("LocalMultivariateNormal was built for a model without a latent site 'z'")
+        loc, diagonal, off_diagonal = self._site_params("z")
+        if loc.size(0) != x.size(0):
+            raise ValueError(f"LocalMultivariateNormal holds parameters for {loc.size(0)} data points, "
+                             f"but x has {x.size(0)}; build a new guide for this data")
+        if subsample is not None:
+            loc, diagonal, off_diagonal = (value.index_select(0, subsample) for value in (loc, diagonal, off_diagonal))
+        return GaussianPosterior.from_scale_tril(loc, scale_tril_from_packed(diagonal, off_diagonal))
+
+    @torch.no_grad()
+    def median(self, *args, **kwargs):
+        """The posterior median (= mean) of every latent site, shape (N, H), as a dict.
+
+        Takes the model's arguments (used only to set the guide up if it has never run).
+        """
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        return {name: self._read_loc(name).detach().clone() for name, _ in self.prototype_trace.iter_stochastic_nodes()}
+
+    @pyro_method
+    def _read_loc(self, name):
+        return attrgetter(name)(self.locs)
+
+
+class AmortizedNormal(PyroModule):
+    r"""An amortised Gaussian guide: an MLP encoder x -> q(z | x).
+
+    For a data point x (shape (D,))::
+
+        h   = MLP(x)                  (Linear + ELU layers of sizes ``hidden``; ELU is smooth
+                                       and has no dead units, so every unit learns from the start)
+        nu  = A h + a                 (mean, shape (H,))
+        diag:  q(z | x) = Normal(nu, diag(softplus(B h + b))^2)
+        full:  q(z | x) = Normal(nu, L L^T),  L_hh = softplus(.), L_ij (i > j) from
+               C h + c packed row by row (H (H - 1) / 2 outputs)
+
+    Initialisation, so that training starts from the same useful posteriors
+    as the local guides (nu = 0, L = ``init_scale`` * I) for every input: the
+    output layers start with weights ``out_init`` times their default and
+    biases 0, except the diagonal's bias, softplus^-1(init_scale). The hidden
+    layers keep PyTorch's default initialisation.
+
+    It has the model's call signature, ``guide(x, subsample=None,
+    subsample_size=None)``, with x all N points, and encodes only x[subsample]
+    inside a plate ``"data"`` (dim -1), so minibatches work as for the model.
+    :meth:`encode` encodes any x (e.g. held-out data); :meth:`gaussian_posterior`
+    is the protocol of :mod:`pyro_esc.posterior` (no sampling).
+
+    Parameters follow the data's dtype and device: on the first call the
+    module is moved to x's (its parameters keep their identity).
+
+    :param int data_dim: D.
+    :param int n_latents: H.
+    :param tuple hidden: sizes of the hidden layers; default (100,). Empty: a linear encoder.
+    :param str covariance: ``"diag"`` (default) or ``"full"``.
+    :param float init_scale: initial posterior standard deviation; default 0.1.
+    :param float out_init: factor on the output layers' initial weights; default 0.01.
+    """
+
+    def __init__(self, data_dim, n_latents, hidden=(100,), covariance="diag", init_scale=0.1, out_init=0.01):
+        super().__init__(name=type(self).__name__)
+        self.data_dim = check_int(data_dim, "data_dim")
+        self.n_latents = check_int(n_latents, "n_latents")
+        if isinstance(hidden, int) or not all(isinstance(size, int) for size in hidden):
+            raise ValueError(f"hidden must be a tuple of layer sizes (integers >= 1), got {hidden!r}")
+        self.hidden = tuple(check_int(size, "hidden") for size in hidden)
+        if covariance not in ("diag", "full"):
+            raise ValueError(f"covariance must be 'diag' or 'full', got {covariance!r}")
+        self.covariance = covariance
+        init_scale = check_positive(init_scale, "init_scale")
+        out_init = float(out_init)
+        if not out_init >= 0:
+            raise ValueError(f"out_init must be >= 0, got {out_init!r}")
+
+        sizes = (self.data_dim,) + self.hidden
+        self.layers = PyroModule[nn.ModuleList](
+            [PyroModule[nn.Linear](a, b) for a, b in zip(sizes[:-1], sizes[1:])])
+        self.loc_layer = PyroModule[nn.Linear](sizes[-1], self.n_latents)
+        self.scale_layer = PyroModule[nn.Linear](sizes[-1], self.n_latents)
+        num_off = self.n_latents * (self.n_latents - 1) // 2 if covariance == "full" else 0
+        self.off_diagonal_layer = PyroModule[nn.Linear](sizes[-1], num_off) if num_off else None
+        with torch.no_grad():
+            for layer in (self.loc_layer, self.scale_layer, self.off_diagonal_layer):
+                if layer is not None:
+                    layer.weight.mul_(out_init)
+                    layer.bias.zero_()
+            self.scale_layer.bias.fill_(_inverse_softplus(init_scale))
+        # A buffer, so a checkpoint remembers that the parameters were matched to data.
+        self.register_buffer("matched", torch.tensor(False))
+
+    def extra_repr(self):
+        return (f"data_dim={self.data_dim}, n_latents={self.n_latents}, hidden={self.hidden}, "
+                f"covariance={self.covariance!r}")
+
+    def _match(self, x):
+        # Follow the first data's dtype and device (nn.Module.to keeps parameter identity);
+        # later a mismatch is the user's error, as for the model.
+        weight = self.loc_layer._parameters["weight"]
+        if weight.dtype == x.dtype and weight.device == x.device:
+            return
+        if bool(self.matched):
+            raise ValueError(f"x has dtype {x.dtype} on {x.device}, but the guide's parameters are "
+                             f"{weight.dtype} on {weight.device}; convert x or the guide (guide.to(...))")
+        self.to(dtype=x.dtype, device=x.device)
+
+    @pyro_method
+    def encode(self, x):
+        """Encode data points: the posterior means and scales for each row of x.
+
+        :param torch.Tensor x: data, shape (B, D) (any points, seen in training or not).
+        :returns: ``(loc, scale)``: loc (B, H); scale (B, H) standard deviations for
+            ``covariance="diag"``, or (B, H, H) Cholesky factors for ``"full"``.
+        """
+        x = check_data_cached(x, "x", self.data_dim)
+        self._match(x)
+        if not bool(self.matched):
+            self.matched.fill_(True)
+        features = x
+        for layer in self.layers:
+            features = nn.functional.elu(layer(features))
+        loc = self.loc_layer(features)
+        diagonal = nn.functional.softplus(self.scale_layer(features))
+        if self.covariance == "diag":
+            return loc, diagonal
+        # With H = 1 there is no off-diagonal entry (and no layer for it).
+        off_diagonal = (diagonal[..., :0] if self.off_diagonal_layer is None
+                        else self.off_diagonal_layer(features))
+        return loc, scale_tril_from_packed(diagonal, off_diagonal)
+
+    def forward(self, x, subsample=None, subsample_size=None):
+        """Sample z ~ q(z | x^(n)) for the points of the ``"data"`` plate (the model's arguments).
+
+        :returns: z, shape (B, H).
+        """
+        x = check_data_cached(x, "x", self.data_dim)
+        subsample = check_subsample(subsample, x.size(0))
+        with pyro.plate("data", x.size(0), subsample=subsample, subsample_size=subsample_size, dim=-1) as index:
+            # As in the model: a full-size index is no subsample (Pyro slices nothing then).
+            x_batch = x if index.size(0) == x.size(0) else x.index_select(0, index)
+            loc, scale = self.encode(x_batch)
+            if self.covariance == "diag":
+                return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+            return pyro.sample("z", dist.MultivariateNormal(loc, scale_tril=scale))
+
+    @pyro_method
+    def gaussian_posterior(self, x, subsample=None):
+        """The protocol of :mod:`pyro_esc.posterior`: q(z | x) for the points x[subsample].
+
+        :param torch.Tensor x: all N data points, as passed to the model.
+        :param torch.Tensor subsample: optional indices of the minibatch.
+        :rtype: ~pyro_esc.GaussianPosterior
+        """
+        x = check_data_cached(x, "x", self.data_dim)
+        subsample = check_subsample(subsample, x.size(0))
+        loc, scale = self.encode(x if subsample is None else x.index_select(0, subsample))
+        if self.covariance == "diag":
+            return GaussianPosterior.from_scale(loc, scale)
+        return GaussianPosterior.from_scale_tril(loc, scale)

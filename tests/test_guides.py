@@ -1,0 +1,377 @@
+"""LocalMultivariateNormal, AmortizedNormal and a user's guide written from the README.
+
+Every closed-form number is checked against an independent route: AnalyticELBO
+against EntropyELBO (Theorem 2) and against Pyro's own Trace_ELBO / TraceMeanField_ELBO
+(Monte Carlo, 4 standard errors), the fast protocol path against tracing the guide,
+the packed Cholesky factor against a hand-written unpacking, the encoder against a
+hand-written forward pass.
+"""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyro
+import pyro.distributions as dist
+from pyro import poutine
+from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
+
+from helpers import guide_parameters, monte_carlo_check, randomize_guide
+from pyro_esc import AmortizedNormal, AnalyticELBO, EntropyELBO, LocalMultivariateNormal, SparseCoding
+from pyro_esc.data import bars
+from pyro_esc.guides import scale_tril_from_packed
+from pyro_esc.posterior import gaussian_posterior, posterior_from_trace
+
+SIDE, HIDDEN = 3, 6
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_guide_class():
+    """The guide class of the README's "Adding a Gaussian guide" section, executed as written."""
+    section = README.read_text().split("### Adding a Gaussian guide", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
+    return namespace["LowRankNormal"]
+
+
+class TracedLowRank(torch.nn.Module):
+    """The README guide without its protocol method: EntropyELBO must recognise it by tracing."""
+
+    def __init__(self, num_data, n_latents, rank=2):
+        super().__init__()
+        self.inner = readme_guide_class()(num_data, n_latents, rank)
+        self._pyro_name = self.inner._pyro_name  # for helpers.guide_parameters / randomize_guide
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
+GUIDES = {
+    "LocalMultivariateNormal": lambda model, num: LocalMultivariateNormal(model),
+    "AmortizedNormal-diag": lambda model, num: AmortizedNormal(SIDE ** 2, HIDDEN, hidden=(8, 7)),
+    "AmortizedNormal-full": lambda model, num: AmortizedNormal(SIDE ** 2, HIDDEN, hidden=(8,), covariance="full"),
+    "README-LowRankNormal": lambda model, num: readme_guide_class()(num, HIDDEN),
+    "README-LowRankNormal-traced": lambda model, num: TracedLowRank(num, HIDDEN),
+}
+
+
+def setup(guide_name, num=30, seed=3):
+    x, _ = bars(num, side=SIDE, seed=seed, dtype=torch.get_default_dtype())
+    model = SparseCoding(x.size(1), HIDDEN)
+    guide = GUIDES[guide_name](model, num)
+    randomize_guide(guide, x)
+    return model, guide, x
+
+
+def relative_difference(a, b):
+    return abs(a - b) / max(abs(a), abs(b))
+
+
+def all_parameters(guide):
+    return [value for _, value in guide_parameters(guide)] + [pyro.param("raw_dictionary").unconstrained()]
+
+
+def assert_same_posterior(first, second, dictionary):
+    assert torch.allclose(first.mean, second.mean)
+    assert torch.allclose(first.variance, second.variance)
+    assert torch.allclose(first.entropy, second.entropy)
+    assert torch.allclose(first.trace_terms(dictionary), second.trace_terms(dictionary))
+
+
+# ------------------------------------------------------------ the closed form on each guide
+
+
+@pytest.mark.parametrize("guide_name", GUIDES)
+def test_entropy_elbo_equals_analytic_elbo_at_theorem2_scales(float64, guide_name):
+    model, guide, x = setup(guide_name)
+    entropy_loss = EntropyELBO().loss(model, guide, x)  # writes lambda*, sigma^2* into the model
+    assert relative_difference(entropy_loss, AnalyticELBO().loss(model, guide, x)) < 1e-10
+
+
+@pytest.mark.parametrize("guide_name", GUIDES)
+@pytest.mark.parametrize("scales", ["optimal", "arbitrary"])
+def test_analytic_elbo_agrees_with_trace_elbo(float64, guide_name, scales):
+    model, guide, x = setup(guide_name)
+    if scales == "optimal":
+        EntropyELBO().loss(model, guide, x)
+    else:
+        model.set_scales(prior_scale=torch.linspace(0.3, 2.0, HIDDEN), noise_var=0.7)
+    analytic = AnalyticELBO().loss(model, guide, x)
+    trace_elbo, standard_error, _ = monte_carlo_check(model, guide, x, num_particles=3000)
+    assert abs(analytic - trace_elbo) < 4 * standard_error, (analytic, trace_elbo, standard_error)
+
+
+@pytest.mark.parametrize("guide_name", GUIDES)
+def test_gradients_of_entropy_and_analytic_elbo_agree_at_theorem2(float64, guide_name):
+    model, guide, x = setup(guide_name)
+    EntropyELBO().loss(model, guide, x)
+    params = all_parameters(guide)
+    entropy_grads = torch.autograd.grad(EntropyELBO().differentiable_loss(model, guide, x), params)
+    analytic_grads = torch.autograd.grad(AnalyticELBO().differentiable_loss(model, guide, x), params)
+    for entropy_grad, analytic_grad in zip(entropy_grads, analytic_grads):
+        assert entropy_grad.abs().max() > 0
+        assert torch.allclose(entropy_grad, analytic_grad, rtol=1e-8, atol=1e-10 * analytic_grad.abs().max())
+
+
+@pytest.mark.parametrize("guide_name", ["LocalMultivariateNormal", "AmortizedNormal-full", "README-LowRankNormal"])
+def test_subsampled_analytic_elbo_agrees_with_trace_elbo(float64, guide_name):
+    model, guide, x = setup(guide_name, num=40)
+    model.set_scales(prior_scale=torch.linspace(0.5, 1.5, HIDDEN), noise_var=0.5)
+    batch = torch.tensor([3, 17, 5, 28, 39, 0, 11, 22])
+    analytic = AnalyticELBO().loss(model, guide, x, subsample=batch)
+    trace_elbo, standard_error, _ = monte_carlo_check(model, guide, x, subsample=batch, num_particles=3000)
+    assert abs(analytic - trace_elbo) < 4 * standard_error, (analytic, trace_elbo, standard_error)
+
+
+@pytest.mark.parametrize("guide_name", ["LocalMultivariateNormal", "AmortizedNormal-full"])
+def test_trace_mean_field_elbo_agrees_with_analytic_elbo(float64, guide_name):
+    # TraceMeanField_ELBO takes its own route (analytic KL where Pyro knows it, else Monte Carlo).
+    model, guide, x = setup(guide_name)
+    EntropyELBO().loss(model, guide, x)
+    analytic = AnalyticELBO().loss(model, guide, x)
+    # pyro_esc.kl makes the prior term analytic here, so the estimator's spread is its own:
+    # measure it from independent repeats.
+    elbo = TraceMeanField_ELBO(num_particles=200, vectorize_particles=True, max_plate_nesting=1)
+    with torch.no_grad():
+        values = torch.tensor([elbo.loss(model, guide, x) for _ in range(20)])
+    standard_error = float(values.std() / 20 ** 0.5)
+    assert abs(analytic - float(values.mean())) < 4 * standard_error, (analytic, values.mean(), standard_error)
+
+
+# ------------------------------------------------------------ the protocol: fast path vs tracing
+
+
+@pytest.mark.parametrize("guide_name", ["LocalMultivariateNormal", "AmortizedNormal-diag", "AmortizedNormal-full",
+                                        "README-LowRankNormal"])
+@pytest.mark.parametrize("subsample", [None, torch.tensor([7, 2, 29, 2])], ids=["all", "batch"])
+def test_fast_path_matches_automatic_recognition(float64, guide_name, subsample):
+    model, guide, x = setup(guide_name)
+    dictionary = torch.randn(x.size(1), HIDDEN)
+    fast = gaussian_posterior(guide, x, subsample)
+    assert_same_posterior(fast, posterior_from_trace(guide, x, subsample), dictionary)
+    assert fast.num_points == (x.size(0) if subsample is None else subsample.numel())
+
+
+def test_local_posterior_unpacks_the_parameters_by_hand(float64):
+    model, guide, x = setup("LocalMultivariateNormal")
+    loc = pyro.param("LocalMultivariateNormal.locs.z").detach()
+    diag = pyro.param("LocalMultivariateNormal.scale_diags.z").detach()
+    off = pyro.param("LocalMultivariateNormal.scale_offdiags.z").detach()
+    # N H (H + 3) / 2 numbers in all.
+    assert loc.numel() + diag.numel() + off.numel() == x.size(0) * HIDDEN * (HIDDEN + 3) // 2
+    expected = torch.zeros(x.size(0), HIDDEN, HIDDEN)
+    for n in range(x.size(0)):
+        k = 0
+        for i in range(HIDDEN):
+            expected[n, i, i] = diag[n, i]
+            for j in range(i):
+                expected[n, i, j] = off[n, k + j]
+            k += i
+    posterior = guide.gaussian_posterior(x)
+    covariance = expected @ expected.transpose(-1, -2)
+    assert torch.allclose(posterior.mean, loc)
+    assert torch.allclose(posterior.variance, covariance.diagonal(dim1=-2, dim2=-1))
+    entropy = torch.distributions.MultivariateNormal(loc, covariance_matrix=covariance).entropy().sum()
+    assert torch.allclose(posterior.entropy, entropy)
+    assert (diag > 0).all()
+
+
+def test_scale_tril_from_packed_matches_tril_indices_order():
+    diagonal, off = torch.rand(2, 4) + 0.5, torch.randn(2, 6)
+    tril = scale_tril_from_packed(diagonal, off)
+    rows, columns = torch.tril_indices(4, 4, -1)
+    assert torch.equal(tril[:, rows, columns], off)
+    assert torch.equal(tril.diagonal(dim1=-2, dim2=-1), diagonal)
+    assert torch.equal(tril.triu(1), torch.zeros_like(tril))
+    with pytest.raises(ValueError, match="off_diagonal must have shape"):
+        scale_tril_from_packed(diagonal, off[:, :5])
+
+
+@pytest.mark.parametrize("guide_name", ["LocalMultivariateNormal", "AmortizedNormal-full"])
+def test_guide_samples_have_the_summarised_moments(float64, guide_name):
+    # A Monte Carlo route to the summary: Predictive draws from the guide (and the model).
+    model, guide, x = setup(guide_name, num=5)
+    num_samples = 20000
+    samples = Predictive(model, guide=guide, num_samples=num_samples, parallel=True)(x)
+    z = samples["z"]
+    assert z.shape == (num_samples, 5, HIDDEN) and samples["x"].shape == (num_samples, 5, SIDE ** 2)
+    posterior = guide.gaussian_posterior(x)
+    standard_error = posterior.stddev / num_samples ** 0.5
+    assert ((z.mean(0) - posterior.mean).abs() < 5 * standard_error).all()
+    # Second moments, 5% is about 5 standard errors: the variances, and through a random W
+    # the whole covariance (tr(W T W^T) involves every entry of T).
+    centred = z - posterior.mean
+    assert torch.allclose(centred.square().mean(0), posterior.variance, rtol=0.05)
+    dictionary = torch.randn(SIDE ** 2, HIDDEN)
+    trace_terms = (centred @ dictionary.T).square().sum(-1).mean(0)
+    assert torch.allclose(trace_terms, posterior.trace_terms(dictionary), rtol=0.05)
+    # The correlations are really there: a diagonal summary would miss the trace terms by far.
+    diagonal = posterior.variance @ dictionary.square().sum(0)
+    assert ((diagonal - trace_terms).abs() / trace_terms).max() > 0.1
+
+
+# ------------------------------------------------------------ training with SVI
+
+
+@pytest.mark.parametrize("guide_name", ["LocalMultivariateNormal", "AmortizedNormal-diag", "AmortizedNormal-full",
+                                        "README-LowRankNormal"])
+def test_one_svi_step_moves_every_guide_parameter(guide_name):
+    model, guide, x = setup(guide_name)
+    elbo = EntropyELBO()
+    elbo.loss(model, guide, x)  # the model initialises its parameters on its first evaluation
+    with poutine.trace(param_only=True) as capture:  # what SVI hands to its optimiser
+        elbo.loss_and_grads(model, guide, x)
+    expected = {name for name, _ in guide_parameters(guide)} | {"raw_dictionary"}
+    assert set(capture.trace.nodes) == expected
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), loss=elbo)
+    before = {name: value.detach().clone() for name, value in guide_parameters(guide)}
+    svi.step(x)
+    for name, value in guide_parameters(guide):
+        assert not torch.equal(before[name], value.detach()), f"{name} did not move"
+
+
+@pytest.mark.parametrize("loss", [Trace_ELBO(), TraceMeanField_ELBO()], ids=["Trace_ELBO", "TraceMeanField_ELBO"])
+@pytest.mark.parametrize("guide_name", ["LocalMultivariateNormal", "AmortizedNormal-full"])
+def test_pyro_elbos_train_the_guides(guide_name, loss):
+    model, guide, x = setup(guide_name)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), loss=loss)
+    svi.step(x)  # the model initialises its parameters on its first evaluation
+    before = {name: value.detach().clone() for name, value in pyro.get_param_store().named_parameters()}
+    assert torch.isfinite(torch.tensor(svi.step(x, subsample_size=10)))
+    for name, value in pyro.get_param_store().named_parameters():
+        assert not torch.equal(before[name], value.detach()), f"{name} did not move"
+
+
+def test_local_guide_subsamples_through_the_models_plate(float64):
+    model, guide, x = setup("LocalMultivariateNormal", num=40)
+    batch = torch.tensor([4, 9, 33])
+    z = guide(x, subsample=batch)["z"]
+    assert z.shape == (3, HIDDEN)
+    # Pyro's gradients (Trace_ELBO) reach only the batch's rows; the first Adam step moves only them.
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), loss=Trace_ELBO())
+    before = {name: value.detach().clone() for name, value in guide_parameters(guide)}
+    svi.step(x, subsample=batch)
+    others = torch.ones(40, dtype=torch.bool)
+    others[batch] = False
+    for name, value in guide_parameters(guide):
+        moved = (value.detach() != before[name]).any(-1)
+        assert moved[batch].all() and not moved[others].any(), name
+
+
+def test_local_guide_set_up_on_a_minibatch_holds_every_point():
+    x, _ = bars(40, side=SIDE)
+    model = SparseCoding(x.size(1), HIDDEN)
+    guide = LocalMultivariateNormal(model, init_scale=0.2)
+    guide(x, subsample_size=8)
+    assert pyro.param("LocalMultivariateNormal.locs.z").shape == (40, HIDDEN)
+    # Initialisation: zero means (init_to_feasible), L = init_scale * I.
+    assert torch.equal(pyro.param("LocalMultivariateNormal.locs.z"), torch.zeros(40, HIDDEN))
+    assert torch.allclose(pyro.param("LocalMultivariateNormal.scale_diags.z"), torch.full((40, HIDDEN), 0.2))
+    off_diagonal = pyro.param("LocalMultivariateNormal.scale_offdiags.z")
+    assert torch.equal(off_diagonal, torch.zeros(40, HIDDEN * (HIDDEN - 1) // 2))
+    assert torch.equal(guide.median(x)["z"], torch.zeros(40, HIDDEN))
+
+
+def test_local_guide_refuses_other_data_and_other_models():
+    x, _ = bars(40, side=SIDE)
+    model = SparseCoding(x.size(1), HIDDEN)
+    guide = LocalMultivariateNormal(model)
+    guide(x)
+    with pytest.raises(ValueError, match="40 data points, but x has 10"):
+        EntropyELBO().loss(model, guide, x[:10])
+
+    def positive_model(x, subsample=None):
+        with pyro.plate("data", x.size(0), subsample=subsample):
+            pyro.sample("rate", dist.Gamma(2.0, 1.0).expand([x.size(0), 3]).to_event(1))
+
+    with pytest.raises(ValueError, match="site 'rate'"):
+        LocalMultivariateNormal(positive_model)(x)
+
+
+# ------------------------------------------------------------ the amortised guide
+
+
+def test_amortized_encoder_is_the_documented_network(float64):
+    model, guide, x = setup("AmortizedNormal-full")
+    params = dict(guide_parameters(guide))
+
+    def linear(name, inputs):
+        return inputs @ params[f"AmortizedNormal.{name}.weight"].T + params[f"AmortizedNormal.{name}.bias"]
+
+    features = F.elu(linear("layers.0", x))  # the one hidden layer of GUIDES["AmortizedNormal-full"]
+
+    def head(name):
+        return linear(name, features)
+
+    loc, scale_tril = guide.encode(x)
+    assert torch.allclose(loc, head("loc_layer"))
+    assert torch.allclose(scale_tril.diagonal(dim1=-2, dim2=-1), F.softplus(head("scale_layer")))
+    rows, columns = torch.tril_indices(HIDDEN, HIDDEN, -1)
+    assert torch.allclose(scale_tril[:, rows, columns], head("off_diagonal_layer"))
+
+
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+def test_amortized_initialisation_starts_near_zero_means_and_init_scale(covariance):
+    x, _ = bars(200, side=SIDE)
+    guide = AmortizedNormal(SIDE ** 2, HIDDEN, hidden=(32, 32), covariance=covariance, init_scale=0.3)
+    loc, scale = guide.encode(x)
+    # Means near 0 and scales near init_scale for every point, whatever its size (|x| up to ~10).
+    assert loc.abs().max() < 0.05
+    if covariance == "full":
+        assert (scale - torch.diag_embed(scale.diagonal(dim1=-2, dim2=-1))).abs().max() < 0.1 * 0.3
+        scale = scale.diagonal(dim1=-2, dim2=-1)
+    assert torch.allclose(scale, torch.full_like(scale, 0.3), rtol=0.05)
+
+
+def test_amortized_guide_encodes_held_out_data_and_minibatches(float64):
+    model, guide, x = setup("AmortizedNormal-full")
+    held_out, _ = bars(12, side=SIDE, seed=11, dtype=torch.float64)
+    # Held-out data of another size: the closed form still agrees with Pyro's Monte Carlo.
+    EntropyELBO().loss(model, guide, held_out)
+    analytic = AnalyticELBO().loss(model, guide, held_out)
+    trace_elbo, standard_error, _ = monte_carlo_check(model, guide, held_out, num_particles=3000)
+    assert abs(analytic - trace_elbo) < 4 * standard_error
+    # A point's posterior does not depend on which batch it is encoded in.
+    loc, scale_tril = guide.encode(held_out)
+    batch = torch.tensor([5, 0, 9])
+    posterior = guide.gaussian_posterior(held_out, batch)
+    assert torch.allclose(posterior.mean, loc[batch])
+    assert torch.allclose(posterior.variance, scale_tril[batch].square().sum(-1))
+    z = guide(held_out, subsample=batch)
+    assert z.shape == (3, HIDDEN)
+
+
+def test_amortized_guide_follows_the_data_dtype():
+    guide = AmortizedNormal(SIDE ** 2, HIDDEN, hidden=(4,))
+    x, _ = bars(10, side=SIDE, dtype=torch.float64)
+    loc, scale = guide.encode(x)
+    assert loc.dtype == scale.dtype == torch.float64
+    with pytest.raises(ValueError, match="dtype"):
+        guide.encode(x.float())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(covariance="low-rank"), "covariance"),
+    (dict(hidden=(8, 0)), "hidden"),
+    (dict(hidden=8), "hidden"),
+    (dict(init_scale=0.0), "init_scale"),
+    (dict(out_init=-1.0), "out_init"),
+])
+def test_amortized_guide_validates_its_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AmortizedNormal(SIDE ** 2, HIDDEN, **kwargs)
+
+
+def test_guides_validate_their_inputs():
+    x, _ = bars(10, side=SIDE)
+    guide = AmortizedNormal(SIDE ** 2, HIDDEN, hidden=(4,))
+    with pytest.raises(ValueError, match="x has data dimension 4"):
+        guide.encode(x[:, :4])
+    with pytest.raises(ValueError, match="subsample"):
+        guide(x, subsample=torch.tensor([10]))
+    with pytest.raises(ValueError, match="init_scale"):
+        LocalMultivariateNormal(SparseCoding(9, HIDDEN), init_scale=-0.1)
