@@ -1,55 +1,134 @@
-"""The ``pyro-esc`` command line."""
+"""The ``pyro-esc`` command line: learn bars, learn natural image patches, reproduce the figures.
+
+    pyro-esc bars       [--guide local-full] [--objective entropy] [--steps 3000] ...
+    pyro-esc patches    [--size 12] [--latents 100] [--guide amortized-diag] ...
+    pyro-esc reproduce  [--quick] [--out figures]
+
+Every sub-command has ``--help``. Figures and a metrics JSON go to ``--out``.
+"""
 
 import argparse
+import json
+import os
 import sys
 import time
 
-import torch
-
-import pyro
-from pyro.infer import SVI
-from pyro.infer.autoguide import AutoNormal
-
-from .data import bars
-from .model import SparseCoding
-from .objectives import EntropyELBO
+from . import experiments
+from .annealing import Annealing
 
 
-def _bars(args):
-    pyro.set_rng_seed(args.seed)
-    x, true_dictionary = bars(args.n, side=args.side, noise=args.noise, seed=args.seed)
-    model = SparseCoding(x.size(1), true_dictionary.size(1))
-    guide = AutoNormal(model)
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": args.lr}), loss=EntropyELBO())
-    start = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        loss = svi.step(x)
-        if step % max(1, args.steps // 10) == 0 or step == args.steps:
-            print(f"step {step:5d}  L_H per data point {-loss / x.size(0):9.4f}  "
-                  f"sigma^2* {float(model.noise_var.detach()):.4f}")
-    overlap = (model.dictionary.detach().T @ true_dictionary).abs().max(0).values
-    print(f"{int((overlap > 0.95).sum())} of {true_dictionary.size(1)} bars found "
-          f"(best cosine per bar > 0.95) in {time.perf_counter() - start:.1f} s")
+def _common(parser, steps, lr, out):
+    parser.add_argument("--objective", choices=experiments.OBJECTIVES, default="entropy",
+                        help="training objective (default: entropy, i.e. EntropyELBO)")
+    parser.add_argument("--steps", type=int, default=steps, help=f"optimisation steps (default {steps})")
+    parser.add_argument("--lr", type=float, default=lr, help=f"Adam learning rate (default {lr})")
+    parser.add_argument("--batch-size", type=int, default=None, help="minibatch size (default: full batch)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
+    parser.add_argument("--out", default=out, help=f"output folder for figures and metrics (default {out})")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="pyro-esc", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    bars_parser = commands.add_parser("bars", help="learn the bars test with EntropyELBO")
-    bars_parser.add_argument("--n", type=int, default=1000, help="data points")
-    bars_parser.add_argument("--side", type=int, default=5, help="image side (H = 2 side bars)")
-    bars_parser.add_argument("--noise", type=float, default=0.3, help="noise standard deviation")
-    bars_parser.add_argument("--steps", type=int, default=1000, help="Adam steps")
-    bars_parser.add_argument("--lr", type=float, default=0.05, help="learning rate")
-    bars_parser.add_argument("--seed", type=int, default=0, help="random seed")
-    bars_parser.set_defaults(run=_bars)
+    parser = argparse.ArgumentParser(
+        prog="pyro-esc", description="Probabilistic sparse coding learned with the entropy-based ELBO.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{bars,patches,reproduce}")
+
+    bars = commands.add_parser("bars", help="learn the bars test and draw the learned fields",
+                               description="Learn the bars test (side x side images, 2 side bars) and report "
+                                           "how many bars were found (cosine > 0.95 after optimal matching).")
+    bars.add_argument("--guide", choices=experiments.GUIDES, default="local-full",
+                      help="posterior family (default local-full: a full-covariance Gaussian per data point)")
+    bars.add_argument("--n", type=int, default=1000, help="data points (default 1000)")
+    bars.add_argument("--side", type=int, default=5, help="image side (default 5: D = 25, H = 10)")
+    bars.add_argument("--noise", type=float, default=0.3, help="noise standard deviation (default 0.3)")
+    _common(bars, steps=2000, lr=0.2, out="runs/bars")
+    bars.set_defaults(run=_bars)
+
+    patches = commands.add_parser("patches", help="learn sparse codes of whitened natural image patches",
+                                  description="Learn generative fields of whitened natural image patches cut "
+                                              "from images bundled with scikit-image/scikit-learn.")
+    patches.add_argument("--guide", choices=experiments.GUIDES, default="amortized-diag",
+                         help="posterior family (default amortized-diag)")
+    patches.add_argument("--n", type=int, default=20000, help="patches (default 20000)")
+    patches.add_argument("--size", type=int, default=12, help="patch side in pixels (default 12)")
+    patches.add_argument("--latents", type=int, default=100, help="number of latents H (default 100)")
+    patches.add_argument("--anneal", type=int, default=None, metavar="STEPS",
+                         help="anneal the entropy weights over this many steps (default scheme: beta_q 2 -> 1)")
+    _common(patches, steps=3000, lr=0.01, out="runs/patches")
+    patches.set_defaults(run=_patches, batch_size=500)
+
+    reproduce = commands.add_parser("reproduce", help="regenerate the paper's figures and metrics",
+                                    description="Run the bars and natural-patch experiments and write every "
+                                                "figure and metrics.json into --out.")
+    reproduce.add_argument("--quick", action="store_true",
+                           help="a reduced reproduction (a few minutes on a laptop CPU)")
+    reproduce.add_argument("--out", default=None,
+                           help="output folder (default figures/, or figures/quick/ with --quick)")
+    reproduce.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    reproduce.add_argument("--device", default=None, help="torch device (default: cpu)")
+    reproduce.add_argument("--quiet", action="store_true", help="no progress bars")
+    reproduce.set_defaults(run=_reproduce)
     return parser
+
+
+def _write_metrics(out, name, result):
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, name)
+    with open(path, "w") as handle:
+        json.dump(experiments._public(result), handle, indent=2)
+    return path
+
+
+def _bars(args):
+    result = experiments.run_bars(args.guide, args.objective, n=args.n, side=args.side, noise=args.noise,
+                                  steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                                  device=args.device, out=args.out, progress=not args.quiet)
+    path = _write_metrics(args.out, "bars_metrics.json", result)
+    print(f"{experiments.GUIDE_LABELS[args.guide]}, {args.objective}: ELBO per data point {result['elbo']:.4f}; "
+          f"{result['bars_found']} of {2 * args.side} bars found (cosine > 0.95) in {result['wall_time_s']:.1f} s")
+    print(f"figures and metrics in {args.out}/ ({os.path.basename(path)})")
+
+
+def _patches(args):
+    from . import plots
+
+    x, whitening = experiments.patch_data(args.n, args.size, args.seed)
+    annealing = None if args.anneal is None else Annealing.default(args.anneal)
+    result = experiments.run_patches(x, whitening, args.size, guide=args.guide, objective=args.objective,
+                                     n_latents=args.latents, steps=args.steps, batch_size=args.batch_size,
+                                     lr=args.lr, annealing=annealing, seed=args.seed, device=args.device,
+                                     progress=not args.quiet)
+    figure = plots.plot_fields(result["_dictionary"], shape=(args.size, args.size), whitening=whitening,
+                               title=f"{args.latents} generative fields of {args.size}x{args.size} whitened patches")
+    plots.save_figure(figure, os.path.join(args.out, "patches_fields.png"))
+    _write_metrics(args.out, "patches_metrics.json", result)
+    print(f"ELBO per data point {result['elbo']:.4f}; code kurtosis {result['sparseness']['kurtosis']:.2f}; "
+          f"mean field spread {result['mean_field_spread_px']:.2f} px; {result['wall_time_s']:.1f} s")
+    print(f"figures and metrics in {args.out}/")
+
+
+def _reproduce(args):
+    out = args.out or os.path.join("figures", "quick" if args.quick else "")
+    start = time.perf_counter()
+    metrics = experiments.reproduce(out=out, quick=args.quick, seed=args.seed, device=args.device,
+                                    progress=not args.quiet)
+    for run in metrics["bars"]:
+        print(f"bars, {experiments.GUIDE_LABELS[run['guide']]}: {run['bars_found']} of 10 bars, "
+              f"ELBO {run['elbo']:.4f}, {run['wall_time_s']:.0f} s")
+    for label, run in metrics["patches"].items():
+        print(f"patches, {label}: ELBO {run['elbo']:.4f}, kurtosis {run['sparseness']['kurtosis']:.2f}, "
+              f"field spread {run['mean_field_spread_px']:.2f} px")
+    print(f"figures and metrics.json in {out} ({time.perf_counter() - start:.0f} s)")
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    torch.set_default_dtype(torch.float32)
-    args.run(args)
+    try:
+        args.run(args)
+    except ValueError as error:
+        print(f"pyro-esc {args.command}: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,0 +1,292 @@
+"""The paper's experiments, as functions that train, measure and draw.
+
+Each ``run_*`` function trains with :func:`~pyro_esc.fit`, returns a dict of
+metrics (plain numbers, JSON-ready) and, given an output folder, writes its
+figures there. :func:`reproduce` runs them all and writes ``metrics.json``
+beside the figures; the ``pyro-esc`` command line calls these functions.
+
+Sizes: ``quick=True`` is a reduced reproduction (minutes on a laptop CPU); the
+environment variable ``PYRO_ESC_FAST=1`` shrinks everything further, for
+tests and notebook smoke runs only.
+"""
+
+import json
+import os
+import time
+
+import torch
+
+import pyro
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
+
+from . import plots
+from .annealing import Annealing
+from .data import Whitening, bars, image_patches
+from .guides import AmortizedNormal, LocalMultivariateNormal
+from .metrics import bars_recovery, code_sparseness, field_spread
+from .model import SparseCoding
+from .objectives import AnalyticELBO, EntropyELBO
+from .posterior import gaussian_posterior
+from .training import decaying_adam, fit
+
+#: Guides by the names the command line uses.
+GUIDES = ("local-full", "local-diag", "amortized-full", "amortized-diag", "joint-full")
+#: Objectives by the names the command line uses.
+OBJECTIVES = ("entropy", "analytic", "trace", "trace-meanfield")
+
+GUIDE_LABELS = {
+    "local-full": "full covariance (LocalMultivariateNormal)",
+    "local-diag": "diagonal (AutoNormal)",
+    "amortized-full": "amortised, full covariance (AmortizedNormal)",
+    "amortized-diag": "amortised, diagonal (AmortizedNormal)",
+    "joint-full": "joint full covariance (AutoMultivariateNormal)",
+}
+
+
+def fast_mode():
+    """Whether ``PYRO_ESC_FAST`` asks for smoke-test sizes."""
+    return os.environ.get("PYRO_ESC_FAST", "") not in ("", "0")
+
+
+def make_guide(name, model, hidden=(100,)):
+    """A guide for ``model`` by name (see :data:`GUIDES`)."""
+    if name == "local-full":
+        return LocalMultivariateNormal(model)
+    if name == "local-diag":
+        return AutoNormal(model, create_plates=model.create_plates)
+    if name == "amortized-full":
+        return AmortizedNormal(model.data_dim, model.n_latents, hidden=hidden, covariance="full")
+    if name == "amortized-diag":
+        return AmortizedNormal(model.data_dim, model.n_latents, hidden=hidden, covariance="diag")
+    if name == "joint-full":
+        return AutoMultivariateNormal(model)
+    raise ValueError(f"guide must be one of {GUIDES}, got {name!r}")
+
+
+def make_loss(name, annealing=None):
+    """An objective by name (see :data:`OBJECTIVES`); annealing only for ``"entropy"``."""
+    if annealing is not None and name != "entropy":
+        raise ValueError(f"annealing weights the entropy terms of EntropyELBO; objective {name!r} has none")
+    if name == "entropy":
+        return EntropyELBO(annealing=annealing)
+    if name == "analytic":
+        return AnalyticELBO()
+    if name == "trace":
+        return Trace_ELBO()
+    if name == "trace-meanfield":
+        return TraceMeanField_ELBO()
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {name!r}")
+
+
+def _seed_everything(seed):
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+
+
+# ---------------------------------------------------------------------- bars
+
+
+#: Initial learning rate of the encoders of amortised guides (an MLP's output moves by about
+#: lr x fan-in per Adam step, so it needs a smaller rate than per-point parameters).
+AMORTIZED_LR = 0.003
+
+
+def bars_optimizer(guide_object, steps, lr=0.2):
+    """The tuned bars recipe: :func:`~pyro_esc.training.decaying_adam`, encoders at :data:`AMORTIZED_LR`."""
+    prefix = guide_object._pyro_name + "." if isinstance(guide_object, AmortizedNormal) else None
+    return decaying_adam(lr, steps, lr_for=lambda name: AMORTIZED_LR if prefix and name.startswith(prefix) else None)
+
+
+def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3, steps=2000, lr=0.2,
+             batch_size=None, seed=0, device=None, out=None, progress=True, name=None):
+    """Learn the bars test; return metrics and optionally draw the learned fields.
+
+    Training uses the recipe of benchmarks/bars_recovery.py (:func:`bars_optimizer`:
+    ClippedAdam, lr 0.2 decaying to 0.04, full batch, 2000 steps), with which
+    LocalMultivariateNormal + EntropyELBO found every bar on 10 of 10 seeds.
+
+    :returns: dict with the final ELBO per data point (the objective's, and for
+        closed-form objectives that is exact), the bars found (optimal matching,
+        cosine > 0.95), the matched cosines, wall time and settings; plus the
+        ``"dictionary"`` (a tensor, not JSON) under ``"_dictionary"``.
+    """
+    _seed_everything(seed)
+    x, true_dictionary = bars(n, side=side, noise=noise, seed=seed)
+    model = SparseCoding(x.size(1), true_dictionary.size(1))
+    guide_object = make_guide(guide, model)
+    start = time.perf_counter()
+    history = fit(model, guide_object, x, loss=make_loss(objective), steps=steps,
+                  optim=bars_optimizer(guide_object, steps, lr), batch_size=batch_size, seed=seed,
+                  device=device, progress=progress)
+    wall_time = time.perf_counter() - start
+    dictionary = model.dictionary.detach().cpu()
+    recovery = bars_recovery(dictionary, true_dictionary)
+    result = {
+        "guide": guide, "objective": objective, "n": n, "side": side, "noise": noise, "steps": steps,
+        "lr": lr, "batch_size": batch_size, "seed": seed,
+        "elbo": history.elbo[-1], "bars_found": recovery.num_found, "all_bars_found": recovery.all_found,
+        "cosines": [round(float(c), 4) for c in recovery.cosines], "wall_time_s": round(wall_time, 2),
+        "noise_var": history.noise_var[-1],
+        "_dictionary": dictionary[:, recovery.matching], "_history": history,
+    }
+    if out is not None:
+        label = name or f"bars_fields_{guide}"
+        figure = plots.plot_fields(result["_dictionary"], shape=(side, side),
+                                   title=f"{GUIDE_LABELS.get(guide, guide)}: {recovery.num_found} of "
+                                         f"{true_dictionary.size(1)} bars")
+        plots.save_figure(figure, os.path.join(out, f"{label}.png"))
+    return result
+
+
+def bars_figures(out, results, x, side):
+    """The bars figures: training samples, and the learned fields of every run side by side."""
+    import matplotlib.pyplot as plt
+
+    plots.save_figure(plots.plot_data_samples(x, shape=(side, side), n=24, title="Bars: training samples"),
+                      os.path.join(out, "bars_samples.png"))
+    figure, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 2.6))
+    for ax, result in zip(list(getattr(axes, "flat", [axes])), results):
+        plots.plot_fields(result["_dictionary"], shape=(side, side), ncols=5, ax=ax,
+                          title=f"{GUIDE_LABELS[result['guide']]}\n{result['bars_found']} of "
+                                f"{len(result['cosines'])} bars, ELBO {result['elbo']:.3f}")
+    figure.suptitle("Bars: learned generative fields (matched to the true bars)")
+    plots.save_figure(figure, os.path.join(out, "bars_fields.png"))
+    curves = {GUIDE_LABELS[r["guide"]]: r["_history"] for r in results}
+    plots.save_figure(plots.plot_training_curves(curves, x="wall_time", title="Bars: EntropyELBO per data point"),
+                      os.path.join(out, "bars_curves.png"))
+
+
+# -------------------------------------------------------------------- patches
+
+
+def patch_data(n, size, seed, epsilon=1e-2):
+    """Whitened natural image patches (ZCA, DC removed per patch) and the fitted whitening."""
+    patches = image_patches(n, size=size, seed=seed)
+    whitening = Whitening("zca", epsilon=epsilon)
+    return whitening.fit_transform(patches).float(), whitening
+
+
+def run_patches(x, whitening, size, guide="amortized-diag", objective="entropy", n_latents=100, steps=2000,
+                epochs=None, batch_size=None, lr=0.01, annealing=None, seed=0, device=None, progress=True,
+                snapshots=(), hidden=(100,)):
+    """Learn sparse codes of whitened patches; return metrics, the fields and snapshots.
+
+    :param annealing: None, "default" (:meth:`Annealing.default` over the whole run) or an Annealing.
+    :param snapshots: steps at which to keep a copy of the dictionary.
+    """
+    _seed_everything(seed)
+    model = SparseCoding(x.size(1), n_latents)
+    guide_object = make_guide(guide, model, hidden=hidden)
+    batches = 1 if batch_size is None else -(-x.size(0) // batch_size)
+    total = steps if epochs is None else epochs * batches
+    if annealing == "default":
+        annealing = Annealing.default(total)
+    kept = {}
+
+    def keep(step, history):
+        if step in snapshots:
+            kept[step] = model.dictionary.detach().cpu().clone()
+
+    start = time.perf_counter()
+    history = fit(model, guide_object, x, loss=make_loss(objective, annealing), steps=None if epochs else steps,
+                  epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, progress=progress,
+                  callback=keep)
+    wall_time = time.perf_counter() - start
+    with torch.no_grad():
+        codes = gaussian_posterior(guide_object, x.to(model.dictionary.device)).mean.cpu()
+    dictionary = model.dictionary.detach().cpu()
+    order = torch.argsort(model.prior_scale.detach().cpu(), descending=True)
+    pixel_fields = whitening.fields_to_pixels(dictionary.double())
+    return {
+        "guide": guide, "objective": objective, "annealing": repr(annealing) if annealing else None,
+        "n": x.size(0), "size": size, "n_latents": n_latents, "steps": total, "batch_size": batch_size,
+        "lr": lr, "seed": seed, "elbo": history.elbo[-1], "wall_time_s": round(wall_time, 2),
+        "sparseness": code_sparseness(codes),
+        "mean_field_spread_px": float(field_spread(pixel_fields, (size, size)).mean()),
+        "_dictionary": dictionary[:, order], "_history": history,
+        "_snapshots": {step: value[:, order] for step, value in kept.items()},
+    }
+
+
+def patch_figures(out, runs, whitening, size, x_raw=None):
+    """Fields, optimisation curves and fields over training for the patch runs."""
+    import matplotlib.pyplot as plt
+
+    main = runs["amortized, annealed"]
+    plots.save_figure(plots.plot_fields(main["_dictionary"], shape=(size, size), whitening=whitening,
+                                        title=f"Natural image patches ({size}x{size}, whitened): "
+                                              f"{main['n_latents']} generative fields, amortised + annealing"),
+                      os.path.join(out, "patches_fields.png"))
+    curves = {label: run["_history"] for label, run in runs.items()}
+    plots.save_figure(plots.plot_training_curves(curves, x="epoch", title="Natural patches: entropy-ELBO per data point"),
+                      os.path.join(out, "patches_curves.png"))
+    pairs = [(label, run) for label, run in runs.items() if run["_snapshots"]]
+    columns = max(len(run["_snapshots"]) for _, run in pairs)
+    figure, axes = plt.subplots(len(pairs), columns, figsize=(3.2 * columns, 3.4 * len(pairs)), squeeze=False)
+    for row, (label, run) in enumerate(pairs):
+        for column, (step, fields) in enumerate(sorted(run["_snapshots"].items())):
+            plots.plot_fields(fields[:, :25], shape=(size, size), whitening=whitening, ncols=5,
+                              ax=axes[row, column], title=f"{label}\nstep {step}")
+    figure.suptitle("Generative fields during training, with and without annealing (25 largest lambda)")
+    plots.save_figure(figure, os.path.join(out, "patches_fields_over_training.png"))
+    if x_raw is not None:
+        plots.save_figure(plots.plot_data_samples(x_raw, shape=(size, size), n=24,
+                                                  title="Natural image patches (whitened): samples"),
+                          os.path.join(out, "patches_samples.png"))
+
+
+# ------------------------------------------------------------------ reproduce
+
+
+def _settings(quick):
+    if fast_mode():
+        return dict(bars_n=120, bars_steps=30, patch_n=300, patch_size=6, patch_latents=12, patch_epochs=2,
+                    patch_batch=100, local_steps=10, bars_batch=None)
+    if quick:
+        return dict(bars_n=1000, bars_steps=1500, patch_n=4000, patch_size=12, patch_latents=100, patch_epochs=15,
+                    patch_batch=500, local_steps=300, bars_batch=None)
+    return dict(bars_n=1000, bars_steps=3000, patch_n=40000, patch_size=12, patch_latents=144, patch_epochs=100,
+                patch_batch=500, local_steps=2000, bars_batch=None)
+
+
+def reproduce(out="figures", quick=False, seed=0, device=None, progress=True):
+    """Run every experiment, write the figures and ``metrics.json`` into ``out``; return the metrics."""
+    settings = _settings(quick)
+    os.makedirs(out, exist_ok=True)
+    metrics = {"quick": bool(quick), "fast_mode": fast_mode(), "seed": seed, "settings": settings}
+    started = time.perf_counter()
+
+    bars_runs = [run_bars(guide, n=settings["bars_n"], steps=settings["bars_steps"], seed=seed, device=device,
+                          progress=progress) for guide in ("local-diag", "local-full", "amortized-full")]
+    x_bars, _ = bars(settings["bars_n"], seed=seed)
+    bars_figures(out, bars_runs, x_bars, 5)
+    metrics["bars"] = [_public(r) for r in bars_runs]
+
+    size = settings["patch_size"]
+    x, whitening = patch_data(settings["patch_n"], size, seed)
+    epochs, batch = settings["patch_epochs"], settings["patch_batch"]
+    steps_per_epoch = -(-x.size(0) // batch)
+    snapshots = {max(1, round(f * epochs * steps_per_epoch)) for f in (0.1, 0.3, 1.0)}
+    common = dict(n_latents=settings["patch_latents"], seed=seed, device=device, progress=progress)
+    runs = {
+        "amortized": run_patches(x, whitening, size, guide="amortized-diag", epochs=epochs, batch_size=batch,
+                                 snapshots=snapshots, **common),
+        "amortized, annealed": run_patches(x, whitening, size, guide="amortized-diag", epochs=epochs,
+                                           batch_size=batch, annealing="default", snapshots=snapshots, **common),
+        "non-amortized": run_patches(x, whitening, size, guide="local-diag", steps=settings["local_steps"],
+                                     lr=0.05, **common),
+        "non-amortized, annealed": run_patches(x, whitening, size, guide="local-diag",
+                                               steps=settings["local_steps"], lr=0.05, annealing="default",
+                                               **common),
+    }
+    patch_figures(out, runs, whitening, size, x_raw=x)
+    metrics["patches"] = {label: _public(run) for label, run in runs.items()}
+    metrics["wall_time_s"] = round(time.perf_counter() - started, 1)
+    with open(os.path.join(out, "metrics.json"), "w") as handle:
+        json.dump(metrics, handle, indent=2)
+    return metrics
+
+
+def _public(result):
+    return {key: value for key, value in result.items() if not key.startswith("_")}

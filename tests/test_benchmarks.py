@@ -1,0 +1,44 @@
+"""Smoke tests: every benchmark script runs end to end at tiny sizes (the real runs are not CI's job)."""
+
+import importlib.util
+import math
+import pathlib
+
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_objective_speed_prints_both_ratios(capsys):
+    median = load("objective_speed").main(["--n", "50", "--steps", "2", "--rounds", "1"])
+    assert set(median) == {"EntropyELBO (SVI)", "Trace_ELBO (SVI, 1 particle)", "plain PyTorch loop"}
+    out = capsys.readouterr().out
+    assert "ratio EntropyELBO / Trace_ELBO" in out and "ratio EntropyELBO / plain loop" in out
+
+
+def test_estimators_measures_noise_speed_and_convergence(tmp_path):
+    result = load("estimators").main(["--n", "40", "--warm-steps", "5", "--repeats", "3", "--rounds", "1",
+                                      "--steps", "1", "--budget", "0.3", "--evaluations", "2", "--lrs", "0.05",
+                                      "--json", str(tmp_path / "estimators.json")])
+    noise = result["noise"]
+    # The closed forms are deterministic: repeated gradients are identical, variance exactly 0.
+    for name in ("EntropyELBO", "AnalyticELBO"):
+        assert noise[name]["grad_exactly_repeatable"] and noise[name]["grad_total_variance"] == 0
+    assert noise["Trace_ELBO (1)"]["grad_total_variance"] > 0
+    assert all(math.isfinite(value) for value in result["time_per_step"].values())
+    assert (tmp_path / "estimators.json").exists()
+
+
+def test_bars_recovery_runs_every_requested_configuration(capsys):
+    results = load("bars_recovery").main(["--configs", "local", "amortized-full", "--seeds", "1", "--steps", "5"])
+    assert set(results) == {"local", "amortized-full"}
+    found, all_found, elbo, seconds = results["local"][0]
+    assert 0 <= found <= 10 and math.isfinite(elbo) and seconds > 0
+    assert "| LocalMultivariateNormal + EntropyELBO" in capsys.readouterr().out
