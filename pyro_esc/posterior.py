@@ -398,7 +398,8 @@ def posterior_from_trace(guide, x, subsample=None):
             if aux["value"].dim() == 1:
                 return joint_posterior(aux["fn"], num_points, name)
             return _per_point_posterior(aux_base, num_points, name)
-    raise ValueError(f"{name}'s 'z' site is {type(site['fn']).__name__}, not a Gaussian that the closed-form "
+    wrapped = "" if base is site["fn"] else f" (in {type(site['fn']).__name__})"
+    raise ValueError(f"{name}'s 'z' site is {type(base).__name__}{wrapped}, not a Gaussian that the closed-form "
                      f"objectives can read. Supported guides: {SUPPORTED_GUIDES}. {HOW_TO_ADD}")
 
 

@@ -223,3 +223,20 @@ def test_running_statistics_value_is_full_data_and_gradient_is_scaled_batch_grad
     # Batch statistics instead estimate lambda*, sigma^2* from the batch: a different value.
     batch_value = EntropyELBO(minibatch_statistics="batch").loss(model, guide, x, subsample=batch)
     assert relative_difference(batch_value, full_value.item()) > 1e-4
+
+
+def test_running_statistics_with_an_amortised_guide_and_the_data_set_as_batch(float64):
+    from pyro_esc import AmortizedNormal
+
+    x, _ = bars(40, side=3, seed=3, dtype=torch.float64)
+    model = SparseCoding(x.size(1), 6)
+    guide = AmortizedNormal(x.size(1), 6, hidden=(8,), covariance="full")
+    model(x)  # an amortised guide does not run the model: initialise it here
+    randomize_guide(guide, x)
+    params = [value for _, value in guide_parameters(guide)] + [pyro.param("raw_dictionary").unconstrained()]
+    full = EntropyELBO().differentiable_loss(model, guide, x)
+    full_grads = torch.autograd.grad(full, params)
+    batched = EntropyELBO().differentiable_loss(model, guide, x, subsample=torch.randperm(40))
+    assert relative_difference(batched.item(), full.item()) < 1e-12
+    for grad, full_grad in zip(torch.autograd.grad(batched, params), full_grads):
+        assert torch.allclose(grad, full_grad, rtol=1e-10, atol=1e-12)

@@ -78,6 +78,12 @@ def test_non_gaussian_guide_is_a_clear_value_error(data, objective, make_guide, 
         objective().loss(model, make_guide(model), data)
 
 
+def test_the_error_names_the_distribution_not_its_wrapper(data):
+    model = SparseCoding(9, 6)
+    with pytest.raises(ValueError, match="laplace_guide's 'z' site is Laplace \\(in Independent\\)"):
+        EntropyELBO().loss(model, laplace_guide, data)
+
+
 def test_objectives_need_a_sparse_coding_model(data):
     def model(x):
         pyro.sample("z", dist.Normal(0, 1))
