@@ -21,7 +21,6 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 from . import plots
-from .annealing import Annealing
 from .data import Whitening, bars, image_patches
 from .guides import AmortizedNormal, LocalMultivariateNormal
 from .metrics import bars_recovery, code_sparseness, field_spread
@@ -99,7 +98,7 @@ def bars_optimizer(guide_object, steps, lr=0.2):
 
 
 def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3, steps=2000, lr=0.2,
-             batch_size=None, seed=0, device=None, out=None, progress=True, name=None):
+             batch_size=None, seed=0, device=None, out=None, progress=True, name=None, annealing=None):
     """Learn the bars test; return metrics and optionally draw the learned fields.
 
     Training uses the recipe of benchmarks/bars_recovery.py (:func:`bars_optimizer`:
@@ -118,13 +117,13 @@ def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3,
     start = time.perf_counter()
     history = fit(model, guide_object, x, loss=make_loss(objective), steps=steps,
                   optim=bars_optimizer(guide_object, steps, lr), batch_size=batch_size, seed=seed,
-                  device=device, progress=progress)
+                  device=device, progress=progress, annealing=annealing)
     wall_time = time.perf_counter() - start
     dictionary = model.dictionary.detach().cpu()
     recovery = bars_recovery(dictionary, true_dictionary)
     result = {
         "guide": guide, "objective": objective, "n": n, "side": side, "noise": noise, "steps": steps,
-        "lr": lr, "batch_size": batch_size, "seed": seed,
+        "lr": lr, "batch_size": batch_size, "seed": seed, "annealing": None if annealing is None else repr(annealing),
         "elbo": history.elbo[-1], "bars_found": recovery.num_found, "all_bars_found": recovery.all_found,
         "cosines": [round(float(c), 4) for c in recovery.cosines], "wall_time_s": round(wall_time, 2),
         "noise_var": history.noise_var[-1],
@@ -150,7 +149,7 @@ def bars_figures(out, results, x, side):
         plots.plot_fields(result["_dictionary"], shape=(side, side), ncols=5, ax=ax,
                           title=f"{GUIDE_LABELS[result['guide']]}\n{result['bars_found']} of "
                                 f"{len(result['cosines'])} bars, ELBO {result['elbo']:.3f}")
-    figure.suptitle("Bars: learned generative fields (matched to the true bars)")
+    figure.suptitle("Bars: learned generative fields (matched to the true bars)", y=1.1)
     plots.save_figure(figure, os.path.join(out, "bars_fields.png"))
     curves = {GUIDE_LABELS[r["guide"]]: r["_history"] for r in results}
     plots.save_figure(plots.plot_training_curves(curves, x="wall_time", title="Bars: EntropyELBO per data point"),
@@ -160,28 +159,35 @@ def bars_figures(out, results, x, side):
 # -------------------------------------------------------------------- patches
 
 
-def patch_data(n, size, seed, epsilon=1e-2):
-    """Whitened natural image patches (ZCA, DC removed per patch) and the fitted whitening."""
+def patch_data(n, size, seed, method="zca", epsilon=0.1, n_components=None):
+    """Whitened natural image patches (DC removed per patch) and the fitted whitening.
+
+    The default, ZCA with epsilon = 0.1 (of the mean eigenvalue), damps the
+    highest, noise-dominated frequencies instead of amplifying them to unit
+    variance; with it the learned fields are clean, localised edges (full
+    ZCA, epsilon ~ 0, gives visibly noisier fields).
+    """
     patches = image_patches(n, size=size, seed=seed)
-    whitening = Whitening("zca", epsilon=epsilon)
+    whitening = Whitening(method, n_components=n_components, epsilon=epsilon)
     return whitening.fit_transform(patches).float(), whitening
 
 
 def run_patches(x, whitening, size, guide="amortized-diag", objective="entropy", n_latents=100, steps=2000,
-                epochs=None, batch_size=None, lr=0.01, annealing=None, seed=0, device=None, progress=True,
-                snapshots=(), hidden=(100,)):
+                epochs=None, batch_size=None, lr=0.01, lr_schedule="cosine", annealing=None, seed=0, device=None,
+                progress=True, snapshots=(), hidden=(100,)):
     """Learn sparse codes of whitened patches; return metrics, the fields and snapshots.
 
-    :param annealing: None, "default" (:meth:`Annealing.default` over the whole run) or an Annealing.
+    The learning rate follows a cosine schedule down to a tenth by default: at a
+    constant rate full-batch Adam makes the ELBO oscillate by several nats late
+    in training, which makes end-of-run comparisons fragile.
+
+    :param annealing: None, "default" (:meth:`Annealing.default` over the first half of the run,
+        the true objective after) or an Annealing.
     :param snapshots: steps at which to keep a copy of the dictionary.
     """
     _seed_everything(seed)
     model = SparseCoding(x.size(1), n_latents)
     guide_object = make_guide(guide, model, hidden=hidden)
-    batches = 1 if batch_size is None else -(-x.size(0) // batch_size)
-    total = steps if epochs is None else epochs * batches
-    if annealing == "default":
-        annealing = Annealing.default(total)
     kept = {}
 
     def keep(step, history):
@@ -189,21 +195,23 @@ def run_patches(x, whitening, size, guide="amortized-diag", objective="entropy",
             kept[step] = model.dictionary.detach().cpu().clone()
 
     start = time.perf_counter()
-    history = fit(model, guide_object, x, loss=make_loss(objective, annealing), steps=None if epochs else steps,
-                  epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, progress=progress,
-                  callback=keep)
+    loss = make_loss(objective)
+    history = fit(model, guide_object, x, loss=loss, annealing=annealing,
+                  steps=None if epochs else steps,
+                  epochs=epochs, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, seed=seed, device=device,
+                  progress=progress, callback=keep)
     wall_time = time.perf_counter() - start
     with torch.no_grad():
         codes = gaussian_posterior(guide_object, x.to(model.dictionary.device)).mean.cpu()
     dictionary = model.dictionary.detach().cpu()
     order = torch.argsort(model.prior_scale.detach().cpu(), descending=True)
-    pixel_fields = whitening.fields_to_pixels(dictionary.double())
+    spreads = field_spread(whitening.fields_to_pixels(dictionary.double()), (size, size))
     return {
-        "guide": guide, "objective": objective, "annealing": repr(annealing) if annealing else None,
-        "n": x.size(0), "size": size, "n_latents": n_latents, "steps": total, "batch_size": batch_size,
+        "guide": guide, "objective": objective, "annealing": repr(loss.annealing) if annealing else None,
+        "n": x.size(0), "size": size, "n_latents": n_latents, "steps": history.step[-1], "batch_size": batch_size,
         "lr": lr, "seed": seed, "elbo": history.elbo[-1], "wall_time_s": round(wall_time, 2),
         "sparseness": code_sparseness(codes),
-        "mean_field_spread_px": float(field_spread(pixel_fields, (size, size)).mean()),
+        "mean_field_spread_px": float(spreads.mean()), "median_field_spread_px": float(spreads.median()),
         "_dictionary": dictionary[:, order], "_history": history,
         "_snapshots": {step: value[:, order] for step, value in kept.items()},
     }
@@ -213,22 +221,26 @@ def patch_figures(out, runs, whitening, size, x_raw=None):
     """Fields, optimisation curves and fields over training for the patch runs."""
     import matplotlib.pyplot as plt
 
-    main = runs["amortized, annealed"]
+    main = runs["non-amortized, annealed"]
     plots.save_figure(plots.plot_fields(main["_dictionary"], shape=(size, size), whitening=whitening,
-                                        title=f"Natural image patches ({size}x{size}, whitened): "
-                                              f"{main['n_latents']} generative fields, amortised + annealing"),
+                                        title=f"Natural image patches ({size}x{size}, whitened): {main['n_latents']} "
+                                              f"generative fields (diagonal posteriors, annealed; largest lambda first)"),
                       os.path.join(out, "patches_fields.png"))
     curves = {label: run["_history"] for label, run in runs.items()}
-    plots.save_figure(plots.plot_training_curves(curves, x="epoch", title="Natural patches: entropy-ELBO per data point"),
+    plots.save_figure(plots.plot_training_curves(curves, x="wall_time",
+                                                 title="Natural patches: entropy-ELBO per data point"),
                       os.path.join(out, "patches_curves.png"))
     pairs = [(label, run) for label, run in runs.items() if run["_snapshots"]]
     columns = max(len(run["_snapshots"]) for _, run in pairs)
     figure, axes = plt.subplots(len(pairs), columns, figsize=(3.2 * columns, 3.4 * len(pairs)), squeeze=False)
     for row, (label, run) in enumerate(pairs):
         for column, (step, fields) in enumerate(sorted(run["_snapshots"].items())):
-            plots.plot_fields(fields[:, :25], shape=(size, size), whitening=whitening, ncols=5,
+            plots.plot_fields(fields[:, :25], shape=(size, size), whitening=whitening, ncols=5, caption=False,
                               ax=axes[row, column], title=f"{label}\nstep {step}")
-    figure.suptitle("Generative fields during training, with and without annealing (25 largest lambda)")
+    figure.suptitle("Generative fields during training (full-batch steps = epochs), without and with annealing "
+                    "(25 largest lambda)")
+    figure.text(0.5, 0.0, f"{size}x{size} in pixel space (inverse whitening); each field scaled to its max |w|; "
+                          "mid-grey = 0", ha="center", fontsize="small")
     plots.save_figure(figure, os.path.join(out, "patches_fields_over_training.png"))
     if x_raw is not None:
         plots.save_figure(plots.plot_data_samples(x_raw, shape=(size, size), n=24,
@@ -242,12 +254,12 @@ def patch_figures(out, runs, whitening, size, x_raw=None):
 def _settings(quick):
     if fast_mode():
         return dict(bars_n=120, bars_steps=30, patch_n=300, patch_size=6, patch_latents=12, patch_epochs=2,
-                    patch_batch=100, local_steps=10, bars_batch=None)
+                    patch_batch=100, local_steps=10)
     if quick:
-        return dict(bars_n=1000, bars_steps=1500, patch_n=4000, patch_size=12, patch_latents=100, patch_epochs=15,
-                    patch_batch=500, local_steps=300, bars_batch=None)
-    return dict(bars_n=1000, bars_steps=3000, patch_n=40000, patch_size=12, patch_latents=144, patch_epochs=100,
-                patch_batch=500, local_steps=2000, bars_batch=None)
+        return dict(bars_n=1000, bars_steps=2000, patch_n=5000, patch_size=12, patch_latents=100, patch_epochs=100,
+                    patch_batch=500, local_steps=2500)
+    return dict(bars_n=1000, bars_steps=2000, patch_n=20000, patch_size=12, patch_latents=144, patch_epochs=100,
+                patch_batch=500, local_steps=3000)
 
 
 def reproduce(out="figures", quick=False, seed=0, device=None, progress=True):
@@ -265,20 +277,19 @@ def reproduce(out="figures", quick=False, seed=0, device=None, progress=True):
 
     size = settings["patch_size"]
     x, whitening = patch_data(settings["patch_n"], size, seed)
-    epochs, batch = settings["patch_epochs"], settings["patch_batch"]
-    steps_per_epoch = -(-x.size(0) // batch)
-    snapshots = {max(1, round(f * epochs * steps_per_epoch)) for f in (0.1, 0.3, 1.0)}
+    epochs, batch, local_steps = settings["patch_epochs"], settings["patch_batch"], settings["local_steps"]
+    # Snapshots of the full-batch runs (one step = one epoch), early to late.
+    snapshots = {max(1, round(f * local_steps)) for f in (0.05, 0.2, 0.5, 1.0)}
     common = dict(n_latents=settings["patch_latents"], seed=seed, device=device, progress=progress)
     runs = {
+        "non-amortized": run_patches(x, whitening, size, guide="local-diag", steps=local_steps, lr=0.05,
+                                     snapshots=snapshots, **common),
+        "non-amortized, annealed": run_patches(x, whitening, size, guide="local-diag", steps=local_steps, lr=0.05,
+                                               annealing="default", snapshots=snapshots, **common),
         "amortized": run_patches(x, whitening, size, guide="amortized-diag", epochs=epochs, batch_size=batch,
-                                 snapshots=snapshots, **common),
+                                 **common),
         "amortized, annealed": run_patches(x, whitening, size, guide="amortized-diag", epochs=epochs,
-                                           batch_size=batch, annealing="default", snapshots=snapshots, **common),
-        "non-amortized": run_patches(x, whitening, size, guide="local-diag", steps=settings["local_steps"],
-                                     lr=0.05, **common),
-        "non-amortized, annealed": run_patches(x, whitening, size, guide="local-diag",
-                                               steps=settings["local_steps"], lr=0.05, annealing="default",
-                                               **common),
+                                           batch_size=batch, annealing="default", **common),
     }
     patch_figures(out, runs, whitening, size, x_raw=x)
     metrics["patches"] = {label: _public(run) for label, run in runs.items()}

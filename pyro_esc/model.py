@@ -7,7 +7,7 @@ import pyro
 import pyro.distributions as dist
 from pyro.nn import PyroModule, PyroParam, pyro_method
 
-from ._checks import check_data_cached, check_int, check_positive, check_positive_tensor, check_subsample
+from ._checks import check_data_cached, check_int, check_positive_tensor, check_subsample
 
 
 class SparseCoding(PyroModule):

@@ -137,7 +137,8 @@ def _wrap(ax, text, fontsize):
 
 def _label(ax, title, xlabel):
     ax.set_title(_wrap(ax, title, plt.rcParams["axes.titlesize"]))
-    ax.set_xlabel(_wrap(ax, xlabel, "small"), fontsize="small")
+    if xlabel is not None:
+        ax.set_xlabel(_wrap(ax, xlabel, "small"), fontsize="small")
 
 
 def _check_ncols(ncols, count):
@@ -147,7 +148,7 @@ def _check_ncols(ncols, count):
 
 
 def plot_fields(dictionary, shape=None, whitening=None, order=None, ncols=None, title=None,
-                align_sign=True, normalize="each", ax=None):
+                align_sign=True, normalize="each", caption=True, ax=None):
     """A grid of generative fields, the columns of a dictionary W, shown as images.
 
     Each field is scaled symmetrically to its largest absolute value, so in the grey
@@ -165,6 +166,8 @@ def plot_fields(dictionary, shape=None, whitening=None, order=None, ncols=None, 
     :param bool align_sign: flip each field so its largest-magnitude entry is positive
         (w and -w are the same cause under a symmetric prior; this shows bars all light).
     :param str normalize: "each" field to its own maximum, or one "common" scale for all.
+    :param bool caption: write what the grey levels mean under the grid (turn off in panels
+        that share one caption).
     :param ax: a matplotlib Axes to draw into; default a new figure.
     :returns: the matplotlib Figure.
     """
@@ -200,7 +203,8 @@ def plot_fields(dictionary, shape=None, whitening=None, order=None, ncols=None, 
                "mid-grey = 0"]
     if order is not None:
         details.insert(1, "largest norm first" if isinstance(order, str) else "sorted by `order`, largest first")
-    _label(ax, title if title is not None else f"Generative fields (H = {count})", "; ".join(details))
+    _label(ax, title if title is not None else f"Generative fields (H = {count})",
+           "; ".join(details) if caption else None)
     return fig
 
 

@@ -23,6 +23,7 @@ from pyro.infer.autoguide import AutoGuide
 from pyro.util import get_rng_state, set_rng_state
 
 from ._checks import check_data, check_int, check_positive
+from .annealing import Annealing
 from .objectives import AnalyticELBO, EntropyELBO, NonFiniteObjectiveError
 
 CHECKPOINT_FORMAT = "pyro_esc.checkpoint/1"
@@ -117,7 +118,7 @@ class _Batches:
 def fit(model, guide, data, loss=None, *, steps=None, epochs=None, batch_size=None, lr=0.05,
         lr_schedule=None, optim=None, seed=0, device=None, dtype=None, progress=True, record_every=1,
         trace_elbo_every=None, trace_elbo_particles=16, checkpoint=None, checkpoint_every=None,
-        resume=None, callback=None):
+        resume=None, callback=None, annealing=None):
     """Train ``model`` and ``guide`` on ``data`` with SVI; return a :class:`History`.
 
     Each step is one ``SVI.step`` on the full data (``batch_size=None``) or on a
@@ -151,6 +152,11 @@ def fit(model, guide, data, loss=None, *, steps=None, epochs=None, batch_size=No
     :param int checkpoint_every: see ``checkpoint``.
     :param str resume: path of a checkpoint to continue from; ``steps``/``epochs`` are the total.
     :param callback: optional ``callback(step, history)``, called after each recorded step.
+    :param annealing: entropy annealing for an :class:`~pyro_esc.EntropyELBO` loss: an
+        :class:`~pyro_esc.annealing.Annealing`, or ``"default"`` for
+        :meth:`~pyro_esc.annealing.Annealing.default` over the first half of the steps (the true
+        objective after). Equivalent to ``loss=EntropyELBO(annealing=...)``; the weights used are
+        in ``History.betas``.
     :raises NonFiniteObjectiveError: if the objective or a parameter becomes NaN or inf; the
         message says at which step and which term.
     """
@@ -165,6 +171,17 @@ def fit(model, guide, data, loss=None, *, steps=None, epochs=None, batch_size=No
     batches = _Batches(num_data, num_data if batch_size is None else check_int(batch_size, "batch_size"),
                        int(seed))
     total_steps = _total_steps(steps, epochs, batches.steps_per_epoch)
+    if annealing is not None:
+        if not isinstance(loss, EntropyELBO):
+            raise ValueError(f"annealing weights the entropy terms of EntropyELBO; {type(loss).__name__} has none")
+        if isinstance(annealing, str) and annealing == "default":
+            annealing = Annealing.default(max(1, total_steps // 2))
+        if not isinstance(annealing, Annealing):
+            raise ValueError(f"annealing must be an Annealing, 'default' or None, got {annealing!r}")
+        if loss.annealing is not None and loss.annealing is not annealing:
+            raise ValueError(f"annealing: the loss already anneals with {loss.annealing!r} (from "
+                             f"EntropyELBO(annealing=...) or an earlier fit); pass one schedule, in one place")
+        loss.annealing = annealing
     _check_subsampling(guide, loss, batches)
     lr = check_positive(lr, "lr")
     schedule = _default_lr_schedule(lr_schedule)

@@ -33,6 +33,10 @@ def test_bars_writes_fields_and_metrics(tmp_path, capsys):
     assert metrics["guide"] == "local-full" and metrics["steps"] == 20 and len(metrics["cosines"]) == 6
     assert (out / "bars_fields_local-full.png").stat().st_size > 0
     assert "of 6 bars found" in capsys.readouterr().out
+    assert metrics["annealing"] is None
+    assert main(["bars", "--n", "60", "--steps", "4", "--side", "3", "--anneal", "2", "--out", str(out), "--quiet"]) == 0
+    metrics = json.loads((out / "bars_metrics.json").read_text())
+    assert metrics["annealing"].startswith("Annealing(num_steps=2, posterior=linear(2)")
 
 
 def test_patches_writes_fields_and_metrics(tmp_path):
@@ -42,6 +46,7 @@ def test_patches_writes_fields_and_metrics(tmp_path):
     assert code == 0
     metrics = json.loads((out / "patches_metrics.json").read_text())
     assert metrics["n_latents"] == 8 and metrics["size"] == 6 and "kurtosis" in metrics["sparseness"]
+    assert metrics["annealing"].startswith("Annealing(num_steps=2,")
     assert (out / "patches_fields.png").stat().st_size > 0
 
 

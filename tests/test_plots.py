@@ -222,3 +222,17 @@ def test_save_figure_writes_a_png_and_closes(tmp_path):
         save_figure("fig", tmp_path / "x.png")
     with pytest.raises(ValueError, match="dpi must be a finite number > 0"):
         save_figure(plot_fields(bars_dictionary(3)), tmp_path / "x.png", dpi=0)
+
+
+def test_fields_caption_can_be_left_out():
+    import matplotlib.pyplot as plt
+
+    from pyro_esc.data import bars_dictionary
+    from pyro_esc.plots import plot_fields
+
+    with_caption = plot_fields(bars_dictionary(3))
+    without = plot_fields(bars_dictionary(3), caption=False)
+    assert "mid-grey = 0" in with_caption.axes[0].get_xlabel()
+    assert without.axes[0].get_xlabel() == ""
+    plt.close(with_caption)
+    plt.close(without)

@@ -7,7 +7,7 @@ import pyro
 import pyro.distributions as dist
 from pyro.distributions import constraints
 
-from helpers import monte_carlo_check, randomize_guide
+from helpers import monte_carlo_check
 from pyro_esc import AnalyticELBO, EntropyELBO, GaussianPosterior, SparseCoding, gaussian_posterior
 from pyro_esc.data import bars
 from pyro_esc.posterior import posterior_from_trace

@@ -164,3 +164,19 @@ def test_sampled_objectives_with_minibatches_need_shared_plates():
     model = SparseCoding(9, 6)
     with pytest.raises(ValueError, match="create_plates=model.create_plates"):
         fit(model, AutoNormal(model), x, loss=Trace_ELBO(), batch_size=10, progress=False)
+
+
+def test_annealing_through_fit_is_logged_and_ends_at_the_true_objective():
+    model, guide, x = problem()
+    history = fit(model, guide, x, steps=10, annealing="default", progress=False)
+    assert history.betas[0] == [2.0, 1.0, 1.0]
+    assert history.betas[-1] == [1.0, 1.0, 1.0]  # the default anneals over the first half
+    with pytest.raises(ValueError, match="annealing weights the entropy terms"):
+        fit(model, guide, x, loss=AnalyticELBO(), steps=2, annealing="default", progress=False)
+    loss = EntropyELBO()
+    with pytest.raises(ValueError, match="annealing must be"):
+        fit(model, guide, x, loss=loss, steps=2, annealing="fast", progress=False)
+    assert loss.annealing is None  # a rejected argument leaves the loss as it was
+    annealed = EntropyELBO(annealing=Annealing(4, posterior=linear(2.0)))
+    with pytest.raises(ValueError, match="already anneals"):
+        fit(model, guide, x, loss=annealed, steps=2, annealing="default", progress=False)
