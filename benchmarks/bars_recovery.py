@@ -21,23 +21,26 @@ the run (``lrd``), 2000 steps. The encoder of AmortizedNormal takes a smaller ra
     python benchmarks/bars_recovery.py --configs local autonormal --seeds 3
 
 Targets (issue 3): full covariance (local or amortised) finds all bars in >= 9 of 10 seeds,
-in under a minute per run on this machine. The whole run takes about 30 minutes on 2 CPU
-cores, half of it AutoMultivariateNormal (about 90 s per run even on N = 100).
+in under a minute per run on this machine. The whole run takes 30-45 minutes on 2 CPU
+cores, a third to a half of it AutoMultivariateNormal (90-180 s per run even on N = 100).
 
-Measured (2 shared CPU cores, 1 thread, torch 2.13 CPU, pyro 1.9.2; 10 seeds):
+Measured (2 CPU cores shared with other jobs, so times are inflated; 1 thread, torch 2.13 CPU,
+pyro 1.9.2; 10 seeds; ``python benchmarks/bars_recovery.py``, 43 min):
 
-| configuration                                  | all found | mean bars | ELBO/N mean | time/run mean (max) |
-|------------------------------------------------|-----------|-----------|-------------|---------------------|
-| LocalMultivariateNormal + EntropyELBO          |   10/10   |      10.0 |    -26.377  |    10.5 s ( 13.2 s) |
-| AmortizedNormal(full) + EntropyELBO            |    0/10   |       6.1 |    -26.616  |    15.0 s ( 16.9 s) |
-| AmortizedNormal(diag) + EntropyELBO            |    0/10   |       5.6 |    -26.660  |     7.1 s (  7.6 s) |
-| AutoNormal + EntropyELBO                       |    0/10   |       5.8 |    -26.600  |     3.2 s (  3.8 s) |
-| AutoMultivariateNormal, N=100 + EntropyELBO    |    0/10   |       0.6 |    -25.084  |    90.2 s (106.7 s) |
-| LocalMultivariateNormal, N=100 + EntropyELBO   |    0/10   |       0.6 |    -25.071  |     4.5 s (  5.8 s) |
-| LocalMultivariateNormal + Trace_ELBO           |    0/10   |       0.3 |    -29.375  |    15.4 s ( 17.5 s) |
-| AmortizedNormal(full) + Trace_ELBO             |    0/10   |       2.1 |    -27.068  |    20.6 s ( 22.8 s) |
-| AmortizedNormal(diag) + Trace_ELBO             |    0/10   |       1.4 |    -27.001  |    12.6 s ( 13.9 s) |
-| AutoNormal + Trace_ELBO                        |    0/10   |       0.1 |    -27.450  |    10.5 s ( 11.8 s) |
+| configuration                                  | all found | mean bars | ELBO/N mean (min, max)         | time/run mean (max) |
+|------------------------------------------------|-----------|-----------|--------------------------------|---------------------|
+| LocalMultivariateNormal + EntropyELBO          |   10/10   |      10.0 | -26.378 (-26.536, -26.108)     |    23.3 s ( 29.1 s) |
+| AmortizedNormal(full) + EntropyELBO            |    0/10   |       6.5 | -26.613 (-26.785, -26.332)     |    30.5 s ( 35.6 s) |
+| AmortizedNormal(diag) + EntropyELBO            |    0/10   |       5.9 | -26.667 (-26.826, -26.426)     |    17.5 s ( 20.7 s) |
+| AutoNormal + EntropyELBO                       |    0/10   |       5.8 | -26.602 (-26.773, -26.344)     |     7.9 s ( 11.5 s) |
+| AutoMultivariateNormal, N=100 + EntropyELBO    |    0/10   |       1.1 | -25.056 (-25.803, -24.291)     |   129.5 s (183.1 s) |
+| LocalMultivariateNormal, N=100 + EntropyELBO   |    0/10   |       0.6 | -25.056 (-25.790, -24.301)     |     3.3 s (  3.6 s) |
+| LocalMultivariateNormal + Trace_ELBO           |    0/10   |       0.4 | -29.352 (-29.482, -29.020)     |    12.3 s ( 15.9 s) |
+| AmortizedNormal(full) + Trace_ELBO             |    0/10   |       2.6 | -27.075 (-27.259, -26.758)     |    16.7 s ( 19.3 s) |
+| AmortizedNormal(diag) + Trace_ELBO             |    0/10   |       0.7 | -27.029 (-27.187, -26.804)     |    10.4 s ( 12.5 s) |
+| AutoNormal + Trace_ELBO                        |    0/10   |       0.6 | -27.509 (-28.463, -27.175)     |     7.6 s (  8.6 s) |
+
+On a quiet machine LocalMultivariateNormal + EntropyELBO takes about 10-11 s per run.
 
 Reading it: per-point full covariances find every bar; diagonal ones stall at 5-6 bars and a
 lower ELBO (PAPER.md s.6). The amortised encoder (one hidden layer of 100) stalls like the

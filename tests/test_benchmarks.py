@@ -4,7 +4,6 @@ import importlib.util
 import math
 import pathlib
 
-import pytest
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -18,7 +17,8 @@ def load(name):
 
 def test_objective_speed_prints_both_ratios(capsys):
     median = load("objective_speed").main(["--n", "50", "--steps", "2", "--rounds", "1"])
-    assert set(median) == {"EntropyELBO (SVI)", "Trace_ELBO (SVI, 1 particle)", "plain PyTorch loop"}
+    assert set(median) == {"EntropyELBO (SVI)", "Trace_ELBO (SVI, 1 particle)", "SVI floor (plain math in SVI)",
+                           "plain PyTorch loop"}
     out = capsys.readouterr().out
     assert "ratio EntropyELBO / Trace_ELBO" in out and "ratio EntropyELBO / plain loop" in out
 
@@ -42,3 +42,26 @@ def test_bars_recovery_runs_every_requested_configuration(capsys):
     found, all_found, elbo, seconds = results["local"][0]
     assert 0 <= found <= 10 and math.isfinite(elbo) and seconds > 0
     assert "| LocalMultivariateNormal + EntropyELBO" in capsys.readouterr().out
+
+
+def test_vs_sklearn_reports_bars_and_patches(tmp_path, capsys):
+    results = load("vs_sklearn").main([
+        "--seeds", "1", "--alphas", "1.0", "--n", "60", "--steps", "3", "--dl-max-iter", "2", "--mb-epochs", "1",
+        "--heldout-steps", "3", "--patch-n", "200", "--patch-test-n", "30", "--patch-size", "6",
+        "--patch-components", "6", "--patch-steps", "3", "--patch-dl-max-iter", "1", "--patch-mb-epochs", "1",
+        "--json", str(tmp_path / "vs_sklearn.json")])
+    headline = results["bars"]["headline"]
+    methods = [row["method"] for row in headline]
+    # Each sklearn method under both alpha criteria, then pyro_esc.
+    assert methods.count("DictionaryLearning") == 2 and methods.count("MiniBatchDictionaryLearning") == 2
+    assert methods[-1].startswith("pyro_esc")
+    for row in headline:
+        assert 0 <= row["all_found"] <= row["seeds"] == 1 and 0 <= row["mean_bars"] <= 10
+        assert all(math.isfinite(row[key]) and row[key] >= 0 for key in ("test_own_mse", "test_common_mse", "fit_s_mean"))
+    assert {row["method"] for row in results["bars"]["references"]} == {"true dictionary", "PCA, 10 components"}
+    patches = results["patches"]["results"]
+    assert len(patches) == 5 and patches[-1]["method"].startswith("pyro_esc")
+    assert all(row["fit_s"] >= 0 and math.isfinite(row["test_common_mse"]) for row in patches)
+    assert patches[-1]["curve"] and (tmp_path / "vs_sklearn.json").exists()
+    out = capsys.readouterr().out
+    assert "| pyro_esc LocalMVN + EntropyELBO" in out and "test MSE common coder" in out
