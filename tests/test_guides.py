@@ -19,7 +19,7 @@ import pyro.distributions as dist
 from pyro import poutine
 from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 
-from helpers import guide_parameters, monte_carlo_check, randomize_guide
+from helpers import assert_analytic_elbo_matches_trace_elbo, guide_parameters, monte_carlo_check, randomize_guide
 from pyro_esc import AmortizedNormal, AnalyticELBO, EntropyELBO, LocalMultivariateNormal, SparseCoding
 from pyro_esc.data import bars
 from pyro_esc.guides import scale_tril_from_packed
@@ -96,13 +96,7 @@ def test_entropy_elbo_equals_analytic_elbo_at_theorem2_scales(float64, guide_nam
 @pytest.mark.parametrize("scales", ["optimal", "arbitrary"])
 def test_analytic_elbo_agrees_with_trace_elbo(float64, guide_name, scales):
     model, guide, x = setup(guide_name)
-    if scales == "optimal":
-        EntropyELBO().loss(model, guide, x)
-    else:
-        model.set_scales(prior_scale=torch.linspace(0.3, 2.0, HIDDEN), noise_var=0.7)
-    analytic = AnalyticELBO().loss(model, guide, x)
-    trace_elbo, standard_error, _ = monte_carlo_check(model, guide, x, num_particles=3000)
-    assert abs(analytic - trace_elbo) < 4 * standard_error, (analytic, trace_elbo, standard_error)
+    assert_analytic_elbo_matches_trace_elbo(model, guide, x, scales)
 
 
 @pytest.mark.parametrize("guide_name", GUIDES)

@@ -14,7 +14,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoNormal
 
-from helpers import fixed_gaussian_guide, monte_carlo_check, per_particle_losses, randomize_guide
+from helpers import fit_guide_only, fixed_gaussian_guide, monte_carlo_check, per_particle_losses, randomize_guide
 from pyro_esc import AnalyticELBO, SparseCoding
 from pyro_esc.data import bars
 from pyro_esc.kl import kl_low_rank_independent_laplace, kl_mvn_independent_laplace, kl_normal_laplace
@@ -162,16 +162,6 @@ def test_autonormal_gets_no_analytic_term(float64):
     assert TraceMeanField_ELBO().loss(model, guide, x) == pytest.approx(trace_elbo, rel=1e-13)
 
 
-def fit_guide(model, guide, x, steps=150, lr=0.1):
-    """Optimise the guide's parameters only (model parameters fixed) on the closed-form ELBO."""
-    params = [value for name, value in pyro.get_param_store().named_parameters() if name.startswith("guide_")]
-    optimizer = torch.optim.Adam(params, lr=lr)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        AnalyticELBO().differentiable_loss(model, guide, x).backward()
-        optimizer.step()
-
-
 def test_variance_against_trace_elbo(float64):
     # Analytic KL removes the noise of the prior and entropy terms, but also their cancellation
     # with the likelihood term (log p(x, z) - log q(z) is constant when q is the posterior).
@@ -182,5 +172,5 @@ def test_variance_against_trace_elbo(float64):
     assert float(likelihood_term_errors(model, guide, x).std()) < 0.3 * float(per_particle_losses(model, guide, x).std())
     # a fitted guide under the bars' likelihood: Trace_ELBO is less noisy.
     model.set_scales(noise_var=0.09)
-    fit_guide(model, guide, x)
+    fit_guide_only(model, guide, x, steps=150, lr=0.1)
     assert float(per_particle_losses(model, guide, x).std()) < 0.7 * float(likelihood_term_errors(model, guide, x).std())

@@ -13,7 +13,7 @@ from pyro.infer.autoguide import (
     AutoNormal,
 )
 
-from helpers import guide_parameters, monte_carlo_check, randomize_guide
+from helpers import assert_analytic_elbo_matches_trace_elbo, guide_parameters, monte_carlo_check, randomize_guide
 from pyro_esc import AnalyticELBO, EntropyELBO, SparseCoding
 from pyro_esc.data import bars
 
@@ -57,13 +57,7 @@ def test_entropy_elbo_does_not_depend_on_the_models_scales(float64, guide_name):
 @pytest.mark.parametrize("scales", ["optimal", "arbitrary"])
 def test_analytic_elbo_agrees_with_trace_elbo(float64, guide_name, scales):
     model, guide, x = setup(guide_name)
-    if scales == "optimal":
-        EntropyELBO().loss(model, guide, x)
-    else:
-        model.set_scales(prior_scale=torch.linspace(0.3, 2.0, model.n_latents), noise_var=0.7)
-    analytic = AnalyticELBO().loss(model, guide, x)
-    trace_elbo, standard_error, _ = monte_carlo_check(model, guide, x, num_particles=3000)
-    assert abs(analytic - trace_elbo) < 4 * standard_error, (analytic, trace_elbo, standard_error)
+    assert_analytic_elbo_matches_trace_elbo(model, guide, x, scales)
 
 
 def scale_gradients(model, guide, x):
