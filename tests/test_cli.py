@@ -47,6 +47,11 @@ def test_patches_writes_fields_and_metrics(tmp_path):
     metrics = json.loads((out / "patches_metrics.json").read_text())
     assert metrics["n_latents"] == 8 and metrics["size"] == 6 and "kurtosis" in metrics["sparseness"]
     assert metrics["annealing"].startswith("Annealing(num_steps=2,")
+    # A sampled objective has no annealing to report, and the command still writes its metrics.
+    assert main(["patches", "--n", "200", "--size", "6", "--latents", "8", "--steps", "2", "--objective", "trace",
+                 "--out", str(out), "--quiet"]) == 0
+    metrics = json.loads((out / "patches_metrics.json").read_text())
+    assert metrics["objective"] == "trace" and metrics["annealing"] is None
     assert (out / "patches_fields.png").stat().st_size > 0
 
 
