@@ -204,3 +204,15 @@ def assert_analytic_elbo_matches_trace_elbo(model, guide, x, scales, num_particl
     trace_elbo, standard_error, _ = monte_carlo_check(model, guide, x, num_particles=num_particles)
     assert abs(analytic - trace_elbo) < 4 * standard_error, (analytic, trace_elbo, standard_error)
 
+
+def assert_same_posterior(first, second, dictionary):
+    """Two GaussianPosterior summaries agree: means, variances, entropy and the trace terms
+    (per point where the covariances are per point, summed for joint posteriors)."""
+    assert torch.allclose(first.mean, second.mean)
+    assert torch.allclose(first.variance, second.variance)
+    assert torch.allclose(first.entropy, second.entropy)
+    assert first.is_joint == second.is_joint
+    assert torch.allclose(first.trace_term(dictionary), second.trace_term(dictionary))
+    if not first.is_joint:
+        assert torch.allclose(first.trace_terms(dictionary), second.trace_terms(dictionary))
+

@@ -19,7 +19,8 @@ import pyro.distributions as dist
 from pyro import poutine
 from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 
-from helpers import assert_analytic_elbo_matches_trace_elbo, guide_parameters, monte_carlo_check, randomize_guide
+from helpers import (assert_analytic_elbo_matches_trace_elbo, assert_same_posterior, guide_parameters,
+                     monte_carlo_check, randomize_guide)
 from pyro_esc import AmortizedNormal, AnalyticELBO, EntropyELBO, LocalMultivariateNormal, SparseCoding
 from pyro_esc.data import bars
 from pyro_esc.guides import scale_tril_from_packed
@@ -73,13 +74,6 @@ def relative_difference(a, b):
 
 def all_parameters(guide):
     return [value for _, value in guide_parameters(guide)] + [pyro.param("raw_dictionary").unconstrained()]
-
-
-def assert_same_posterior(first, second, dictionary):
-    assert torch.allclose(first.mean, second.mean)
-    assert torch.allclose(first.variance, second.variance)
-    assert torch.allclose(first.entropy, second.entropy)
-    assert torch.allclose(first.trace_terms(dictionary), second.trace_terms(dictionary))
 
 
 # ------------------------------------------------------------ the closed form on each guide

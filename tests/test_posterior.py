@@ -7,20 +7,13 @@ import pyro
 import pyro.distributions as dist
 from pyro.distributions import constraints
 
-from helpers import monte_carlo_check
+from helpers import assert_same_posterior, monte_carlo_check
 from pyro_esc import AnalyticELBO, EntropyELBO, GaussianPosterior, SparseCoding, gaussian_posterior
 from pyro_esc.data import bars
 from pyro_esc.posterior import posterior_from_trace
 from test_objectives import GUIDES, setup
 
 HIDDEN = 6
-
-
-def assert_same_posterior(first, second, dictionary):
-    assert torch.allclose(first.mean, second.mean)
-    assert torch.allclose(first.variance, second.variance)
-    assert torch.allclose(first.entropy, second.entropy)
-    assert torch.allclose(first.trace_term(dictionary), second.trace_term(dictionary))
 
 
 @pytest.mark.parametrize("guide_name", GUIDES)
