@@ -112,3 +112,25 @@ def check_subsample(subsample, size, name="subsample"):
         raise ValueError(f"{name} must hold indices in [0, {size}), got values in "
                          f"[{int(subsample.min())}, {int(subsample.max())}]")
     return subsample.long()
+
+
+def check_fields(fields, name):
+    """Return a dictionary (D, H) as a finite floating tensor, one field per column.
+
+    Tensors and anything ``numpy.asarray`` accepts are taken (array-likes become float64,
+    integer tensors torch's default dtype); the result is detached from the graph.
+
+    :param fields: the dictionary, e.g. generative fields W of shape (D, H).
+    :param str name: the argument's name, for the error message.
+    """
+    if not isinstance(fields, torch.Tensor):
+        fields = torch.as_tensor(np.asarray(fields, dtype=np.float64))
+    fields = fields.detach()
+    if not torch.is_floating_point(fields):
+        fields = fields.to(torch.get_default_dtype())
+    if fields.dim() != 2 or fields.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty matrix (D, H) with one field per column, "
+                         f"got shape {tuple(fields.shape)}")
+    if not bool(torch.isfinite(fields).all()):
+        raise ValueError(f"{name} must be finite, but contains NaN or inf")
+    return fields

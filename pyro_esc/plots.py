@@ -20,8 +20,8 @@ from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
 
-from ._checks import check_int, check_positive
-from .data import Whitening, _check_fields
+from ._checks import check_fields, check_int, check_positive
+from .data import Whitening
 
 #: Colour of the lines between tiles: not a grey, so it cannot be read as a pixel value.
 SEPARATOR_COLOR = "#4c72b0"
@@ -171,7 +171,7 @@ def plot_fields(dictionary, shape=None, whitening=None, order=None, ncols=None, 
     :param ax: a matplotlib Axes to draw into; default a new figure.
     :returns: the matplotlib Figure.
     """
-    fields = _check_fields(dictionary, "dictionary")
+    fields = check_fields(dictionary, "dictionary")
     if whitening is not None:
         if not isinstance(whitening, Whitening):
             raise ValueError(f"whitening must be a fitted pyro_esc.data.Whitening or None, got "

@@ -9,7 +9,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from pyro_esc import data
+from pyro_esc.data import images as images_module
 from pyro_esc.data import (BUNDLED_IMAGES, NATURAL_IMAGES, Whitening, bundled_images, image_patches,
                            load_array, load_image_folder, natural_image, natural_images)
 
@@ -48,7 +48,7 @@ def no_network(monkeypatch):
 # ---- bundled natural images ------------------------------------------------------------
 
 def test_default_images_load_from_installed_package_files_without_network(no_network):
-    data._bundled_image.cache_clear()
+    images_module.cached_image.cache_clear()
     available = bundled_images()
     assert set(NATURAL_IMAGES) <= set(available)
     for name in NATURAL_IMAGES:
@@ -77,13 +77,13 @@ def test_natural_image_returns_a_private_copy():
 
 
 def test_missing_package_gives_a_clear_import_error(monkeypatch):
-    data._bundled_image.cache_clear()
-    real = data.importlib.util.find_spec
-    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None if name == "sklearn" else real(name))
+    images_module.cached_image.cache_clear()
+    real = images_module.importlib.util.find_spec
+    monkeypatch.setattr(images_module.importlib.util, "find_spec", lambda name: None if name == "sklearn" else real(name))
     with pytest.raises(ImportError, match="scikit-learn, which is not installed"):
         natural_image("china")
     assert "china" not in bundled_images() and "camera" in bundled_images()
-    data._bundled_image.cache_clear()
+    images_module.cached_image.cache_clear()
 
 
 def test_unknown_image_names_are_rejected():
