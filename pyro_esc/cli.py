@@ -89,7 +89,7 @@ def _write_metrics(out, name, result):
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, name)
     with open(path, "w") as handle:
-        json.dump(experiments._public(result), handle, indent=2)
+        json.dump(result.metrics(), handle, indent=2)
     return path
 
 
@@ -99,8 +99,8 @@ def _bars(args):
                                   annealing=None if args.anneal is None else Annealing.default(args.anneal),
                                   device=args.device, out=args.out, progress=not args.quiet)
     path = _write_metrics(args.out, "bars_metrics.json", result)
-    print(f"{experiments.GUIDE_LABELS[args.guide]}, {args.objective}: ELBO per data point {result['elbo']:.4f}; "
-          f"{result['bars_found']} of {2 * args.side} bars found (cosine > 0.95) in {result['wall_time_s']:.1f} s")
+    print(f"{experiments.GUIDE_LABELS[args.guide]}, {args.objective}: ELBO per data point {result.elbo:.4f}; "
+          f"{result.bars_found} of {2 * args.side} bars found (cosine > 0.95) in {result.wall_time_s:.1f} s")
     print(f"figures and metrics in {args.out}/ ({os.path.basename(path)})")
 
 
@@ -113,12 +113,12 @@ def _patches(args):
                                      n_latents=args.latents, steps=args.steps, batch_size=args.batch_size,
                                      lr=args.lr, annealing=annealing, seed=args.seed, device=args.device,
                                      progress=not args.quiet)
-    figure = plots.plot_fields(result["_dictionary"], shape=(args.size, args.size), whitening=whitening,
+    figure = plots.plot_fields(result.dictionary, shape=(args.size, args.size), whitening=whitening,
                                title=f"{args.latents} generative fields of {args.size}x{args.size} whitened patches")
     plots.save_figure(figure, os.path.join(args.out, "patches_fields.png"))
     _write_metrics(args.out, "patches_metrics.json", result)
-    print(f"ELBO per data point {result['elbo']:.4f}; code kurtosis {result['sparseness']['kurtosis']:.2f}; "
-          f"mean field spread {result['mean_field_spread_px']:.2f} px; {result['wall_time_s']:.1f} s")
+    print(f"ELBO per data point {result.elbo:.4f}; code kurtosis {result.sparseness['kurtosis']:.2f}; "
+          f"mean field spread {result.mean_field_spread_px:.2f} px; {result.wall_time_s:.1f} s")
     print(f"figures and metrics in {args.out}/")
 
 

@@ -1,18 +1,24 @@
 """The paper's experiments, as functions that train, measure and draw.
 
-Each ``run_*`` function trains with :func:`~pyro_esc.fit`, returns a dict of
-metrics (plain numbers, JSON-ready) and, given an output folder, writes its
-figures there. :func:`reproduce` runs them all and writes ``metrics.json``
-beside the figures; the ``pyro-esc`` command line calls these functions.
+Each ``run_*`` function trains with :func:`~pyro_esc.fit` and returns a result
+record (:class:`BarsResult`, :class:`PatchesResult`): the metrics as fields,
+with :meth:`~BarsResult.metrics` giving them as a JSON-ready dict, plus the
+learned dictionary and the training history. :func:`run_bars` also draws its
+fields given an output folder. :func:`reproduce` runs them all and writes the
+figures and ``metrics.json``; the ``pyro-esc`` command line calls these
+functions.
 
 Sizes: ``quick=True`` is a reduced reproduction (minutes on a laptop CPU); the
 environment variable ``PYRO_ESC_FAST=1`` shrinks everything further, for
 tests and notebook smoke runs only.
 """
 
+import copy
 import json
 import os
 import time
+from dataclasses import dataclass, field, fields as dataclass_fields
+from typing import Dict, List, Optional
 
 import torch
 
@@ -27,6 +33,7 @@ from .metrics import bars_recovery, code_sparseness, field_spread
 from .model import SparseCoding
 from .objectives import AnalyticELBO, EntropyELBO
 from .posterior import gaussian_posterior
+from .history import History
 from .training import decaying_adam, fit
 
 #: Guides by the names the command line uses.
@@ -87,6 +94,96 @@ def _seed_everything(seed):
     pyro.set_rng_seed(seed)
 
 
+# ------------------------------------------------------------------- results
+
+#: Field metadata of what a run returns but :meth:`metrics` leaves out (tensors, histories).
+_NOT_METRICS = {"metric": False}
+
+
+def _metrics(result):
+    # The metric fields of a result dataclass, in field order, copied so that editing the dict leaves
+    # the result alone.
+    return {item.name: copy.deepcopy(getattr(result, item.name))
+            for item in dataclass_fields(result) if item.metadata.get("metric", True)}
+
+
+@dataclass(frozen=True, eq=False)
+class BarsResult:
+    """What :func:`run_bars` returns: settings and metrics, the learned fields and the history.
+
+    Every field but the last two is a plain number, string, list or None;
+    :meth:`metrics` returns those as a dict (the content of ``bars_metrics.json``).
+    """
+
+    guide: str
+    objective: str
+    n: int
+    side: int
+    noise: float
+    steps: int
+    lr: float
+    batch_size: Optional[int]
+    seed: int
+    #: ``repr`` of the Annealing the loss used, None without annealing.
+    annealing: Optional[str]
+    #: Final ELBO per data point (the objective's; exact for closed-form objectives).
+    elbo: float
+    #: Bars found: optimal matching, cosine > 0.95 (:func:`~pyro_esc.metrics.bars_recovery`).
+    bars_found: int
+    all_bars_found: bool
+    #: Cosine of each true bar with its matched field, rounded to 4 digits.
+    cosines: List[float]
+    wall_time_s: float
+    noise_var: float
+    #: Learned fields, shape (D, H), columns in the order of the true bars they matched (not JSON).
+    dictionary: torch.Tensor = field(repr=False, metadata=_NOT_METRICS)
+    #: The training :class:`~pyro_esc.training.History` (not JSON).
+    history: History = field(repr=False, metadata=_NOT_METRICS)
+
+    def metrics(self):
+        """The JSON-ready fields as a new dict (everything but ``dictionary`` and ``history``)."""
+        return _metrics(self)
+
+
+@dataclass(frozen=True, eq=False)
+class PatchesResult:
+    """What :func:`run_patches` returns: settings and metrics, the learned fields, history and snapshots.
+
+    :meth:`metrics` returns the JSON-ready fields as a dict (the content of
+    ``patches_metrics.json`` and of each patches entry of ``metrics.json``).
+    """
+
+    guide: str
+    objective: str
+    #: ``repr`` of the Annealing the loss used, None without annealing.
+    annealing: Optional[str]
+    n: int
+    size: int
+    n_latents: int
+    #: Optimisation steps taken (also when the run was given in epochs).
+    steps: int
+    batch_size: Optional[int]
+    lr: float
+    seed: int
+    #: Final ELBO per data point (the objective's).
+    elbo: float
+    wall_time_s: float
+    #: :func:`~pyro_esc.metrics.code_sparseness` of the posterior means: ``kurtosis`` and ``l1_l2``.
+    sparseness: Dict[str, float]
+    mean_field_spread_px: float
+    median_field_spread_px: float
+    #: Learned fields, shape (D, H), largest prior scale lambda first (not JSON).
+    dictionary: torch.Tensor = field(repr=False, metadata=_NOT_METRICS)
+    #: The training :class:`~pyro_esc.training.History` (not JSON).
+    history: History = field(repr=False, metadata=_NOT_METRICS)
+    #: Dictionary at each requested snapshot step, columns in the order of ``dictionary`` (not JSON).
+    snapshots: Dict[int, torch.Tensor] = field(repr=False, metadata=_NOT_METRICS)
+
+    def metrics(self):
+        """The JSON-ready fields as a new dict (everything but ``dictionary``, ``history``, ``snapshots``)."""
+        return _metrics(self)
+
+
 # ---------------------------------------------------------------------- bars
 
 
@@ -103,16 +200,17 @@ def bars_optimizer(guide_object, steps, lr=0.2):
 
 def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3, steps=2000, lr=0.2,
              batch_size=None, seed=0, device=None, out=None, progress=True, name=None, annealing=None):
-    """Learn the bars test; return metrics and optionally draw the learned fields.
+    """Learn the bars test; return a :class:`BarsResult` and optionally draw the learned fields.
 
     Training uses the recipe of benchmarks/bars_recovery.py (:func:`bars_optimizer`:
     ClippedAdam, lr 0.2 decaying to 0.04, full batch, 2000 steps), with which
-    LocalMultivariateNormal + EntropyELBO found every bar on 10 of 10 seeds.
+    LocalMultivariateNormal + EntropyELBO reliably finds every bar (the README's
+    "Results" section has the numbers).
 
-    :returns: dict with the final ELBO per data point (the objective's, and for
+    :returns: :class:`BarsResult`: the final ELBO per data point (the objective's, and for
         closed-form objectives that is exact), the bars found (optimal matching,
-        cosine > 0.95), the matched cosines, wall time and settings; plus the
-        ``"dictionary"`` (a tensor, not JSON) under ``"_dictionary"``.
+        cosine > 0.95), the matched cosines, wall time and settings; plus the learned
+        ``dictionary`` (matched to the true bars) and the ``history``, which are not JSON.
     """
     _seed_everything(seed)
     x, true_dictionary = bars(n, side=side, noise=noise, seed=seed)
@@ -126,17 +224,17 @@ def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3,
     wall_time = time.perf_counter() - start
     dictionary = model.dictionary.detach().cpu()
     recovery = bars_recovery(dictionary, true_dictionary)
-    result = {
-        "guide": guide, "objective": objective, "n": n, "side": side, "noise": noise, "steps": steps,
-        "lr": lr, "batch_size": batch_size, "seed": seed, "annealing": _annealing_label(loss),
-        "elbo": history.elbo[-1], "bars_found": recovery.num_found, "all_bars_found": recovery.all_found,
-        "cosines": [round(float(c), 4) for c in recovery.cosines], "wall_time_s": round(wall_time, 2),
-        "noise_var": history.noise_var[-1],
-        "_dictionary": dictionary[:, recovery.matching], "_history": history,
-    }
+    result = BarsResult(
+        guide=guide, objective=objective, n=n, side=side, noise=noise, steps=steps,
+        lr=lr, batch_size=batch_size, seed=seed, annealing=_annealing_label(loss),
+        elbo=history.final_elbo, bars_found=recovery.num_found, all_bars_found=recovery.all_found,
+        cosines=[round(float(c), 4) for c in recovery.cosines], wall_time_s=round(wall_time, 2),
+        noise_var=history.noise_var[-1],
+        dictionary=dictionary[:, recovery.matching], history=history,
+    )
     if out is not None:
         label = name or f"bars_fields_{guide}"
-        figure = plots.plot_fields(result["_dictionary"], shape=(side, side),
+        figure = plots.plot_fields(result.dictionary, shape=(side, side),
                                    title=f"{GUIDE_LABELS.get(guide, guide)}: {recovery.num_found} of "
                                          f"{true_dictionary.size(1)} bars")
         plots.save_figure(figure, os.path.join(out, f"{label}.png"))
@@ -144,19 +242,22 @@ def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3,
 
 
 def bars_figures(out, results, x, side):
-    """The bars figures: training samples, and the learned fields of every run side by side."""
+    """The bars figures: training samples, and the learned fields of every run side by side.
+
+    :param results: :class:`BarsResult` of each run.
+    """
     import matplotlib.pyplot as plt
 
     plots.save_figure(plots.plot_data_samples(x, shape=(side, side), n=24, title="Bars: training samples"),
                       os.path.join(out, "bars_samples.png"))
     figure, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 2.6))
     for ax, result in zip(list(getattr(axes, "flat", [axes])), results):
-        plots.plot_fields(result["_dictionary"], shape=(side, side), ncols=5, ax=ax,
-                          title=f"{GUIDE_LABELS[result['guide']]}\n{result['bars_found']} of "
-                                f"{len(result['cosines'])} bars, ELBO {result['elbo']:.3f}")
+        plots.plot_fields(result.dictionary, shape=(side, side), ncols=5, ax=ax,
+                          title=f"{GUIDE_LABELS[result.guide]}\n{result.bars_found} of "
+                                f"{len(result.cosines)} bars, ELBO {result.elbo:.3f}")
     figure.suptitle("Bars: learned generative fields (matched to the true bars)", y=1.1)
     plots.save_figure(figure, os.path.join(out, "bars_fields.png"))
-    curves = {GUIDE_LABELS[r["guide"]]: r["_history"] for r in results}
+    curves = {GUIDE_LABELS[r.guide]: r.history for r in results}
     plots.save_figure(plots.plot_training_curves(curves, x="wall_time", title="Bars: EntropyELBO per data point"),
                       os.path.join(out, "bars_curves.png"))
 
@@ -180,7 +281,7 @@ def patch_data(n, size, seed, method="zca", epsilon=0.1, n_components=None):
 def run_patches(x, whitening, size, guide="amortized-diag", objective="entropy", n_latents=100, steps=2000,
                 epochs=None, batch_size=None, lr=0.01, lr_schedule="cosine", annealing=None, seed=0, device=None,
                 progress=True, snapshots=(), hidden=(100,)):
-    """Learn sparse codes of whitened patches; return metrics, the fields and snapshots.
+    """Learn sparse codes of whitened patches; return a :class:`PatchesResult` (metrics, fields, snapshots).
 
     The learning rate follows a cosine schedule down to a tenth by default: at a
     constant rate full-batch Adam makes the ELBO oscillate by several nats late
@@ -211,35 +312,38 @@ def run_patches(x, whitening, size, guide="amortized-diag", objective="entropy",
     dictionary = model.dictionary.detach().cpu()
     order = torch.argsort(model.prior_scale.detach().cpu(), descending=True)
     spreads = field_spread(whitening.fields_to_pixels(dictionary.double()), (size, size))
-    return {
-        "guide": guide, "objective": objective, "annealing": _annealing_label(loss),
-        "n": x.size(0), "size": size, "n_latents": n_latents, "steps": history.step[-1], "batch_size": batch_size,
-        "lr": lr, "seed": seed, "elbo": history.elbo[-1], "wall_time_s": round(wall_time, 2),
-        "sparseness": code_sparseness(codes),
-        "mean_field_spread_px": float(spreads.mean()), "median_field_spread_px": float(spreads.median()),
-        "_dictionary": dictionary[:, order], "_history": history,
-        "_snapshots": {step: value[:, order] for step, value in kept.items()},
-    }
+    return PatchesResult(
+        guide=guide, objective=objective, annealing=_annealing_label(loss),
+        n=x.size(0), size=size, n_latents=n_latents, steps=history.step[-1], batch_size=batch_size,
+        lr=lr, seed=seed, elbo=history.final_elbo, wall_time_s=round(wall_time, 2),
+        sparseness=code_sparseness(codes),
+        mean_field_spread_px=float(spreads.mean()), median_field_spread_px=float(spreads.median()),
+        dictionary=dictionary[:, order], history=history,
+        snapshots={step: value[:, order] for step, value in kept.items()},
+    )
 
 
 def patch_figures(out, runs, whitening, size, x_raw=None):
-    """Fields, optimisation curves and fields over training for the patch runs."""
+    """Fields, optimisation curves and fields over training for the patch runs.
+
+    :param runs: :class:`PatchesResult` by label; must include ``"non-amortized, annealed"``.
+    """
     import matplotlib.pyplot as plt
 
     main = runs["non-amortized, annealed"]
-    plots.save_figure(plots.plot_fields(main["_dictionary"], shape=(size, size), whitening=whitening,
-                                        title=f"Natural image patches ({size}x{size}, whitened): {main['n_latents']} "
+    plots.save_figure(plots.plot_fields(main.dictionary, shape=(size, size), whitening=whitening,
+                                        title=f"Natural image patches ({size}x{size}, whitened): {main.n_latents} "
                                               f"generative fields (diagonal posteriors, annealed; largest lambda first)"),
                       os.path.join(out, "patches_fields.png"))
-    curves = {label: run["_history"] for label, run in runs.items()}
+    curves = {label: run.history for label, run in runs.items()}
     plots.save_figure(plots.plot_training_curves(curves, x="wall_time",
                                                  title="Natural patches: entropy-ELBO per data point"),
                       os.path.join(out, "patches_curves.png"))
-    pairs = [(label, run) for label, run in runs.items() if run["_snapshots"]]
-    columns = max(len(run["_snapshots"]) for _, run in pairs)
+    pairs = [(label, run) for label, run in runs.items() if run.snapshots]
+    columns = max(len(run.snapshots) for _, run in pairs)
     figure, axes = plt.subplots(len(pairs), columns, figsize=(3.2 * columns, 3.4 * len(pairs)), squeeze=False)
     for row, (label, run) in enumerate(pairs):
-        for column, (step, fields) in enumerate(sorted(run["_snapshots"].items())):
+        for column, (step, fields) in enumerate(sorted(run.snapshots.items())):
             plots.plot_fields(fields[:, :25], shape=(size, size), whitening=whitening, ncols=5, caption=False,
                               ax=axes[row, column], title=f"{label}\nstep {step}")
     figure.suptitle("Generative fields during training (full-batch steps = epochs), without and with annealing "
@@ -278,7 +382,7 @@ def reproduce(out="figures", quick=False, seed=0, device=None, progress=True):
                           progress=progress) for guide in ("local-diag", "local-full", "amortized-full")]
     x_bars, _ = bars(settings["bars_n"], seed=seed)
     bars_figures(out, bars_runs, x_bars, 5)
-    metrics["bars"] = [_public(r) for r in bars_runs]
+    metrics["bars"] = [r.metrics() for r in bars_runs]
 
     size = settings["patch_size"]
     x, whitening = patch_data(settings["patch_n"], size, seed)
@@ -297,12 +401,8 @@ def reproduce(out="figures", quick=False, seed=0, device=None, progress=True):
                                            batch_size=batch, annealing="default", **common),
     }
     patch_figures(out, runs, whitening, size, x_raw=x)
-    metrics["patches"] = {label: _public(run) for label, run in runs.items()}
+    metrics["patches"] = {label: run.metrics() for label, run in runs.items()}
     metrics["wall_time_s"] = round(time.perf_counter() - started, 1)
     with open(os.path.join(out, "metrics.json"), "w") as handle:
         json.dump(metrics, handle, indent=2)
     return metrics
-
-
-def _public(result):
-    return {key: value for key, value in result.items() if not key.startswith("_")}
