@@ -5,12 +5,14 @@ Fischer, Lücke; AISTATS 2024) on top of Pyro and PyTorch.
 """
 
 from . import kl  # noqa: F401 - registers the closed-form KL(Gaussian || Laplace) with torch
+from .evaluation import held_out_elbo, training_elbo
 from .guides import AmortizedNormal, LocalMultivariateNormal
 from .likelihood import LogLikelihood, log_likelihood
 from .model import SparseCoding
 from .objectives import AnalyticELBO, EntropyELBO, NonFiniteObjectiveError
 from .posterior import GaussianPosterior, gaussian_posterior
-from .training import History, fit
+from .history import History
+from .training import fit
 
 __version__ = "0.1.0"
 
@@ -26,5 +28,7 @@ __all__ = [
     "SparseCoding",
     "fit",
     "gaussian_posterior",
+    "held_out_elbo",
     "log_likelihood",
+    "training_elbo",
 ]

@@ -1,5 +1,7 @@
 """The Laplace-prior / Gaussian-noise sparse coding model as a Pyro model (PAPER.md s.1)."""
 
+import warnings
+
 import torch
 from torch.distributions import constraints
 
@@ -8,6 +10,7 @@ import pyro.distributions as dist
 from pyro.nn import PyroModule, PyroParam, pyro_method
 
 from ._checks import check_data_cached, check_int, check_positive_tensor, check_subsample
+from ._pyro_internals import stored_unconstrained
 
 
 class SparseCoding(PyroModule):
@@ -21,9 +24,9 @@ class SparseCoding(PyroModule):
     The unit-length columns remove the scale ambiguity between W and lambda.
     Parameters are stored as Pyro params (``raw_dictionary``, whose columns are
     normalised on every read, ``prior_scale`` and ``noise_var``) so that any
-    Pyro ELBO can learn them. :class:`~pyro_esc.EntropyELBO` instead sets
-    ``prior_scale`` and ``noise_var`` to their closed-form optimum after every
-    evaluation.
+    Pyro ELBO can learn them. With :class:`~pyro_esc.EntropyELBO` they are set
+    to their closed-form optimum instead, by ``EntropyELBO.update`` (which
+    :func:`~pyro_esc.fit` calls after every step).
 
     Calling ``model(x)`` runs the model: a plate ``"data"`` over the first
     dimension of x, a latent site ``"z"`` (event shape (H,)) and an observed
@@ -138,6 +141,9 @@ class SparseCoding(PyroModule):
     def _initialize(self, x):
         like = dict(dtype=x.dtype, device=x.device)
         n, dim = x.shape
+        if bool((x == x[:1]).all()):
+            warnings.warn("every data point is the same: the model explains constant data exactly, so sigma^2 "
+                          "tends to 0 and the ELBO grows without bound during training", RuntimeWarning, stacklevel=4)
         if self.init == "data":
             # Columns start at data points: for sparse data, each is dominated by
             # few causes, which is a far better start than random directions.
@@ -190,16 +196,10 @@ class SparseCoding(PyroModule):
             torch.log(noise_var, out=self._param_tensor("noise_var"))
 
     def _param_tensor(self, name):
-        # The unconstrained tensor that the param store holds for this parameter.
-        # Module and store share one tensor, except after the store was replaced
-        # (e.g. ParamStoreDict.load); then the store's is the one the module
-        # will adopt on its next read inside its Pyro context, so write there.
-        tensor = getattr(self, name + "_unconstrained")
-        if self._pyro_context.used:
-            stored = pyro.get_param_store()._params.get(self._pyro_get_fullname(name))
-            if stored is not None:
-                return stored
-        return tensor
+        # The unconstrained tensor that the param store holds for this parameter (the one
+        # the module adopts on its next read in its Pyro context), else the module's own.
+        stored = stored_unconstrained(self, name)
+        return getattr(self, name + "_unconstrained") if stored is None else stored
 
     @pyro_method
     @torch.no_grad()

@@ -14,7 +14,7 @@ Neither draws a sample; both read the guide through the protocol of
 """
 
 import math
-import weakref
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -22,15 +22,16 @@ import torch
 from pyro.infer import ELBO
 
 from .annealing import Annealing
-from .gaussian import (
-    expected_squared_error,
-    expected_squared_errors,
-    folded_normal_mean,
-    isotropic_normal_entropy,
-    laplace_entropy,
-)
-from .model import SparseCoding
+from .gaussian import isotropic_normal_entropy, laplace_entropy
 from .posterior import gaussian_posterior
+from .statistics import (  # noqa: F401 - BatchStatistics, batch_statistics, RunningStatistics: public here too
+    BatchStatistics,
+    PointStatistics,
+    RunningStatistics,
+    batch_statistics,
+    check_distinct,
+    read_posterior,
+)
 
 _LOG_2PI = math.log(2 * math.pi)
 _LOG_2 = math.log(2.0)
@@ -38,141 +39,6 @@ _LOG_2 = math.log(2.0)
 
 class NonFiniteObjectiveError(FloatingPointError):
     """Raised when an objective evaluates to NaN or inf; the message names the term."""
-
-
-class BatchStatistics(NamedTuple):
-    """Expected sufficient statistics of the B data points of one evaluation.
-
-    ``abs_sum`` and ``sq_error_sum`` determine Theorem 2's optimal scales::
-
-        lambda_h* = 1/B     sum_n E_q[|z_h|]
-        sigma^2*  = 1/(B D) sum_n E_q[||x^(n) - W z||^2]
-    """
-
-    num_data: int  #: N, the size of the full data set (the loss is scaled to it)
-    num_points: int  #: B, the points in this batch
-    data_dim: int  #: D
-    entropy: torch.Tensor  #: sum_n H[q^(n)] over the batch (the joint entropy for joint guides)
-    abs_sum: torch.Tensor  #: sum_n E|z^(n)|, shape (H,)
-    sq_error_sum: torch.Tensor  #: sum_n E||x^(n) - W z||^2
-
-    @property
-    def optimal_prior_scale(self):
-        """Theorem 2's lambda* for this batch."""
-        return self.abs_sum / self.num_points
-
-    @property
-    def optimal_noise_var(self):
-        """Theorem 2's sigma^2* for this batch."""
-        return self.sq_error_sum / (self.num_points * self.data_dim)
-
-
-def _read_posterior(model, guide, args, kwargs):
-    # The common first half of every closed-form evaluation.
-    if not isinstance(model, SparseCoding):
-        raise ValueError(f"model must be a pyro_esc.SparseCoding (or subclass) for the closed-form "
-                         f"objectives, got {type(model).__name__}")
-    x, subsample = model.resolve_data(*args, **kwargs)
-    posterior = gaussian_posterior(guide, x, subsample)
-    x_batch = x if subsample is None else x.index_select(0, subsample)
-    if tuple(posterior.mean.shape) != (x_batch.size(0), model.n_latents):
-        raise ValueError(f"the guide's posterior has shape {tuple(posterior.mean.shape)}, expected "
-                         f"(B, H) = ({x_batch.size(0)}, {model.n_latents})")
-    return x, subsample, x_batch, posterior, model.read_dictionary()
-
-
-def _summed_statistics(num_data, x_batch, posterior, dictionary):
-    abs_sum = folded_normal_mean(posterior.mean, posterior.stddev).sum(0)
-    trace_term = posterior.trace_term(dictionary)
-    sq_error_sum = expected_squared_error(x_batch, dictionary, posterior.mean, trace_term)
-    return BatchStatistics(num_data, x_batch.size(0), x_batch.size(1), posterior.entropy, abs_sum, sq_error_sum)
-
-
-def batch_statistics(model, guide, *args, **kwargs):
-    """Compute :class:`BatchStatistics` for ``model(*args, **kwargs)`` under ``guide``.
-
-    Reads the dictionary inside the model's Pyro context (so SVI trains it) and
-    the guide through :func:`~pyro_esc.posterior.gaussian_posterior`.
-    """
-    x, _, x_batch, posterior, dictionary = _read_posterior(model, guide, args, kwargs)
-    return _summed_statistics(x.size(0), x_batch, posterior, dictionary)
-
-
-class PointStatistics(NamedTuple):
-    """Per-point expected statistics: entropy (B,), E|z| (B, H), E||x - W z||^2 (B,)."""
-
-    entropy: torch.Tensor
-    abs_mean: torch.Tensor
-    sq_error: torch.Tensor
-
-    @classmethod
-    def of(cls, x_batch, posterior, dictionary):
-        return cls(posterior.point_entropies(),
-                   folded_normal_mean(posterior.mean, posterior.stddev),
-                   expected_squared_errors(x_batch, dictionary, posterior.mean, posterior.trace_terms(dictionary)))
-
-
-class RunningStatistics:
-    """Whole-data-set sufficient statistics for minibatch training, kept current from the batches.
-
-    It caches, for every data point n, H[q^(n)], E|z^(n)| and E||x^(n) - W z||^2
-    as last computed (the batch points with the current guide and dictionary,
-    the others as of their last visit; a full pass initialises the cache). The
-    objective then uses the whole data set::
-
-        S = sum_{n in batch} s_n(current) + sum_{n not in batch} s_n(cached)
-        lambda* = S_|z| / N,  sigma^2* = S_sq / (N D),  L_H = S_H / N - ...
-
-    The value is the full-data L_H up to staleness; the gradient flows through
-    the batch points only, scaled by N / B as in Pyro's subsampling, so it is
-    an unbiased estimate of the full gradient at the cached statistics. With
-    the batch equal to the data set it is exactly full-batch EntropyELBO.
-    """
-
-    def __init__(self, x, points):
-        self.num_data = x.size(0)
-        self.data_dim = x.size(1)
-        self._data = weakref.ref(x)
-        self.entropy = points.entropy.detach().clone()
-        self.abs_mean = points.abs_mean.detach().clone()
-        self.sq_error = points.sq_error.detach().clone()
-
-    @classmethod
-    def from_state(cls, x, state):
-        """Rebuild the cache for data ``x`` from :meth:`state_dict` (no pass over the data)."""
-        like = dict(dtype=x.dtype, device=x.device)
-        points = PointStatistics(state["entropy"].to(**like), state["abs_mean"].to(**like),
-                                 state["sq_error"].to(**like))
-        if points.entropy.shape != (x.size(0),):
-            raise ValueError(f"running statistics are for {points.entropy.size(0)} points, x has {x.size(0)}")
-        return cls(x, points)
-
-    def matches(self, x):
-        """Whether this cache belongs to the data tensor ``x``."""
-        return self._data() is x
-
-    def combine(self, subsample, points):
-        """:class:`BatchStatistics` over all N points, with gradients from the batch only."""
-        gain = self.num_data / subsample.size(0)
-
-        def mix(cached, current):
-            current_sum = current.sum(0)
-            # Value: cached total with the batch rows replaced. Gradient: the batch's, times N / B.
-            others = cached.sum(0) - cached.index_select(0, subsample).sum(0)
-            return others + current_sum * gain - (current_sum * (gain - 1)).detach()
-
-        statistics = BatchStatistics(self.num_data, self.num_data, self.data_dim,
-                                     mix(self.entropy, points.entropy), mix(self.abs_mean, points.abs_mean),
-                                     mix(self.sq_error, points.sq_error))
-        with torch.no_grad():
-            self.entropy[subsample] = points.entropy
-            self.abs_mean[subsample] = points.abs_mean
-            self.sq_error[subsample] = points.sq_error
-        return statistics
-
-    def state_dict(self):
-        return {"entropy": self.entropy, "abs_mean": self.abs_mean, "sq_error": self.sq_error}
-
 
 
 class EntropyTerms(NamedTuple):
@@ -245,27 +111,50 @@ class EntropyELBO(ELBO):
     ELBO with the scales always at their optimum.
 
     ``loss``, ``differentiable_loss`` and ``loss_and_grads`` return -N L_H
-    (Pyro's sign and scale). After every evaluation the model's
-    ``prior_scale`` and ``noise_var`` are set to lambda*, sigma^2*, so the
-    model always holds the optimal scales for the current guide and other
-    ELBOs (e.g. Trace_ELBO) evaluate the same point. The scales are set, not
-    optimised: they are written directly, not through ``pyro.param``, and so
-    stay out of SVI's parameter capture and optimiser.
+    (Pyro's sign and scale). **Evaluating is pure**: ``loss``,
+    ``differentiable_loss`` and :meth:`terms` change neither the model, nor the
+    guide, nor what the next call returns. Note that L_H is the ELBO at the
+    scales that are optimal *for the data evaluated*: on the training data it is
+    the training ELBO; on held-out data it re-fits lambda and sigma^2 to that data,
+    so for a held-out ELBO at the trained scales use
+    :func:`~pyro_esc.evaluation.held_out_elbo`.
+
+    **The one state-changing call** is :meth:`update`: it writes lambda*,
+    sigma^2* into the model (so that other ELBOs, e.g. Trace_ELBO or
+    AnalyticELBO, evaluate the same point) and keeps the running minibatch
+    statistics current. :func:`~pyro_esc.fit` calls it after every step; in a
+    hand-written ``SVI`` loop, call ``elbo.update(model, guide, *args)`` after
+    the steps (or after each step, to follow the scales). The scales are set,
+    not optimised: they stay out of SVI's parameter capture and optimiser.
 
     **Minibatches** (``subsample`` / ``subsample_size`` in the model's
-    arguments): with ``minibatch_statistics="running"`` (default) lambda*,
-    sigma^2* and the entropy average come from whole-data-set statistics kept
-    current from the batches (:class:`RunningStatistics`; the first
-    subsampled call makes one full pass without gradients). With ``"batch"``
-    they are estimated from the batch alone and the loss is scaled by N / B.
+    arguments), ``minibatch_statistics="running"`` (default): lambda*, sigma^2*
+    and the entropy average come from a per-point table of the whole data set
+    (:class:`~pyro_esc.statistics.RunningStatistics`), with the batch's rows
+    at the current parameters and every other row as stored when its point was
+    last visited. A table belongs to one (model, guide, data tensor) and is
+    built by the first training call (``loss_and_grads`` or :meth:`update`)
+    with one pass over the data; ``loss_and_grads`` stores the rows it
+    evaluated and :meth:`update` the rows at the parameters after the step.
+    Without a table, ``loss`` and ``differentiable_loss`` compute every row
+    afresh (the exact full-data value, O(N)). The value is a running estimate
+    of the full-data objective; :func:`~pyro_esc.fit` records exact full-data
+    values separately (``History.eval_elbo``).
+
+    ``minibatch_statistics="batch"`` estimates lambda*, sigma^2* from the batch
+    alone and scales by N / B. It needs no table but is **biased**: log of a
+    batch mean is not the mean of the logs, so the estimate is too high, the
+    more so the smaller the batch (README, "Minibatch statistics", has the
+    measurement).
 
     **Annealing** (PAPER.md s.7): with ``annealing``, an
     :class:`~pyro_esc.annealing.Annealing`, the optimised objective is
-    beta_q H[q] - beta_p H[p(z)] - beta_x H[p(x|z)] at the current training
-    step. ``differentiable_loss`` returns that weighted loss (it is what is
-    optimised); ``loss`` and ``loss_and_grads`` always return the true,
-    unweighted -N L_H. ``step`` counts ``loss_and_grads`` calls (training
-    steps) and drives the schedule; ``betas`` holds the last weights used.
+    beta_q H[q] - beta_p H[p(z)] - beta_x H[p(x|z)] with the weights after the
+    training step set by :meth:`set_annealing_step` (whoever owns the step
+    count calls it: :func:`~pyro_esc.fit` does, before every step). The weights
+    apply identically through ``SVI`` (``loss_and_grads``),
+    ``differentiable_loss`` and Pyro's ``ELBOModule``; ``loss`` and the value
+    ``loss_and_grads`` returns are always the true, unweighted -N L_H.
 
     :param annealing: optional :class:`~pyro_esc.annealing.Annealing`.
     :param str minibatch_statistics: ``"running"`` or ``"batch"`` (see above).
@@ -282,64 +171,151 @@ class EntropyELBO(ELBO):
             raise ValueError(f"minibatch_statistics must be 'running' or 'batch', got {minibatch_statistics!r}")
         self.annealing = annealing
         self.minibatch_statistics = minibatch_statistics
-        self.step = 0
-        self.betas = (1.0, 1.0, 1.0)
-        self.running = None
+        self.annealing_step = 0
+        # Running tables by (model, guide); each checks that it belongs to the data it is used with.
+        self._tables = {}
+
+    # ------------------------------------------------------------ annealing
+
+    @property
+    def betas(self):
+        """The weights (beta_q, beta_p, beta_x) that the optimised objective uses now."""
+        return (1.0, 1.0, 1.0) if self.annealing is None else self.annealing.betas(self.annealing_step)
+
+    def set_annealing_step(self, step):
+        """Use the annealing weights after ``step`` completed training steps (0 before the first).
+
+        The documented way to drive the schedule: :func:`~pyro_esc.fit` calls it
+        before every step; a hand-written loop calls it too. Without annealing it
+        only records the step.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        self.annealing_step = step
+
+    # ------------------------------------------------------------ evaluation
 
     def terms(self, model, guide, *args, **kwargs):
-        """The :class:`EntropyTerms` at the current guide and dictionary (differentiable)."""
-        x, subsample, x_batch, posterior, dictionary = _read_posterior(model, guide, args, kwargs)
-        if subsample is None or self.minibatch_statistics == "batch":
-            return entropy_terms(_summed_statistics(x.size(0), x_batch, posterior, dictionary))
+        """The :class:`EntropyTerms` at the current guide and dictionary (differentiable, pure)."""
+        return self._terms(model, guide, args, kwargs, training=False)
+
+    def _terms(self, model, guide, args, kwargs, training):
+        evaluation = read_posterior(model, guide, args, kwargs, "EntropyELBO")
+        if evaluation.subsample is None or self.minibatch_statistics == "batch":
+            return entropy_terms(BatchStatistics.of(evaluation))
+        x, subsample, x_batch, posterior, dictionary = evaluation
         if posterior.is_joint:
             raise ValueError("running minibatch statistics need per-point posteriors; this guide is joint")
-        if self.running is None or not self.running.matches(x):
-            with torch.no_grad():
-                full = gaussian_posterior(guide, x, None)
-                self.running = RunningStatistics(x, PointStatistics.of(x, full, dictionary))
-        return entropy_terms(self.running.combine(subsample, PointStatistics.of(x_batch, posterior, dictionary)))
+        check_distinct(subsample)
+        points = PointStatistics.of(x_batch, posterior, dictionary)
+        table = self._table(model, guide, x, dictionary, create=training)
+        statistics = table.combine(subsample, points)
+        if training:
+            table.store(subsample, points)
+        return entropy_terms(statistics)
 
-    def _losses(self, model, guide, args, kwargs):
-        terms = self.terms(model, guide, *args, **kwargs)
+    def _table(self, model, guide, x, dictionary, create):
+        # The running table of (model, guide, x): the stored one, or one pass over the data.
+        # Only a training call (create=True) keeps a new table; evaluation stays pure.
+        key = (id(model), id(guide))
+        table = self._tables.get(key)
+        if table is not None and table.belongs_to(model, guide, x):
+            return table
+        if not create and torch.is_grad_enabled():
+            warnings.warn("EntropyELBO: no running statistics for this model, guide and data tensor, so every "
+                          "row is computed afresh (a pass over all N points). When training with minibatches "
+                          "outside fit, call elbo.update(...) or train through SVI (loss_and_grads), which keep "
+                          "them; pass the same data tensor every step.", RuntimeWarning, stacklevel=4)
+        elif create and table is not None:
+            warnings.warn("EntropyELBO: the data tensor changed (a new tensor, or changed in place), so the running "
+                          "statistics are rebuilt with a pass over all N points; pass the same, unchanged tensor "
+                          "every step to keep minibatch steps O(batch).", RuntimeWarning, stacklevel=4)
+        with torch.no_grad():
+            full = PointStatistics.of(x, gaussian_posterior(guide, x, None), dictionary)
+        table = RunningStatistics(model, guide, x, full)
+        if create:
+            # Forget tables whose model or guide is gone, then keep this one.
+            self._tables = {k: t for k, t in self._tables.items() if t._model() is not None and t._guide() is not None}
+            self._tables[key] = table
+        return table
+
+    def _losses(self, model, guide, args, kwargs, training=False):
+        terms = self._terms(model, guide, args, kwargs, training)
         loss = -terms.num_data * terms.elbo
         terms.check_finite(loss)
-        model.assign_scales(terms.prior_scale.detach(), terms.noise_var.detach())
-        self.betas = (1.0, 1.0, 1.0) if self.annealing is None else self.annealing.betas(self.step)
-        if self.betas == (1.0, 1.0, 1.0):
+        betas = self.betas
+        if betas == (1.0, 1.0, 1.0):
             return loss, loss
-        return loss, -terms.num_data * terms.weighted_elbo(*self.betas)
+        return loss, -terms.num_data * terms.weighted_elbo(*betas)
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
-        """The optimised loss as a differentiable tensor: -N L_H, or its annealed version.
-
-        Also sets the model's scales to lambda*, sigma^2*.
-        """
+        """The optimised loss as a differentiable tensor: -N L_H, or its annealed version (pure)."""
         return self._losses(model, guide, args, kwargs)[1]
 
     def loss(self, model, guide, *args, **kwargs):
-        """-N L_H as a float (never annealed)."""
+        """-N L_H as a float (never annealed; pure)."""
         with torch.no_grad():
             return float(self._losses(model, guide, args, kwargs)[0])
 
     def loss_and_grads(self, model, guide, *args, **kwargs):
-        """-N L_H as a float; backpropagates the optimised (possibly annealed) loss; counts a step."""
-        loss, optimised = self._losses(model, guide, args, kwargs)
+        """SVI's training call: backpropagates the optimised (possibly annealed) loss; returns -N L_H.
+
+        With running minibatch statistics it builds the table on its first call
+        and stores the rows it evaluated. It does not write the model's scales
+        (see :meth:`update`).
+        """
+        loss, optimised = self._losses(model, guide, args, kwargs, training=True)
         optimised.backward(retain_graph=self.retain_graph)
-        self.step += 1
         return loss.item()
 
-    def state_dict(self):
-        """Step counter and running statistics, for checkpoints."""
-        return {"step": self.step, "running": None if self.running is None else self.running.state_dict()}
+    # ------------------------------------------------------------ the training action
 
-    def load_state_dict(self, state, x=None):
-        """Restore :meth:`state_dict`; running statistics are re-attached to the data ``x``."""
-        self.step = int(state["step"])
-        self.running = None
+    @torch.no_grad()
+    def update(self, model, guide, *args, **kwargs):
+        """Commit the current guide and dictionary: the one call that changes state.
+
+        For the points in the arguments (the batch, or all points) it stores
+        their statistics at the current parameters in the running table (built
+        with one pass over the data if there is none and the arguments are a
+        minibatch), then writes lambda*, sigma^2* (of the whole table, or of the
+        evaluated data) into the model with ``model.assign_scales``.
+
+        :returns: the :class:`EntropyTerms` after the update: exact full-data
+            values for full-batch arguments, the running estimate for a minibatch.
+        """
+        evaluation = read_posterior(model, guide, args, kwargs, "EntropyELBO")
+        x, subsample, x_batch, posterior, dictionary = evaluation
+        table = self._tables.get((id(model), id(guide)))
+        keeps_table = self.minibatch_statistics == "running" and not posterior.is_joint
+        if subsample is not None and keeps_table:
+            check_distinct(subsample)
+            table = self._table(model, guide, x, dictionary, create=True)
+            table.store(subsample, PointStatistics.of(x_batch, posterior, dictionary))
+            terms = entropy_terms(table.totals())
+        else:
+            terms = entropy_terms(BatchStatistics.of(evaluation))
+            if subsample is None and table is not None and table.belongs_to(model, guide, x):
+                # A full pass refreshes every row of an existing table (an exact resynchronisation).
+                table.store(None, PointStatistics.of(x, posterior, dictionary))
+        terms.check_finite()
+        model.assign_scales(terms.prior_scale, terms.noise_var)
+        return terms
+
+    # ------------------------------------------------------------ checkpoints
+
+    def state_dict(self, model=None, guide=None, x=None):
+        """The annealing step and, given ``(model, guide, x)``, their running table (for checkpoints)."""
+        table = None if model is None else self._tables.get((id(model), id(guide)))
+        keep = table is not None and table.belongs_to(model, guide, x)
+        return {"annealing_step": self.annealing_step, "running": table.state_dict() if keep else None}
+
+    def load_state_dict(self, state, model=None, guide=None, x=None):
+        """Restore :meth:`state_dict`; a running table is re-attached to ``(model, guide, x)``."""
+        self.annealing_step = int(state["annealing_step"])
         if state["running"] is not None:
-            if x is None:
-                raise ValueError("restoring running statistics needs the data x they belong to")
-            self.running = RunningStatistics.from_state(x, state["running"])
+            if x is None or model is None or guide is None:
+                raise ValueError("restoring running statistics needs the model, guide and data x they belong to")
+            self._tables[(id(model), id(guide))] = RunningStatistics.from_state(model, guide, x, state["running"])
 
     def _get_trace(self, model, guide, args, kwargs):
         raise NotImplementedError("EntropyELBO is closed form: it draws no traces")

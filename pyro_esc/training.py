@@ -2,16 +2,20 @@
 
 One function owns the loop so that every experiment, notebook and the command
 line train the same way: steps or epochs, minibatches, learning rate and its
-schedule, a seed, the device, a progress bar, a :class:`History`, checkpoints
-that resume bit-for-bit on CPU, and a clear stop when anything turns
-non-finite.
+schedule, a seed, the device, a progress bar, a :class:`~pyro_esc.History`,
+checkpoints that resume bit-for-bit on CPU (:mod:`pyro_esc.checkpoint`), and a
+clear stop when anything turns non-finite.
+
+``fit`` is three parts: :func:`check_fit_options` validates every argument once,
+before training; :func:`training_step` is one step (the SVI update, then, for
+:class:`~pyro_esc.EntropyELBO`, the explicit ``update`` that writes lambda*,
+sigma^2* into the model); :class:`~pyro_esc.History` records.
 """
 
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field
-from typing import List
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -20,49 +24,17 @@ import pyro
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoGuide
-from pyro.util import get_rng_state, set_rng_state
 
 from ._checks import check_data, check_int, check_positive
 from .annealing import Annealing
+from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, restore_checkpoint, save_checkpoint  # noqa: F401
+from .evaluation import held_out_elbo, training_elbo
+from .history import BATCH, EXACT, MONTE_CARLO, RUNNING, History
 from .objectives import AnalyticELBO, EntropyELBO, NonFiniteObjectiveError
 
-CHECKPOINT_FORMAT = "pyro_esc.checkpoint/1"
-
-
-@dataclass
-class History:
-    """What :func:`fit` recorded, one entry per recorded step (lists of floats).
-
-    ``loss`` is the objective the loss function reported (Pyro's sign and scale,
-    -N ELBO; the true, unweighted value under annealing; a batch estimate for
-    minibatches under sampled objectives), ``elbo`` = -loss / N (per data point,
-    higher is better). ``trace_elbo`` holds the periodic Monte Carlo estimates
-    of the ELBO per data point (Pyro's ``Trace_ELBO``) at ``trace_elbo_step``.
-    """
-
-    num_data: int = 0
-    step: List[int] = field(default_factory=list)
-    epoch: List[float] = field(default_factory=list)
-    loss: List[float] = field(default_factory=list)
-    elbo: List[float] = field(default_factory=list)
-    prior_scale: List[List[float]] = field(default_factory=list)
-    noise_var: List[float] = field(default_factory=list)
-    wall_time: List[float] = field(default_factory=list)
-    lr: List[float] = field(default_factory=list)
-    betas: List[List[float]] = field(default_factory=list)
-    trace_elbo_step: List[int] = field(default_factory=list)
-    trace_elbo: List[float] = field(default_factory=list)
-
-    def __len__(self):
-        return len(self.step)
-
-    def to_dict(self):
-        """Plain lists and numbers (JSON-serialisable)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, state):
-        return cls(**state)
+#: sigma^2* below this fraction of the data's mean variance means the model fits the data exactly
+#: (e.g. constant data, or data of rank < H): the ELBO then grows without bound.
+NOISE_COLLAPSE = 1e-10
 
 
 def _default_lr_schedule(name):
@@ -115,22 +87,129 @@ class _Batches:
         self.order, self.position = state["order"], state["position"]
 
 
+@dataclass
+class FitOptions:
+    """Every argument of :func:`fit`, validated (see :func:`check_fit_options`)."""
+
+    loss: object
+    batches: "_Batches"
+    total_steps: int
+    optim: object
+    lr: float
+    schedule: Callable
+    manage_lr: bool
+    record_every: int
+    eval_every: Optional[int]
+    trace_elbo_every: Optional[int]
+    trace_elbo_particles: int
+    checkpoint: Optional[str]
+    checkpoint_every: Optional[int]
+    data_variance: float
+
+    @property
+    def elbo_kind(self):
+        """What the per-step objective is (see :class:`~pyro_esc.History`)."""
+        if not isinstance(self.loss, (EntropyELBO, AnalyticELBO)):
+            return MONTE_CARLO
+        if self.batches.full:
+            return EXACT
+        running = isinstance(self.loss, EntropyELBO) and self.loss.minibatch_statistics == "running"
+        return RUNNING if running else BATCH
+
+    def eval_due(self, step):
+        """Whether to record the exact full-data ELBO after ``step`` (always after the last)."""
+        return step == self.total_steps or (self.eval_every is not None and step % self.eval_every == 0)
+
+
+def check_fit_options(model, guide, x, loss=None, *, steps=None, epochs=None, batch_size=None, lr=0.05,
+                      lr_schedule=None, optim=None, seed=0, record_every=1, eval_every=None,
+                      trace_elbo_every=None, trace_elbo_particles=16, checkpoint=None, checkpoint_every=None,
+                      annealing=None):
+    """Validate :func:`fit`'s arguments once, before anything trains; return :class:`FitOptions`.
+
+    Raises a ValueError naming the argument. Sets ``annealing`` on the loss only
+    once every argument has passed.
+    """
+    loss = EntropyELBO() if loss is None else loss
+    if not isinstance(loss, pyro.infer.ELBO):
+        raise ValueError(f"loss must be a pyro.infer.ELBO (e.g. EntropyELBO()), got {loss!r}")
+    data_variance = float(x.var(0, unbiased=False).mean()) if x.size(0) > 1 else 0.0
+    if not data_variance > 0:
+        raise ValueError("data must vary: every data point is the same, so the model explains it exactly, "
+                         "sigma^2 tends to 0 and the ELBO grows without bound")
+    batches = _Batches(x.size(0), x.size(0) if batch_size is None else check_int(batch_size, "batch_size"),
+                       int(seed))
+    total_steps = _total_steps(steps, epochs, batches.steps_per_epoch)
+    annealing = _check_annealing(annealing, loss, total_steps)
+    _check_subsampling(guide, loss, batches)
+    lr = check_positive(lr, "lr")
+    schedule = _default_lr_schedule(lr_schedule)
+    if optim is None:
+        optim = pyro.optim.Adam({"lr": lr})
+    elif not isinstance(optim, pyro.optim.PyroOptim):
+        raise ValueError(f"optim must be a pyro.optim.PyroOptim, got {optim!r}")
+    # fit sets the learning rate when it owns the optimiser or a schedule asks for it.
+    manage_lr = lr_schedule is not None or optim.pt_optim_args == {"lr": lr}
+    if manage_lr and not isinstance(optim.pt_optim_args, dict):
+        raise ValueError("lr_schedule needs an optim built from a dict of arguments, e.g. Adam({'lr': 0.05})")
+    record_every = check_int(record_every, "record_every")
+    if eval_every is None and not batches.full:
+        eval_every = batches.steps_per_epoch
+    elif eval_every is not None:
+        eval_every = check_int(eval_every, "eval_every")
+    if trace_elbo_every is not None:
+        trace_elbo_every = check_int(trace_elbo_every, "trace_elbo_every")
+    trace_elbo_particles = check_int(trace_elbo_particles, "trace_elbo_particles")
+    if checkpoint_every is not None:
+        checkpoint_every = check_int(checkpoint_every, "checkpoint_every")
+        if checkpoint is None:
+            raise ValueError("checkpoint_every needs a checkpoint path")
+    if annealing is not None:
+        loss.annealing = annealing
+    return FitOptions(loss, batches, total_steps, optim, lr, schedule, manage_lr, record_every, eval_every,
+                      trace_elbo_every, trace_elbo_particles, checkpoint, checkpoint_every, data_variance)
+
+
+def _check_annealing(annealing, loss, total_steps):
+    if annealing is None:
+        return None
+    if not isinstance(loss, EntropyELBO):
+        raise ValueError(f"annealing weights the entropy terms of EntropyELBO; {type(loss).__name__} has none")
+    if isinstance(annealing, str) and annealing == "default":
+        annealing = Annealing.default(max(1, total_steps // 2))
+    if not isinstance(annealing, Annealing):
+        raise ValueError(f"annealing must be an Annealing, 'default' or None, got {annealing!r}")
+    if loss.annealing is not None and loss.annealing is not annealing:
+        raise ValueError(f"annealing: the loss already anneals with {loss.annealing!r} (from "
+                         f"EntropyELBO(annealing=...) or an earlier fit); pass one schedule, in one place")
+    return annealing
+
+
 def fit(model, guide, data, loss=None, *, steps=None, epochs=None, batch_size=None, lr=0.05,
         lr_schedule=None, optim=None, seed=0, device=None, dtype=None, progress=True, record_every=1,
-        trace_elbo_every=None, trace_elbo_particles=16, checkpoint=None, checkpoint_every=None,
+        eval_every=None, trace_elbo_every=None, trace_elbo_particles=16, checkpoint=None, checkpoint_every=None,
         resume=None, callback=None, annealing=None):
-    """Train ``model`` and ``guide`` on ``data`` with SVI; return a :class:`History`.
+    """Train ``model`` and ``guide`` on ``data`` with SVI; return a :class:`~pyro_esc.History`.
 
     Each step is one ``SVI.step`` on the full data (``batch_size=None``) or on a
     minibatch of indices, passed to model and guide as ``subsample=...``
     (Pyro's subsampling idiom). Minibatches are a fresh random permutation per
-    epoch. With :class:`~pyro_esc.EntropyELBO` (the default loss) lambda* and
-    sigma^2* then come from whole-data-set running statistics (see
-    :class:`~pyro_esc.objectives.RunningStatistics`).
+    epoch. With :class:`~pyro_esc.EntropyELBO` (the default loss) each step is
+    followed by ``loss.update(...)``, which writes lambda*, sigma^2* of the
+    parameters after the step into the model and, for minibatches, keeps the
+    whole-data running statistics current (see
+    :class:`~pyro_esc.statistics.RunningStatistics`).
+
+    What is recorded (see :class:`~pyro_esc.History`): the objective at every
+    ``record_every``-th step (``History.elbo``, with ``History.elbo_kind``
+    saying whether it is exact or an estimate) and the exact full-data ELBO
+    every ``eval_every`` steps and after the last (``History.eval_elbo``;
+    ``History.final_elbo`` is the number to report).
 
     :param model: a :class:`~pyro_esc.SparseCoding` (or any Pyro model taking ``(x, subsample=None)``).
     :param guide: a guide for it.
     :param data: the data, (N, D): a tensor (keeps its dtype) or an array (converted to ``dtype``).
+        Constant data (every point the same) is rejected: its ELBO is unbounded.
     :param loss: a ``pyro.infer.ELBO``; default ``EntropyELBO()``.
     :param int steps: number of optimisation steps (default 1000 if ``epochs`` is not given).
     :param int epochs: alternatively, passes over the data (ceil(N / batch_size) steps each).
@@ -145,6 +224,8 @@ def fit(model, guide, data, loss=None, *, steps=None, epochs=None, batch_size=No
     :param dtype: dtype for array data (default torch's default dtype).
     :param bool progress: show a tqdm progress bar with the objective, lambda and sigma^2.
     :param int record_every: record the history every this many steps (and at the last).
+    :param int eval_every: record the exact full-data ELBO every this many steps (and after the
+        last); default: once per epoch for minibatches, after the last step for full batch.
     :param int trace_elbo_every: every this many steps also record a Monte Carlo estimate of
         the ELBO per data point with Pyro's ``Trace_ELBO`` (vectorised particles) on the full data.
     :param int trace_elbo_particles: particles for that estimate.
@@ -155,105 +236,122 @@ def fit(model, guide, data, loss=None, *, steps=None, epochs=None, batch_size=No
     :param annealing: entropy annealing for an :class:`~pyro_esc.EntropyELBO` loss: an
         :class:`~pyro_esc.annealing.Annealing`, or ``"default"`` for
         :meth:`~pyro_esc.annealing.Annealing.default` over the first half of the steps (the true
-        objective after). Equivalent to ``loss=EntropyELBO(annealing=...)``; the weights used are
-        in ``History.betas``.
-    :raises NonFiniteObjectiveError: if the objective or a parameter becomes NaN or inf; the
-        message says at which step and which term.
+        objective after). Equivalent to ``loss=EntropyELBO(annealing=...)``; fit sets the weights
+        before every step (``EntropyELBO.set_annealing_step``) and records them in ``History.betas``.
+    :raises NonFiniteObjectiveError: if the objective or a parameter becomes NaN or inf, or the
+        noise variance collapses; the message says at which step and which term.
     """
     x = _prepare_data(data, device, dtype)
-    num_data = x.size(0)
-    loss = EntropyELBO() if loss is None else loss
-    if not isinstance(loss, pyro.infer.ELBO):
-        raise ValueError(f"loss must be a pyro.infer.ELBO (e.g. EntropyELBO()), got {loss!r}")
+    options = check_fit_options(
+        model, guide, x, loss, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule,
+        optim=optim, seed=seed, record_every=record_every, eval_every=eval_every,
+        trace_elbo_every=trace_elbo_every, trace_elbo_particles=trace_elbo_particles, checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every, annealing=annealing)
+    loss, batches, total_steps = options.loss, options.batches, options.total_steps
     for module in (model, guide):
         if isinstance(module, torch.nn.Module):
             module.to(x.device)
-    batches = _Batches(num_data, num_data if batch_size is None else check_int(batch_size, "batch_size"),
-                       int(seed))
-    total_steps = _total_steps(steps, epochs, batches.steps_per_epoch)
-    if annealing is not None:
-        if not isinstance(loss, EntropyELBO):
-            raise ValueError(f"annealing weights the entropy terms of EntropyELBO; {type(loss).__name__} has none")
-        if isinstance(annealing, str) and annealing == "default":
-            annealing = Annealing.default(max(1, total_steps // 2))
-        if not isinstance(annealing, Annealing):
-            raise ValueError(f"annealing must be an Annealing, 'default' or None, got {annealing!r}")
-        if loss.annealing is not None and loss.annealing is not annealing:
-            raise ValueError(f"annealing: the loss already anneals with {loss.annealing!r} (from "
-                             f"EntropyELBO(annealing=...) or an earlier fit); pass one schedule, in one place")
-        loss.annealing = annealing
-    _check_subsampling(guide, loss, batches)
-    lr = check_positive(lr, "lr")
-    schedule = _default_lr_schedule(lr_schedule)
-    if optim is None:
-        optim = pyro.optim.Adam({"lr": lr})
-    elif not isinstance(optim, pyro.optim.PyroOptim):
-        raise ValueError(f"optim must be a pyro.optim.PyroOptim, got {optim!r}")
-    # fit sets the learning rate when it owns the optimiser or a schedule asks for it.
-    manage_lr = lr_schedule is not None or optim.pt_optim_args == {"lr": lr}
-    if manage_lr and not isinstance(optim.pt_optim_args, dict):
-        raise ValueError("lr_schedule needs an optim built from a dict of arguments, e.g. Adam({'lr': 0.05})")
-    record_every = check_int(record_every, "record_every")
-    if trace_elbo_every is not None:
-        trace_elbo_every = check_int(trace_elbo_every, "trace_elbo_every")
-    if checkpoint_every is not None:
-        checkpoint_every = check_int(checkpoint_every, "checkpoint_every")
-        if checkpoint is None:
-            raise ValueError("checkpoint_every needs a checkpoint path")
-    svi = SVI(model, guide, optim, loss=loss)
+    svi = SVI(model, guide, options.optim, loss=loss)
 
-    history = History(num_data=num_data)
+    history = History(num_data=x.size(0), elbo_kind=options.elbo_kind)
     start_step, elapsed = 0, 0.0
     if resume is not None:
-        start_step, elapsed, history = _restore(resume, model, guide, svi, loss, batches, x)
+        start_step, elapsed, history = restore_checkpoint(resume, model, guide, svi, loss, batches, x)
     else:
         pyro.set_rng_seed(int(seed))
+
+    def save(step):
+        save_checkpoint(checkpoint, step, model, guide, svi, loss, batches, history,
+                        time.perf_counter() - started, x)
 
     bar = tqdm(total=total_steps, initial=start_step, disable=not progress, desc="fit", dynamic_ncols=True)
     started = time.perf_counter() - elapsed
     try:
         for step in range(start_step + 1, total_steps + 1):
-            if manage_lr:
-                _set_lr(optim, lr * schedule((step - 1) / max(1, total_steps - 1)))
+            if options.manage_lr:
+                _set_lr(options.optim, options.lr * options.schedule((step - 1) / max(1, total_steps - 1)))
             subsample = batches.next()
             kwargs = {} if subsample is None else {"subsample": subsample.to(x.device)}
-            try:
-                value = svi.step(x, **kwargs)
-            except NonFiniteObjectiveError as error:
-                raise NonFiniteObjectiveError(f"step {step}: {error}") from error
-            except ValueError as error:
-                # Pyro's distribution validation fails first when a parameter is NaN.
-                if _non_finite_parameters():
-                    raise NonFiniteObjectiveError(
-                        f"step {step}: {type(loss).__name__} failed ({error.args[0].splitlines()[0]}); "
-                        f"{_diagnose_non_finite(model, guide, x, kwargs)}") from error
-                raise
-            if not math.isfinite(value):
-                raise NonFiniteObjectiveError(
-                    f"step {step}: {type(loss).__name__} loss is {value}; "
-                    f"{_diagnose_non_finite(model, guide, x, kwargs)}")
-            if step % record_every == 0 or step == total_steps:
-                _record(history, step, step / batches.steps_per_epoch, value, model, loss, optim,
-                        time.perf_counter() - started)
-                if trace_elbo_every is not None and (step % trace_elbo_every == 0 or step == total_steps):
+            value = training_step(svi, model, guide, x, kwargs, step, options)
+            if step % options.record_every == 0 or step == total_steps:
+                history.record(step, step / batches.steps_per_epoch, value, model, _current_lr(options.optim),
+                               getattr(loss, "betas", (1.0, 1.0, 1.0)), time.perf_counter() - started)
+                if options.trace_elbo_every is not None and (step % options.trace_elbo_every == 0
+                                                             or step == total_steps):
                     history.trace_elbo_step.append(step)
-                    history.trace_elbo.append(_trace_elbo(model, guide, x, trace_elbo_particles))
-                if progress and history.elbo:
-                    bar.set_postfix(_postfix(history), refresh=False)
-                if callback is not None:
-                    callback(step, history)
+                    history.trace_elbo.append(_trace_elbo(model, guide, x, options.trace_elbo_particles))
+                if progress:
+                    bar.set_postfix(history.progress_postfix(), refresh=False)
+            if options.eval_due(step):
+                value, history.eval_kind = _exact_elbo(model, guide, x, loss)
+                history.eval_step.append(step)
+                history.eval_elbo.append(value)
+            if callback is not None and history.step and history.step[-1] == step:
+                callback(step, history)
             bar.update(1)
-            if checkpoint_every is not None and step % checkpoint_every == 0 and step != total_steps:
+            if options.checkpoint_every is not None and step % options.checkpoint_every == 0 and step != total_steps:
                 _check_parameters_finite(step)
-                save_checkpoint(checkpoint, step, model, guide, svi, loss, batches, history,
-                                time.perf_counter() - started)
+                save(step)
     finally:
         bar.close()
     _check_parameters_finite(total_steps)
     if checkpoint is not None:
-        save_checkpoint(checkpoint, total_steps, model, guide, svi, loss, batches, history,
-                        time.perf_counter() - started)
+        save(total_steps)
     return history
+
+
+def training_step(svi, model, guide, x, kwargs, step, options):
+    """One training step: the SVI update, then the explicit post-step update of an EntropyELBO.
+
+    :returns: the objective to record (a loss: -N ELBO). For EntropyELBO it is the value
+        after the step (exact on the full data; the running estimate on a minibatch);
+        for other objectives the value the step evaluated.
+    :raises NonFiniteObjectiveError: naming the step and the term or site.
+    """
+    loss = options.loss
+    if isinstance(loss, EntropyELBO):
+        loss.set_annealing_step(step - 1)
+    try:
+        value = svi.step(x, **kwargs)
+        if isinstance(loss, EntropyELBO):
+            terms = loss.update(model, guide, x, **kwargs)
+            value = float(-terms.num_data * terms.elbo)
+            if float(terms.noise_var) < NOISE_COLLAPSE * options.data_variance:
+                raise NonFiniteObjectiveError(
+                    f"the noise variance sigma^2* collapsed to {float(terms.noise_var):g} (data variance "
+                    f"{options.data_variance:g}): the model reproduces the data exactly (data of rank < H?), "
+                    f"and the ELBO grows without bound")
+    except NonFiniteObjectiveError as error:
+        raise NonFiniteObjectiveError(f"step {step}: {error}") from error
+    except ValueError as error:
+        # Pyro's distribution validation fails first when a parameter is NaN.
+        if _non_finite_parameters():
+            raise NonFiniteObjectiveError(
+                f"step {step}: {type(loss).__name__} failed ({error.args[0].splitlines()[0]}); "
+                f"{_diagnose_non_finite(model, guide, x, kwargs)}") from error
+        raise
+    if not math.isfinite(value):
+        raise NonFiniteObjectiveError(
+            f"step {step}: {type(loss).__name__} loss is {value}; {_diagnose_non_finite(model, guide, x, kwargs)}")
+    return value
+
+
+def _exact_elbo(model, guide, x, loss):
+    """The full-data ELBO per data point and its kind, without changing anything.
+
+    Closed-form objectives evaluate themselves; under a sampled objective a
+    Gaussian guide is evaluated in closed form (AnalyticELBO at the model's
+    scales), any other guide by the objective's own Monte Carlo estimate.
+    """
+    if isinstance(loss, EntropyELBO):
+        return training_elbo(model, guide, x), EXACT
+    try:
+        return held_out_elbo(model, guide, x), EXACT
+    except ValueError:
+        if isinstance(loss, AnalyticELBO):
+            raise
+    with torch.no_grad(), poutine.block():
+        return -loss.loss(model, guide, x) / x.size(0), MONTE_CARLO
 
 
 def decaying_adam(lr, steps, decay_to=0.2, betas=(0.9, 0.99), clip_norm=10.0, lr_for=None):
@@ -322,35 +420,12 @@ def _set_lr(optim, lr):
             group["lr"] = lr
 
 
-def _record(history, step, epoch, value, model, loss, optim, wall_time):
-    history.step.append(step)
-    history.epoch.append(epoch)
-    history.loss.append(value)
-    history.elbo.append(-value / history.num_data)
-    prior_scale = getattr(model, "prior_scale", None)
-    noise_var = getattr(model, "noise_var", None)
-    history.prior_scale.append(prior_scale.detach().cpu().tolist() if prior_scale is not None else [])
-    history.noise_var.append(float(noise_var.detach()) if noise_var is not None else float("nan"))
-    history.wall_time.append(wall_time)
-    history.lr.append(_current_lr(optim))
-    history.betas.append(list(getattr(loss, "betas", (1.0, 1.0, 1.0))))
-
-
 def _current_lr(optim):
     # The rate the optimisers use now (ClippedAdam decays it inside); the first
     # parameter's, as they share a schedule.
     for optimizer in optim.optim_objs.values():
         return float(optimizer.param_groups[0]["lr"])
     return optim.pt_optim_args["lr"] if isinstance(optim.pt_optim_args, dict) else float("nan")
-
-
-def _postfix(history):
-    postfix = {"elbo": f"{history.elbo[-1]:.4f}"}
-    if history.prior_scale[-1]:
-        postfix["lambda"] = f"{sum(history.prior_scale[-1]) / len(history.prior_scale[-1]):.3g}"
-    if math.isfinite(history.noise_var[-1]):
-        postfix["sigma2"] = f"{history.noise_var[-1]:.3g}"
-    return postfix
 
 
 def _trace_elbo(model, guide, x, particles):
@@ -388,61 +463,3 @@ def _check_parameters_finite(step):
         raise NonFiniteObjectiveError(f"step {step}: parameters became non-finite: {', '.join(bad)}")
 
 
-# ------------------------------------------------------------------ checkpoints
-
-
-def save_checkpoint(path, step, model, guide, svi, loss, batches, history, wall_time):
-    """Write everything :func:`fit` needs to resume bit-for-bit (atomically: temp file + rename)."""
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "step": step,
-        "wall_time": wall_time,
-        "param_store": pyro.get_param_store().get_state(),
-        "optim": svi.optim.get_state(),
-        "model": model.state_dict() if isinstance(model, torch.nn.Module) else None,
-        "guide": guide.state_dict() if isinstance(guide, torch.nn.Module) else None,
-        "loss": loss.state_dict() if hasattr(loss, "state_dict") else None,
-        "rng": get_rng_state(),
-        "batches": batches.state_dict(),
-        "history": history.to_dict(),
-    }
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    temporary = f"{path}.tmp"
-    torch.save(state, temporary)
-    os.replace(temporary, path)
-
-
-def load_checkpoint(path):
-    """Read a checkpoint written by :func:`fit` (a dict; see :func:`save_checkpoint`)."""
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path!r} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001 - any unreadable file is bad input
-        raise ValueError(f"checkpoint {path!r} could not be read: {error}") from error
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path!r} is not a pyro_esc checkpoint ({CHECKPOINT_FORMAT})")
-    return state
-
-
-def _restore(path, model, guide, svi, loss, batches, x):
-    state = load_checkpoint(path)
-    # Order matters: the model's "initialized" flag first (or the next model run
-    # re-initialises from data), then the param store, then the guide's lazy
-    # setup (which may draw random numbers), and the RNG state last.
-    if state["model"] is not None and isinstance(model, torch.nn.Module):
-        model.load_state_dict(state["model"])
-    store = pyro.get_param_store()
-    store.clear()
-    store.set_state(state["param_store"])
-    with poutine.block():
-        guide(x)
-    if state["guide"] is not None and isinstance(guide, torch.nn.Module):
-        guide.load_state_dict(state["guide"])
-    svi.optim.set_state(state["optim"])
-    if state["loss"] is not None and hasattr(loss, "load_state_dict"):
-        loss.load_state_dict(state["loss"], x)
-    batches.load_state_dict(state["batches"])
-    set_rng_state(state["rng"])
-    return state["step"], state["wall_time"], History.from_dict(state["history"])

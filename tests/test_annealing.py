@@ -68,16 +68,46 @@ def test_annealed_elbo_reports_the_true_loss_and_optimises_the_weighted_one(floa
     assert math.isclose(reported, plain.loss(model, guide, x), rel_tol=1e-12)
     for param, expected in zip(params, expected_grads):
         assert torch.allclose(param.grad, expected)
-    assert elbo.step == 1 and elbo.betas == (3.0, 2.0, 0.5)
+    # Evaluating does not advance the schedule: only whoever owns the step count does.
+    assert elbo.annealing_step == 0 and elbo.betas == (3.0, 2.0, 0.5)
 
 
-def test_svi_steps_advance_the_schedule_to_the_true_objective():
+def test_whoever_owns_the_step_count_drives_the_schedule_through_svi():
     model, guide, x = setup("AutoNormal")
     elbo = EntropyELBO(annealing=Annealing(3, posterior=linear(2.0)))
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), loss=elbo)
     seen = []
-    for _ in range(5):
+    for step in range(5):
+        elbo.set_annealing_step(step)
         svi.step(x)
         seen.append(elbo.betas[0])
     assert seen[0] == 2.0 and seen[3:] == [1.0, 1.0]
-    assert elbo.step == 5
+    with pytest.raises(ValueError, match="step must be an integer"):
+        elbo.set_annealing_step(-1)
+
+
+@pytest.mark.parametrize("step", [0, 2, 7])
+def test_annealing_weights_apply_identically_through_svi_differentiable_loss_and_elbo_module(float64, step):
+    model, guide, x = setup("AutoNormal")
+    params = [value for name, value in pyro.get_param_store().named_parameters() if name.startswith("AutoNormal")]
+    annealing = Annealing(4, posterior=linear(3.0), prior=constant(2.0), likelihood=constant(0.5))
+    elbo = EntropyELBO(annealing=annealing)
+    elbo.set_annealing_step(step)
+    beta_q, beta_p, beta_x = annealing.betas(step)
+    # The independent route: the weighted objective assembled from the unweighted terms.
+    terms = EntropyELBO().terms(model, guide, x)
+    weighted = -x.size(0) * (beta_q * terms.posterior_entropy - beta_p * terms.prior_entropy
+                             - beta_x * terms.likelihood_entropy)
+    expected = torch.autograd.grad(weighted, params)
+    routes = {
+        "differentiable_loss": lambda: torch.autograd.grad(elbo.differentiable_loss(model, guide, x), params),
+        "ELBOModule": lambda: torch.autograd.grad(elbo(model, guide)(x), params),
+    }
+    for name, route in routes.items():
+        for grad, reference in zip(route(), expected):
+            assert torch.allclose(grad, reference, rtol=1e-10), name
+    for param in params:
+        param.grad = None
+    elbo.loss_and_grads(model, guide, x)  # SVI's route
+    for param, reference in zip(params, expected):
+        assert torch.allclose(param.grad, reference, rtol=1e-10), "loss_and_grads"

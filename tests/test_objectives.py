@@ -40,7 +40,8 @@ def relative_difference(a, b):
 @pytest.mark.parametrize("guide_name", GUIDES)
 def test_entropy_elbo_equals_analytic_elbo_at_theorem2_scales(float64, guide_name):
     model, guide, x = setup(guide_name)
-    entropy_loss = EntropyELBO().loss(model, guide, x)  # writes lambda*, sigma^2* into the model
+    entropy_loss = EntropyELBO().loss(model, guide, x)
+    EntropyELBO().update(model, guide, x)  # the explicit call that writes lambda*, sigma^2* into the model
     analytic_loss = AnalyticELBO().loss(model, guide, x)
     assert relative_difference(entropy_loss, analytic_loss) < 1e-8
 
@@ -69,7 +70,7 @@ def scale_gradients(model, guide, x):
 @pytest.mark.parametrize("guide_name", GUIDES)
 def test_analytic_elbo_is_stationary_in_the_scales_at_theorem2(float64, guide_name):
     model, guide, x = setup(guide_name)
-    EntropyELBO().loss(model, guide, x)
+    EntropyELBO().update(model, guide, x)
     at_optimum = scale_gradients(model, guide, x)
     # A reference magnitude: the same gradients 10% away from the optimum.
     model.set_scales(prior_scale=model.prior_scale.detach() * 1.1, noise_var=model.noise_var.detach() * 1.1)
@@ -82,6 +83,7 @@ def test_analytic_elbo_is_stationary_in_the_scales_at_theorem2(float64, guide_na
 def test_gradients_of_entropy_and_analytic_elbo_agree_at_theorem2(float64, guide_name):
     model, guide, x = setup(guide_name)
     params = [value for _, value in guide_parameters(guide)] + [pyro.param("raw_dictionary").unconstrained()]
+    EntropyELBO().update(model, guide, x)
     entropy_grads = torch.autograd.grad(EntropyELBO().differentiable_loss(model, guide, x), params)
     analytic_grads = torch.autograd.grad(AnalyticELBO().differentiable_loss(model, guide, x), params)
     for entropy_grad, analytic_grad in zip(entropy_grads, analytic_grads):
@@ -92,7 +94,7 @@ def test_gradients_of_entropy_and_analytic_elbo_agree_at_theorem2(float64, guide
 def test_theorem2_scales_match_monte_carlo_moments(float64):
     # A second route to lambda* and sigma^2*: sample the guide and average |z| and ||x - W z||^2.
     model, guide, x = setup("AutoNormal")
-    EntropyELBO().loss(model, guide, x)
+    EntropyELBO().update(model, guide, x)
     with torch.no_grad():
         loc, scale = guide.locs.z, guide.scales.z
         z = loc + scale * torch.randn((20000,) + loc.shape)
@@ -110,13 +112,15 @@ def test_one_svi_step_moves_every_parameter_it_should():
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), loss=elbo)
     svi.step(x)  # first step initialises everything
     before = {name: value.detach().clone() for name, value in pyro.get_param_store().named_parameters()}
-    expected = elbo.terms(model, guide, x)
     svi.step(x)
     after = dict(pyro.get_param_store().named_parameters())
     for name in ("raw_dictionary", "AutoNormal.locs.z", "AutoNormal.scales.z"):
         assert not torch.equal(before[name], after[name].detach()), f"{name} did not move"
-    # lambda and sigma^2 are set to Theorem 2's values of the guide the step evaluated,
-    # and never handed to the optimiser.
+    # The step leaves lambda and sigma^2 alone; update sets them to Theorem 2's values of the
+    # guide after the step, and they are never handed to the optimiser.
+    assert torch.equal(after["prior_scale"].detach(), before["prior_scale"])
+    expected = elbo.terms(model, guide, x)
+    elbo.update(model, guide, x)
     assert torch.allclose(model.prior_scale.detach(), expected.prior_scale.detach())
     assert torch.allclose(model.noise_var.detach(), expected.noise_var.detach())
     with poutine.trace(param_only=True) as capture:  # what SVI hands to its optimiser
@@ -143,6 +147,7 @@ def test_minibatch_estimates_are_scaled_to_the_data_set(float64):
     assert relative_difference(EntropyELBO().loss(model, guide, x, subsample=everything), full) < 1e-12
     batch = torch.tensor([3, 17, 5, 28, 39, 0, 11, 22])
     entropy_batch = EntropyELBO(minibatch_statistics="batch").loss(model, guide, x, subsample=batch)
+    EntropyELBO(minibatch_statistics="batch").update(model, guide, x, subsample=batch)
     # An independent route: the full-batch closed-form ELBO of a model that sees only
     # the batch points, at the batch's lambda*, sigma^2* (just written), times N/B.
     loc = pyro.param("AutoNormal.locs.z").unconstrained().detach()[batch]

@@ -1,0 +1,60 @@
+"""The one place that touches Pyro's private internals.
+
+pyro_esc reads a few things that Pyro does not export: a PyroModule's Pyro
+context (to read parameters the way ``pyro_method`` does), the param store's
+unconstrained tensors, the stack of active effect handlers, and AutoNormal's
+per-site parameters. Keeping them here means a Pyro upgrade that moves one of
+them breaks one small module, and ``tests/test_pyro_internals.py`` pins each of
+them against the installed Pyro.
+"""
+
+import contextlib
+
+import pyro
+from pyro.nn import PyroModule
+from pyro.poutine import runtime
+
+
+def module_context(module):
+    """A context manager that enters ``module``'s Pyro context, as ``@pyro_method`` does.
+
+    Inside it a PyroModule's parameters are read through ``pyro.param``, so that
+    SVI's parameter capture sees (and trains) them. For anything that is not a
+    PyroModule it does nothing.
+    """
+    if isinstance(module, PyroModule):
+        return module._pyro_context
+    return contextlib.nullcontext()
+
+
+def stored_unconstrained(module, name):
+    """The unconstrained tensor that the param store holds for ``module``'s parameter ``name``, or None.
+
+    Module and store share one tensor, except after the store was replaced
+    (e.g. ``ParamStoreDict.set_state``); the store's tensor is then the one the
+    module adopts on its next read inside its Pyro context.
+    """
+    if not module._pyro_context.used:
+        return None
+    return pyro.get_param_store()._params.get(module._pyro_get_fullname(name))
+
+
+def active_handlers():
+    """The effect handlers (Pyro messengers) active now, outermost first."""
+    return list(runtime._PYRO_STACK)
+
+
+def autonormal_loc_and_scale(guide, name):
+    """AutoNormal's (loc, scale) for site ``name``, through the guide's own (overridable) reader."""
+    return guide._get_loc_and_scale(name)
+
+
+def param_site_unconstrained(site):
+    """The unconstrained tensor behind a traced ``"param"`` site: the tensor SVI hands to its optimiser.
+
+    ``pyro.param`` returns a constrained value with an ``unconstrained`` weakref;
+    a plate that subsampled the value keeps the original in ``_pyro_unconstrained_param``.
+    """
+    value = site["value"]
+    unconstrained = getattr(value, "_pyro_unconstrained_param", None)
+    return unconstrained if unconstrained is not None else value.unconstrained()

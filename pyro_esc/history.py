@@ -1,0 +1,91 @@
+"""What :func:`~pyro_esc.fit` records: :class:`History`, and the one function that writes it."""
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import List
+
+#: How ``History.elbo`` was obtained, by kind of objective and batch.
+EXACT = "exact"  #: closed form on the full data
+RUNNING = "running estimate"  #: EntropyELBO on minibatches: batch rows current, the others as last visited
+BATCH = "batch estimate"  #: a closed-form objective evaluated on the minibatch alone
+MONTE_CARLO = "monte carlo"  #: a sampled objective (e.g. Trace_ELBO)
+
+
+@dataclass
+class History:
+    """What :func:`~pyro_esc.fit` recorded (lists of floats, one entry per recorded step).
+
+    Two ELBO series, per data point (higher is better):
+
+    - ``elbo`` (with ``loss`` = -N ``elbo``, Pyro's sign and scale) is the
+      objective as training saw it at every recorded step; ``elbo_kind`` says
+      what it is: ``"exact"`` (a closed-form objective on the full data; for
+      :class:`~pyro_esc.EntropyELBO` the value after the step), ``"running
+      estimate"`` (EntropyELBO on minibatches: exact for the batch, the other
+      points as last visited), ``"batch estimate"`` or ``"monte carlo"``.
+      Under annealing it is the true, unweighted objective.
+    - ``eval_elbo`` at ``eval_step`` is the exact ELBO per data point on the
+      full data, evaluated without changing anything (``eval_kind`` says which:
+      ``"exact"`` for Gaussian guides, else a Monte Carlo estimate), every
+      ``eval_every`` steps and after the last step. Report this one:
+      :attr:`final_elbo`.
+
+    ``trace_elbo`` holds optional Monte Carlo checks with Pyro's ``Trace_ELBO``
+    at ``trace_elbo_step``.
+    """
+
+    num_data: int = 0
+    elbo_kind: str = EXACT
+    eval_kind: str = EXACT
+    step: List[int] = field(default_factory=list)
+    epoch: List[float] = field(default_factory=list)
+    loss: List[float] = field(default_factory=list)
+    elbo: List[float] = field(default_factory=list)
+    prior_scale: List[List[float]] = field(default_factory=list)
+    noise_var: List[float] = field(default_factory=list)
+    wall_time: List[float] = field(default_factory=list)
+    lr: List[float] = field(default_factory=list)
+    betas: List[List[float]] = field(default_factory=list)
+    eval_step: List[int] = field(default_factory=list)
+    eval_elbo: List[float] = field(default_factory=list)
+    trace_elbo_step: List[int] = field(default_factory=list)
+    trace_elbo: List[float] = field(default_factory=list)
+
+    def __len__(self):
+        return len(self.step)
+
+    @property
+    def final_elbo(self):
+        """The exact full-data ELBO per data point after the last step (NaN before any evaluation)."""
+        return self.eval_elbo[-1] if self.eval_elbo else math.nan
+
+    def to_dict(self):
+        """Plain lists and numbers (JSON-serialisable)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, state):
+        return cls(**state)
+
+    def record(self, step, epoch, value, model, lr, betas, wall_time):
+        """Append one recorded step: the objective ``value`` (a loss), the model's scales, and context."""
+        self.step.append(step)
+        self.epoch.append(epoch)
+        self.loss.append(value)
+        self.elbo.append(-value / self.num_data)
+        prior_scale = getattr(model, "prior_scale", None)
+        noise_var = getattr(model, "noise_var", None)
+        self.prior_scale.append(prior_scale.detach().cpu().tolist() if prior_scale is not None else [])
+        self.noise_var.append(float(noise_var.detach()) if noise_var is not None else float("nan"))
+        self.wall_time.append(wall_time)
+        self.lr.append(lr)
+        self.betas.append(list(betas))
+
+    def progress_postfix(self):
+        """A short summary of the last record, for a progress bar."""
+        postfix = {"elbo": f"{self.elbo[-1]:.4f}"}
+        if self.prior_scale[-1]:
+            postfix["lambda"] = f"{sum(self.prior_scale[-1]) / len(self.prior_scale[-1]):.3g}"
+        if math.isfinite(self.noise_var[-1]):
+            postfix["sigma2"] = f"{self.noise_var[-1]:.3g}"
+        return postfix

@@ -1,0 +1,230 @@
+"""Expected sufficient statistics of a Gaussian guide under :class:`~pyro_esc.SparseCoding`.
+
+The closed-form objectives depend on the guide and the dictionary only through
+three sums over data points (PAPER.md s.4-s.6)::
+
+    S_H   = sum_n H[q^(n)]                  (posterior entropy)
+    S_|z| = sum_n E_q[|z^(n)|]              (shape (H,); gives lambda* = S_|z| / N)
+    S_sq  = sum_n E_q||x^(n) - W z||^2      (gives sigma^2* = S_sq / (N D))
+
+- :func:`read_posterior` reads the guide and the dictionary for one evaluation
+  (inside the model's Pyro context, so SVI trains the dictionary) and rejects
+  what a closed-form objective cannot honour;
+- :class:`BatchStatistics` holds the three sums of one evaluation;
+- :class:`PointStatistics` holds them per point, for minibatches;
+- :class:`RunningStatistics` is the per-point table of the whole data set that
+  minibatch training keeps, with one writer (:meth:`RunningStatistics.store`).
+"""
+
+import weakref
+from typing import NamedTuple
+
+import torch
+
+from pyro.poutine.block_messenger import BlockMessenger
+from pyro.poutine.seed_messenger import SeedMessenger
+from pyro.poutine.trace_messenger import TraceMessenger
+
+from ._pyro_internals import active_handlers
+from .gaussian import expected_squared_error, expected_squared_errors, folded_normal_mean
+from .model import SparseCoding
+from .posterior import gaussian_posterior
+
+# Handlers that may be active around a closed-form objective: they record or
+# hide sites (SVI's parameter capture is a TraceMessenger) or seed the RNG, and
+# change no density. Any other handler (scale, mask, condition, lift, plate,
+# ...) would change what the model means, and the closed form cannot honour it.
+_HARMLESS_HANDLERS = (TraceMessenger, BlockMessenger, SeedMessenger)
+
+
+class Evaluation(NamedTuple):
+    """What one closed-form evaluation reads: the data, the batch and the guide's Gaussian summary."""
+
+    x: torch.Tensor  #: all N data points
+    subsample: torch.Tensor  #: the batch's indices, or None for the whole data set
+    x_batch: torch.Tensor  #: the batch's data points (B, D)
+    posterior: object  #: the guide's :class:`~pyro_esc.GaussianPosterior` for the batch
+    dictionary: torch.Tensor  #: W (D, H), read inside the model's Pyro context
+
+
+def read_posterior(model, guide, args, kwargs, objective="the closed-form objective"):
+    """Resolve the model's arguments and read the guide's Gaussian summary and the dictionary.
+
+    Raises a ValueError for a model the closed form does not describe (not a
+    :class:`~pyro_esc.SparseCoding`, or a subclass that overrides ``forward``)
+    and for effect handlers active around the call that would change the model's
+    density (e.g. ``poutine.scale``): the closed form never runs the model, so it
+    would silently ignore them.
+    """
+    if not isinstance(model, SparseCoding):
+        raise ValueError(f"model must be a pyro_esc.SparseCoding (not wrapped in effect handlers) for "
+                         f"{objective}, got {type(model).__name__}; use Trace_ELBO for other models")
+    if type(model).forward is not SparseCoding.forward:
+        raise ValueError(f"{type(model).__name__} overrides SparseCoding.forward, but {objective} computes "
+                         f"SparseCoding's own density in closed form and never runs the model, so it would "
+                         f"ignore the change; use Trace_ELBO for a changed model")
+    foreign = [type(handler).__name__ for handler in active_handlers()
+               if not isinstance(handler, _HARMLESS_HANDLERS)]
+    if foreign:
+        raise ValueError(f"{objective} computes the model's density in closed form and cannot honour the "
+                         f"effect handlers active around it ({', '.join(foreign)}, e.g. poutine.scale, "
+                         f"poutine.mask or a plate); call it outside them, or use Trace_ELBO")
+    x, subsample = model.resolve_data(*args, **kwargs)
+    posterior = gaussian_posterior(guide, x, subsample)
+    x_batch = x if subsample is None else x.index_select(0, subsample)
+    if tuple(posterior.mean.shape) != (x_batch.size(0), model.n_latents):
+        raise ValueError(f"the guide's posterior has shape {tuple(posterior.mean.shape)}, expected "
+                         f"(B, H) = ({x_batch.size(0)}, {model.n_latents})")
+    return Evaluation(x, subsample, x_batch, posterior, model.read_dictionary())
+
+
+class BatchStatistics(NamedTuple):
+    """Expected sufficient statistics of the B data points of one evaluation.
+
+    ``abs_sum`` and ``sq_error_sum`` determine Theorem 2's optimal scales::
+
+        lambda_h* = 1/B     sum_n E_q[|z_h|]
+        sigma^2*  = 1/(B D) sum_n E_q[||x^(n) - W z||^2]
+    """
+
+    num_data: int  #: N, the size of the full data set (the loss is scaled to it)
+    num_points: int  #: B, the points in this batch
+    data_dim: int  #: D
+    entropy: torch.Tensor  #: sum_n H[q^(n)] over the batch (the joint entropy for joint guides)
+    abs_sum: torch.Tensor  #: sum_n E|z^(n)|, shape (H,)
+    sq_error_sum: torch.Tensor  #: sum_n E||x^(n) - W z||^2
+
+    @classmethod
+    def of(cls, evaluation):
+        """The sums over the batch of an :class:`Evaluation`."""
+        posterior, x_batch, dictionary = evaluation.posterior, evaluation.x_batch, evaluation.dictionary
+        abs_sum = folded_normal_mean(posterior.mean, posterior.stddev).sum(0)
+        sq_error_sum = expected_squared_error(x_batch, dictionary, posterior.mean, posterior.trace_term(dictionary))
+        return cls(evaluation.x.size(0), x_batch.size(0), x_batch.size(1), posterior.entropy, abs_sum, sq_error_sum)
+
+    @property
+    def optimal_prior_scale(self):
+        """Theorem 2's lambda* for this batch."""
+        return self.abs_sum / self.num_points
+
+    @property
+    def optimal_noise_var(self):
+        """Theorem 2's sigma^2* for this batch."""
+        return self.sq_error_sum / (self.num_points * self.data_dim)
+
+
+def batch_statistics(model, guide, *args, **kwargs):
+    """Compute :class:`BatchStatistics` for ``model(*args, **kwargs)`` under ``guide``.
+
+    Reads the dictionary inside the model's Pyro context (so SVI trains it) and
+    the guide through :func:`~pyro_esc.posterior.gaussian_posterior`.
+    """
+    return BatchStatistics.of(read_posterior(model, guide, args, kwargs))
+
+
+class PointStatistics(NamedTuple):
+    """Per-point expected statistics: entropy (B,), E|z| (B, H), E||x - W z||^2 (B,)."""
+
+    entropy: torch.Tensor
+    abs_mean: torch.Tensor
+    sq_error: torch.Tensor
+
+    @classmethod
+    def of(cls, x_batch, posterior, dictionary):
+        return cls(posterior.point_entropies(),
+                   folded_normal_mean(posterior.mean, posterior.stddev),
+                   expected_squared_errors(x_batch, dictionary, posterior.mean, posterior.trace_terms(dictionary)))
+
+
+def _reference(value):
+    # A weak reference where the object allows one (so a table never keeps a model,
+    # guide or data set alive); otherwise a strong one.
+    try:
+        return weakref.ref(value)
+    except TypeError:
+        return lambda: value
+
+
+class RunningStatistics:
+    """The per-point statistics of a whole data set, kept for minibatch training.
+
+    For every data point n it holds H[q^(n)], E|z^(n)| and E||x^(n) - W z||^2
+    as last stored. A minibatch evaluation (:meth:`combine`) uses the current
+    values for the batch and the stored ones for every other point::
+
+        S = sum_{n in batch} s_n(current) + sum_{n not in batch} s_n(stored)
+        lambda* = S_|z| / N,  sigma^2* = S_sq / (N D),  L_H = S_H / N - ...
+
+    Its value is the full-data L_H up to the staleness of the stored rows; its
+    gradient flows through the batch only, scaled by N / B as in Pyro's
+    subsampling. With the batch equal to the data set it is exactly the
+    full-batch objective.
+
+    A table belongs to one model, one guide and one data tensor (in the version
+    it had when the table was built): :meth:`belongs_to` checks all three, so a
+    table can never serve another guide or changed data. Only :meth:`store`
+    changes it; :meth:`combine` is pure.
+    """
+
+    def __init__(self, model, guide, x, points):
+        self.num_data = x.size(0)
+        self.data_dim = x.size(1)
+        self._model = _reference(model)
+        self._guide = _reference(guide)
+        self._data = weakref.ref(x)
+        self._data_version = x._version
+        self.entropy = points.entropy.detach().clone()
+        self.abs_mean = points.abs_mean.detach().clone()
+        self.sq_error = points.sq_error.detach().clone()
+
+    def belongs_to(self, model, guide, x):
+        """Whether this table was built for this model, this guide and this (unchanged) data tensor."""
+        return (self._model() is model and self._guide() is guide and self._data() is x
+                and x._version == self._data_version)
+
+    def combine(self, subsample, points):
+        """:class:`BatchStatistics` over all N points, with gradients from the batch only (pure)."""
+        gain = self.num_data / subsample.size(0)
+
+        def mix(stored, current):
+            current_sum = current.sum(0)
+            # Value: the stored total with the batch rows replaced. Gradient: the batch's, times N / B.
+            others = stored.sum(0) - stored.index_select(0, subsample).sum(0)
+            return others + current_sum * gain - (current_sum * (gain - 1)).detach()
+
+        return BatchStatistics(self.num_data, self.num_data, self.data_dim,
+                               mix(self.entropy, points.entropy), mix(self.abs_mean, points.abs_mean),
+                               mix(self.sq_error, points.sq_error))
+
+    def totals(self):
+        """:class:`BatchStatistics` of the stored table itself (no gradient)."""
+        return BatchStatistics(self.num_data, self.num_data, self.data_dim,
+                               self.entropy.sum(), self.abs_mean.sum(0), self.sq_error.sum())
+
+    @torch.no_grad()
+    def store(self, subsample, points):
+        """Overwrite the rows ``subsample`` (all rows for None) with ``points``: the table's one writer."""
+        rows = slice(None) if subsample is None else subsample
+        self.entropy[rows] = points.entropy.detach()
+        self.abs_mean[rows] = points.abs_mean.detach()
+        self.sq_error[rows] = points.sq_error.detach()
+
+    def state_dict(self):
+        return {"entropy": self.entropy, "abs_mean": self.abs_mean, "sq_error": self.sq_error}
+
+    @classmethod
+    def from_state(cls, model, guide, x, state):
+        """Rebuild a table for ``(model, guide, x)`` from :meth:`state_dict` (no pass over the data)."""
+        like = dict(dtype=x.dtype, device=x.device)
+        points = PointStatistics(state["entropy"].to(**like), state["abs_mean"].to(**like),
+                                 state["sq_error"].to(**like))
+        if points.entropy.shape != (x.size(0),):
+            raise ValueError(f"running statistics are for {points.entropy.size(0)} points, x has {x.size(0)}")
+        return cls(model, guide, x, points)
+
+
+def check_distinct(subsample):
+    """Reject repeated indices: a running table would count a repeated point twice."""
+    if torch.unique(subsample).numel() != subsample.numel():
+        raise ValueError("subsample must not repeat data points with running minibatch statistics "
+                         "(each index at most once per batch)")
