@@ -17,6 +17,10 @@ from torch.autograd.function import once_differentiable
 LOG_2PI_E = math.log(2 * math.pi * math.e)
 #: log(2 e), the per-dimension constant of a Laplace entropy.
 LOG_2E = math.log(2 * math.e)
+#: log(2 pi), the per-dimension constant of a Gaussian log-normaliser.
+LOG_2PI = math.log(2 * math.pi)
+
+_LOG_2 = math.log(2.0)
 
 _SQRT_2 = math.sqrt(2.0)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -94,6 +98,19 @@ def isotropic_normal_entropy(variance, dim):
     return 0.5 * dim * (LOG_2PI_E + variance.log())
 
 
+def normal_log_normalizer(variance, dim):
+    """Log of the normalising constant of an isotropic Gaussian Normal(mu, sigma^2 I_D).
+
+        log Normal(x; mu, sigma^2 I_D) = normal_log_normalizer(sigma^2, D) - ||x - mu||^2 / (2 sigma^2)
+        normal_log_normalizer(sigma^2, D) = -D/2 log(2 pi sigma^2)
+
+    :param torch.Tensor variance: sigma^2 > 0 (any shape; a Python number is accepted).
+    :param int dim: D.
+    :returns: a tensor of ``variance``'s shape.
+    """
+    return -0.5 * dim * (LOG_2PI + torch.as_tensor(variance).log())
+
+
 class _FoldedNormalMean(torch.autograd.Function):
     """E|z| for z ~ Normal(nu, tau^2) with exact, everywhere-finite gradients.
 
@@ -141,6 +158,45 @@ def folded_normal_mean(loc, scale):
     if loc.shape != scale.shape:
         loc, scale = torch.broadcast_tensors(loc, scale)
     return _FoldedNormalMean.apply(loc, scale)
+
+
+def laplace_cross_entropy_from_abs_mean(abs_mean, prior_scale):
+    """Cross-entropy of any q against independent Laplace(0, lambda_h) latents, given E_q|z_h|.
+
+        E_q[-log prod_h Laplace(z_h; 0, lambda_h)] = sum_h [ log(2 lambda_h) + E_q|z_h| / lambda_h ]
+
+    Only the mean absolute values of q's marginals enter. Summed over the last
+    dimension; the other dimensions broadcast. For a Gaussian q use
+    :func:`laplace_cross_entropy`.
+
+    :param torch.Tensor abs_mean: E_q|z_h|, shape (..., H).
+    :param torch.Tensor prior_scale: lambda > 0, shape (..., H) (e.g. (H,)).
+    :returns: shape (...).
+    """
+    return (_LOG_2 + prior_scale.log() + abs_mean / prior_scale).sum(-1)
+
+
+def laplace_cross_entropy(loc, scale, prior_scale, prior_loc=None):
+    """Cross-entropy of Gaussian marginals against independent Laplace latents.
+
+        E_q[-log prod_h Laplace(z_h; m_h, lambda_h)] = sum_h [ log(2 lambda_h) + E|z_h - m_h| / lambda_h ],
+        z_h ~ Normal(nu_h, tau_h^2)
+
+    with the folded-normal mean E|z_h - m_h| of :func:`folded_normal_mean` (so
+    gradients stay finite for tiny tau). Only the marginal scales tau_h enter,
+    so the value holds for any covariance with diagonal tau^2. Summed over the
+    last dimension; the other dimensions broadcast. For elementwise values,
+    give every argument a trailing dimension of size 1.
+
+    :param torch.Tensor loc: nu, shape (..., H).
+    :param torch.Tensor scale: tau >= 0, shape (..., H).
+    :param torch.Tensor prior_scale: lambda > 0, shape (..., H).
+    :param torch.Tensor prior_loc: m, shape (..., H); default 0.
+    :returns: shape (...).
+    """
+    if prior_loc is not None:
+        loc = loc - prior_loc
+    return laplace_cross_entropy_from_abs_mean(folded_normal_mean(loc, scale), prior_scale)
 
 
 def expected_squared_errors(x, dictionary, mean, trace_terms):

@@ -53,22 +53,23 @@ def scale_tril_from_packed(diagonal, off_diagonal):
     :param torch.Tensor off_diagonal: the strictly lower entries, shape (..., H (H - 1) / 2).
     :returns: L, shape (..., H, H).
     """
-    hidden = diagonal.size(-1)
-    if off_diagonal.shape != diagonal.shape[:-1] + (hidden * (hidden - 1) // 2,):
-        raise ValueError(f"off_diagonal must have shape {tuple(diagonal.shape[:-1]) + (hidden * (hidden - 1) // 2,)} "
+    n_latents = diagonal.size(-1)
+    expected = tuple(diagonal.shape[:-1]) + (n_latents * (n_latents - 1) // 2,)
+    if tuple(off_diagonal.shape) != expected:
+        raise ValueError(f"off_diagonal must have shape {expected} "
                          f"for diagonal of shape {tuple(diagonal.shape)}, got {tuple(off_diagonal.shape)}")
-    flat = _packed_positions(hidden, diagonal.device)
+    flat = _packed_positions(n_latents, diagonal.device)
     values = torch.cat([diagonal, off_diagonal], -1)
     batch = values.shape[:-1]
-    tril = values.new_zeros(batch + (hidden * hidden,)).index_copy(-1, flat, values)
-    return tril.reshape(batch + (hidden, hidden))
+    tril = values.new_zeros(batch + (n_latents * n_latents,)).index_copy(-1, flat, values)
+    return tril.reshape(batch + (n_latents, n_latents))
 
 
 @functools.lru_cache(maxsize=None)
-def _packed_positions(hidden, device):
+def _packed_positions(n_latents, device):
     # Flat positions in an H x H matrix: the diagonal first, then tril_indices(H, H, -1).
-    rows, columns = torch.tril_indices(hidden, hidden, -1, device=device)
-    return torch.cat([torch.arange(hidden, device=device) * (hidden + 1), rows * hidden + columns])
+    rows, columns = torch.tril_indices(n_latents, n_latents, -1, device=device)
+    return torch.cat([torch.arange(n_latents, device=device) * (n_latents + 1), rows * n_latents + columns])
 
 
 def _is_real(support):
@@ -148,9 +149,9 @@ class LocalMultivariateNormal(AutoGuide):
             if full_size != frame.size:
                 # The prototype ran on a minibatch: repeat it to all points, as AutoNormal does.
                 loc = periodic_repeat(loc, full_size, 0).contiguous()
-            hidden = loc.size(-1)
+            n_latents = loc.size(-1)
             diagonal = torch.full_like(loc, self._init_scale)
-            off_diagonal = loc.new_zeros(full_size, hidden * (hidden - 1) // 2)
+            off_diagonal = loc.new_zeros(full_size, n_latents * (n_latents - 1) // 2)
             deep_setattr(self.locs, name, PyroParam(loc, constraints.real, event_dim=1))
             deep_setattr(self.scale_diags, name, PyroParam(diagonal, constraints.softplus_positive, event_dim=1))
             deep_setattr(self.scale_offdiags, name, PyroParam(off_diagonal, constraints.real, event_dim=1))

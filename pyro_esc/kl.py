@@ -10,7 +10,8 @@ p = prod_h Laplace(m_h, b_h)::
     KL(q || p) = -H[q] - E_q[log p(z)]
                = -H[q] + sum_h [ log(2 b_h) + E_q|z_h - m_h| / b_h ]
 
-with the folded-normal mean E|z_h - m_h| of PAPER.md s.6; only the marginal
+with the folded-normal mean E|z_h - m_h| of PAPER.md s.6
+(:func:`~pyro_esc.gaussian.laplace_cross_entropy`); only the marginal
 variances T_hh enter the second term, so the same formula serves diagonal,
 full and low-rank covariances.
 
@@ -41,22 +42,13 @@ itself the Gaussian (a per-point ``Normal(...).to_event(1)`` or
 ``MultivariateNormal`` inside the ``"data"`` plate) gets the analytic term.
 """
 
-import math
-
 import torch
 import torch.distributions as tdist
 from torch.distributions import register_kl
 
 import pyro.distributions as dist
 
-from .gaussian import entropy_from_low_rank, entropy_from_scale, entropy_from_scale_tril, folded_normal_mean
-
-_LOG_2 = math.log(2.0)
-
-
-def _laplace_cross_entropy(loc, scale, prior_loc, prior_scale):
-    # -E_q[log Laplace(z; m, b)] = log(2 b) + E|z - m| / b for z ~ Normal(loc, scale^2), elementwise.
-    return _LOG_2 + prior_scale.log() + folded_normal_mean(loc - prior_loc, scale) / prior_scale
+from .gaussian import entropy_from_low_rank, entropy_from_scale, entropy_from_scale_tril, laplace_cross_entropy
 
 
 def kl_normal_laplace(q, p):
@@ -70,9 +62,10 @@ def kl_normal_laplace(q, p):
     """
     _check_type(q, tdist.Normal, "q")
     _check_type(p, tdist.Laplace, "p")
-    loc, scale, prior_loc, prior_scale = torch.broadcast_tensors(q.loc, q.scale, p.loc, p.scale)
-    entropy = entropy_from_scale(scale.unsqueeze(-1))
-    return _laplace_cross_entropy(loc, scale, prior_loc, prior_scale) - entropy
+    # A trailing dimension of size 1 makes the summed closed forms elementwise.
+    loc, scale, prior_loc, prior_scale = (value.unsqueeze(-1) for value in
+                                          torch.broadcast_tensors(q.loc, q.scale, p.loc, p.scale))
+    return laplace_cross_entropy(loc, scale, prior_scale, prior_loc) - entropy_from_scale(scale)
 
 
 def _check_type(value, expected, name):
@@ -94,8 +87,7 @@ def _kl_gaussian_independent_laplace(q, p, entropy):
     if base is None:
         raise NotImplementedError(f"no closed-form KL from {type(q).__name__} to Independent("
                                   f"{type(p.base_dist).__name__}, {p.reinterpreted_batch_ndims})")
-    cross = _laplace_cross_entropy(q.mean, q.variance.sqrt(), base.loc, base.scale).sum(-1)
-    return cross - entropy
+    return laplace_cross_entropy(q.mean, q.variance.sqrt(), base.scale, base.loc) - entropy
 
 
 def kl_mvn_independent_laplace(q, p):

@@ -20,10 +20,9 @@ from tqdm.auto import tqdm
 import pyro.distributions as dist
 
 from ._checks import check_int, check_subsample
+from .gaussian import normal_log_normalizer
 from .model import SparseCoding
 from .posterior import gaussian_posterior
-
-_LOG_2PI = math.log(2 * math.pi)
 
 
 class LogLikelihood(NamedTuple):
@@ -139,7 +138,7 @@ def _proposal(guide, x, block):
 def _log_likelihood_given_z(x, z, dictionary, noise_var):
     # log Normal(x; W z, sigma^2 I) summed over D, for z of shape (S, B, H) and x of shape (B, D).
     residual = x - z @ dictionary.T
-    return -0.5 * (x.size(-1) * (_LOG_2PI + noise_var.log()) + residual.square().sum(-1) / noise_var)
+    return normal_log_normalizer(noise_var, x.size(-1)) - residual.square().sum(-1) / (2 * noise_var)
 
 
 def _log_add(total, value):

@@ -8,9 +8,12 @@ points of the current batch, a Gaussian summary of q(z | x^(n)):
   one Gaussian over all points);
 - the covariances T^(n), only through the trace term sum_n tr(W T^(n) W^T).
 
-:class:`GaussianPosterior` holds exactly that, and :func:`gaussian_posterior`
-is the one protocol that produces it from ``(guide, x, subsample)``. It finds
-the summary in this order:
+:class:`GaussianPosterior` holds exactly that (an abstract base with one
+subclass per covariance family: :class:`DiagonalGaussianPosterior`,
+:class:`FullGaussianPosterior`, :class:`LowRankGaussianPosterior`,
+:class:`JointGaussianPosterior`), and :func:`gaussian_posterior` is the one
+protocol that produces it from ``(guide, x, subsample)``. It finds the
+summary in this order:
 
 1. a function registered for the guide's class with
    ``@gaussian_posterior.register(GuideClass)`` (Pyro's autoguides are
@@ -21,24 +24,40 @@ the summary in this order:
    Normal, MultivariateNormal or LowRankMultivariateNormal.
 
 A guide that is none of these gets a ValueError that says how to add it.
+Whichever route is taken runs inside the guide's Pyro context (for a
+PyroModule), so that SVI sees and trains the parameters it reads.
 """
 
+import abc
 import functools
 
 import torch
-
 import torch.distributions as tdist
+from torch import nn
+
 from pyro import poutine
 from pyro.distributions import Delta, LowRankMultivariateNormal, MultivariateNormal, Normal
 from pyro.infer.autoguide import AutoContinuous, AutoDelta, AutoNormal
-from pyro.nn import pyro_method
+from pyro.nn import PyroModule
 
+from ._pyro_internals import autonormal_loc_and_scale, module_context, param_site_unconstrained
 from .gaussian import (
     entropy_from_low_rank,
     entropy_from_scale,
     entropy_from_scale_tril,
     trace_of_product,
 )
+
+__all__ = [
+    "DiagonalGaussianPosterior",
+    "FullGaussianPosterior",
+    "GaussianPosterior",
+    "JointGaussianPosterior",
+    "LowRankGaussianPosterior",
+    "gaussian_posterior",
+    "joint_posterior",
+    "posterior_from_trace",
+]
 
 SUPPORTED_GUIDES = (
     "AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal, AutoLowRankMultivariateNormal, "
@@ -52,38 +71,41 @@ HOW_TO_ADD = (
 )
 
 
-class GaussianPosterior:
+class GaussianPosterior(abc.ABC):
     """Gaussian summary of q(z | x) for B data points (the protocol's return value).
 
-    Build it with one of the constructors, whichever matches the guide:
+    An abstract base with one subclass per covariance family. Build it with
+    the constructor that matches the guide; each returns its family's class:
 
-    - :meth:`from_scale`: diagonal covariances, q^(n) = Normal(nu^(n), diag(tau^(n))^2);
-    - :meth:`from_scale_tril`: full covariances T^(n) = L^(n) L^(n)^T;
-    - :meth:`from_covariance`: full covariances given directly;
-    - :meth:`from_low_rank`: T^(n) = F^(n) F^(n)^T + diag(d^(n));
-    - :meth:`from_joint`: one Gaussian over all points jointly (the per-point
-      blocks enter only through their sum).
+    - :meth:`from_scale`: diagonal covariances, q^(n) = Normal(nu^(n), diag(tau^(n))^2)
+      (:class:`DiagonalGaussianPosterior`);
+    - :meth:`from_scale_tril`: full covariances T^(n) = L^(n) L^(n)^T
+      (:class:`FullGaussianPosterior`);
+    - :meth:`from_covariance`: full covariances given directly (:class:`FullGaussianPosterior`);
+    - :meth:`from_low_rank`: T^(n) = F^(n) F^(n)^T + diag(d^(n))
+      (:class:`LowRankGaussianPosterior`);
+    - :meth:`from_joint`: one Gaussian over all points jointly, whose per-point
+      blocks enter only through their sum (:class:`JointGaussianPosterior`).
 
     Attributes: ``mean`` (B, H), ``variance`` (B, H) = diag T^(n), ``stddev``
     (B, H) = its square root, ``entropy`` (a scalar: sum_n H[q^(n)], or the
-    joint entropy).
+    joint entropy). Each family computes :meth:`point_entropies`,
+    :meth:`trace_terms`, :meth:`trace_term`, :meth:`per_point_distribution`,
+    :meth:`covariance_matrices` and :meth:`index_select` in its own terms.
     """
 
-    def __init__(self, mean, variance, entropy, stddev=None, scale_tril=None, cov_factor=None,
-                 covariance_sum=None):
-        # Use the constructors: they validate shapes and compute the entropy.
+    #: The family's name, as shown by ``repr``.
+    family = None
+
+    def __init__(self, mean, variance, entropy, stddev=None):
+        # Subclasses validate their arguments and compute the entropy before calling this.
         self.mean = mean
         self.variance = variance
         self.stddev = variance.sqrt() if stddev is None else stddev
         self.entropy = entropy
-        self._scale_tril = scale_tril
-        self._cov_factor = cov_factor
-        self._covariance_sum = covariance_sum
 
     def __repr__(self):
-        kind = ("joint" if self._covariance_sum is not None else "full" if self._scale_tril is not None
-                else "low-rank" if self._cov_factor is not None else "diagonal")
-        return f"GaussianPosterior({kind}, num_points={self.num_points}, latent_dim={self.latent_dim})"
+        return f"GaussianPosterior({self.family}, num_points={self.num_points}, latent_dim={self.latent_dim})"
 
     @property
     def num_points(self):
@@ -98,49 +120,50 @@ class GaussianPosterior:
     @property
     def is_joint(self):
         """Whether q is one Gaussian over all points (no per-point covariance is known)."""
-        return self._covariance_sum is not None
+        return False
 
     # ------------------------------------------------------------ constructors
 
     @classmethod
     def from_scale(cls, mean, scale):
-        """Diagonal Gaussians: ``mean`` (B, H) and standard deviations ``scale`` (broadcastable to (B, H))."""
-        mean = _check_mean(mean)
-        scale = _check_like(scale, mean, "scale")
-        # The entropy of the flattened scales is the total over points (one log-sum).
-        return cls(mean, scale.square(), entropy_from_scale(scale.reshape(-1)), stddev=scale)
+        """Diagonal Gaussians: ``mean`` (B, H) and standard deviations ``scale``.
+
+        ``scale`` has shape (B, H), or is a scalar, or a 2-D shape that broadcasts to
+        (B, H): (B, 1) for one value per point, (1, H) for one value per latent.
+
+        :rtype: DiagonalGaussianPosterior
+        """
+        return DiagonalGaussianPosterior(mean, scale)
 
     @classmethod
     def from_scale_tril(cls, mean, scale_tril):
-        """Full-covariance Gaussians: ``mean`` (B, H) and Cholesky factors ``scale_tril`` (B, H, H)."""
-        mean = _check_mean(mean)
-        scale_tril = _check_like(scale_tril, mean, "scale_tril", extra=(mean.size(1),))
-        scale_tril = scale_tril.tril()
-        variance = scale_tril.square().sum(-1)
-        return cls(mean, variance, entropy_from_scale_tril(scale_tril).sum(), scale_tril=scale_tril)
+        """Full-covariance Gaussians: ``mean`` (B, H) and Cholesky factors ``scale_tril`` (B, H, H).
+
+        :rtype: FullGaussianPosterior
+        """
+        return FullGaussianPosterior(mean, scale_tril)
 
     @classmethod
     def from_covariance(cls, mean, covariance):
-        """Full-covariance Gaussians given covariance matrices (B, H, H)."""
+        """Full-covariance Gaussians given covariance matrices (B, H, H).
+
+        :rtype: FullGaussianPosterior
+        """
         mean = _check_mean(mean)
         covariance = _check_like(covariance, mean, "covariance", extra=(mean.size(1),))
         try:
             scale_tril = torch.linalg.cholesky(covariance)
         except RuntimeError as error:
             raise ValueError(f"covariance must be symmetric positive definite: {error}") from error
-        return cls.from_scale_tril(mean, scale_tril)
+        return FullGaussianPosterior(mean, scale_tril)
 
     @classmethod
     def from_low_rank(cls, mean, cov_factor, cov_diag):
-        """Gaussians with covariance F F^T + diag(d): ``cov_factor`` (B, H, R), ``cov_diag`` (B, H)."""
-        mean = _check_mean(mean)
-        if cov_factor.dim() != 3 or cov_factor.shape[:2] != mean.shape:
-            raise ValueError(f"cov_factor must have shape (B, H, R) = ({mean.size(0)}, {mean.size(1)}, R), "
-                             f"got {tuple(cov_factor.shape)}")
-        cov_diag = _check_like(cov_diag, mean, "cov_diag")
-        variance = cov_factor.square().sum(-1) + cov_diag
-        entropy = entropy_from_low_rank(cov_factor, cov_diag).sum()
-        return cls(mean, variance, entropy, cov_factor=(cov_factor, cov_diag))
+        """Gaussians with covariance F F^T + diag(d): ``cov_factor`` (B, H, R), ``cov_diag`` (B, H).
+
+        :rtype: LowRankGaussianPosterior
+        """
+        return LowRankGaussianPosterior(mean, cov_factor, cov_diag)
 
     @classmethod
     def from_joint(cls, mean, variance, covariance_sum, entropy):
@@ -150,28 +173,17 @@ class GaussianPosterior:
         :param variance: per-point marginal variances (B, H).
         :param covariance_sum: sum of the per-point diagonal blocks, sum_n T^(n) (H, H).
         :param entropy: the joint entropy (a scalar).
+        :rtype: JointGaussianPosterior
         """
-        mean = _check_mean(mean)
-        variance = _check_like(variance, mean, "variance")
-        hidden = mean.size(1)
-        if tuple(covariance_sum.shape) != (hidden, hidden):
-            raise ValueError(f"covariance_sum must have shape ({hidden}, {hidden}), got {tuple(covariance_sum.shape)}")
-        if entropy.dim() != 0:
-            raise ValueError(f"entropy must be a scalar, got shape {tuple(entropy.shape)}")
-        return cls(mean, variance, entropy, covariance_sum=covariance_sum)
+        return JointGaussianPosterior(mean, variance, covariance_sum, entropy)
 
+    # ------------------------------------------------------------ per family
+
+    @abc.abstractmethod
     def point_entropies(self):
         """Per-point entropies H[q^(n)], shape (B,); not available for a joint posterior."""
-        if self._covariance_sum is not None:
-            raise ValueError("a joint posterior has no per-point entropies; use .entropy (the joint entropy)")
-        if self._scale_tril is not None:
-            return entropy_from_scale_tril(self._scale_tril)
-        if self._cov_factor is not None:
-            return entropy_from_low_rank(*self._cov_factor)
-        return entropy_from_scale(self.stddev)
 
-    # ------------------------------------------------------------ trace term
-
+    @abc.abstractmethod
     def trace_terms(self, dictionary):
         """Per-point tr(W T^(n) W^T), shape (B,).
 
@@ -179,29 +191,15 @@ class GaussianPosterior:
 
         :param torch.Tensor dictionary: W, shape (D, H).
         """
-        if self._covariance_sum is not None:
-            raise ValueError("a joint posterior has no per-point covariances; use trace_term()")
-        if self._scale_tril is None and self._cov_factor is None:
-            return self.variance @ dictionary.square().sum(0)
-        gram = dictionary.T @ dictionary
-        if self._scale_tril is not None:
-            tril = self._scale_tril
-            return ((gram @ tril) * tril).sum((-2, -1))
-        factor, diag = self._cov_factor
-        return ((gram @ factor) * factor).sum((-2, -1)) + diag @ gram.diagonal()
 
     def trace_term(self, dictionary):
         """sum_n tr(W T^(n) W^T), a scalar.
 
         :param torch.Tensor dictionary: W, shape (D, H).
         """
-        if self._covariance_sum is not None:
-            return trace_of_product(dictionary.T @ dictionary, self._covariance_sum)
-        if self._scale_tril is None and self._cov_factor is None:
-            # Diagonal: sum_h ||w_h||^2 sum_n tau_nh^2, summing over points first.
-            return self.variance.sum(0) @ dictionary.square().sum(0)
         return self.trace_terms(dictionary).sum()
 
+    @abc.abstractmethod
     def per_point_distribution(self):
         """The B per-point Gaussians q^(n) as one distribution: batch shape (B,), event shape (H,).
 
@@ -216,55 +214,284 @@ class GaussianPosterior:
         A joint posterior (one Gaussian over all points, e.g. AutoMultivariateNormal)
         knows its per-point covariance blocks only summed and raises a ValueError.
         """
-        if self._covariance_sum is not None:
-            raise ValueError("a joint posterior (one Gaussian over all data points) has no per-point "
-                             "covariances, so it has no per-point distribution; use a per-point guide "
-                             "(AutoNormal, LocalMultivariateNormal, AmortizedNormal) instead")
-        if self._scale_tril is not None:
-            return MultivariateNormal(self.mean, scale_tril=self._scale_tril)
-        if self._cov_factor is not None:
-            factor, diag = self._cov_factor
-            return LowRankMultivariateNormal(self.mean, factor, diag)
+
+    @abc.abstractmethod
+    def covariance_matrices(self):
+        """The per-point covariances T^(n), shape (B, H, H); not available for a joint posterior."""
+
+    @abc.abstractmethod
+    def index_select(self, rows):
+        """The summary of the points ``rows`` only (a 1-D index tensor), of the same family.
+
+        Not available for a joint posterior, whose entropy does not split over points.
+        """
+
+
+class DiagonalGaussianPosterior(GaussianPosterior):
+    """Diagonal Gaussians, q^(n) = Normal(nu^(n), diag(tau^(n))^2).
+
+    :param torch.Tensor mean: nu, shape (B, H).
+    :param scale: tau, shape (B, H), a scalar, or (B, 1) / (1, H) (see :meth:`GaussianPosterior.from_scale`).
+    """
+
+    family = "diagonal"
+
+    def __init__(self, mean, scale):
+        mean = _check_mean(mean)
+        scale = _check_like(scale, mean, "scale")
+        # The entropy of the flattened scales is the total over points (one log-sum).
+        super().__init__(mean, scale.square(), entropy_from_scale(scale.reshape(-1)), stddev=scale)
+
+    def point_entropies(self):
+        return entropy_from_scale(self.stddev)
+
+    def trace_terms(self, dictionary):
+        return self.variance @ dictionary.square().sum(0)
+
+    def trace_term(self, dictionary):
+        # sum_h ||w_h||^2 sum_n tau_nh^2, summing over points first.
+        return self.variance.sum(0) @ dictionary.square().sum(0)
+
+    def per_point_distribution(self):
         return Normal(self.mean, self.stddev).to_event(1)
+
+    def covariance_matrices(self):
+        return torch.diag_embed(self.variance)
+
+    def index_select(self, rows):
+        return DiagonalGaussianPosterior(self.mean.index_select(0, rows), self.stddev.index_select(0, rows))
+
+
+class FullGaussianPosterior(GaussianPosterior):
+    """Full-covariance Gaussians, q^(n) = Normal(nu^(n), L^(n) L^(n)^T).
+
+    :param torch.Tensor mean: nu, shape (B, H).
+    :param torch.Tensor scale_tril: L, shape (B, H, H); only its lower triangle is used.
+    """
+
+    family = "full"
+
+    def __init__(self, mean, scale_tril):
+        mean = _check_mean(mean)
+        scale_tril = _check_like(scale_tril, mean, "scale_tril", extra=(mean.size(1),)).tril()
+        #: The Cholesky factors L, shape (B, H, H).
+        self.scale_tril = scale_tril
+        super().__init__(mean, scale_tril.square().sum(-1), entropy_from_scale_tril(scale_tril).sum())
+
+    def point_entropies(self):
+        return entropy_from_scale_tril(self.scale_tril)
+
+    def trace_terms(self, dictionary):
+        # tr(W L L^T W^T) = sum_ij (W^T W L)_ij L_ij: one (H, H) Gram matrix instead of B (D, H) products.
+        gram = dictionary.T @ dictionary
+        return ((gram @ self.scale_tril) * self.scale_tril).sum((-2, -1))
+
+    def per_point_distribution(self):
+        return MultivariateNormal(self.mean, scale_tril=self.scale_tril)
+
+    def covariance_matrices(self):
+        return self.scale_tril @ self.scale_tril.transpose(-1, -2)
+
+    def index_select(self, rows):
+        return FullGaussianPosterior(self.mean.index_select(0, rows), self.scale_tril.index_select(0, rows))
+
+
+class LowRankGaussianPosterior(GaussianPosterior):
+    """Gaussians with low-rank plus diagonal covariance, T^(n) = F^(n) F^(n)^T + diag(d^(n)).
+
+    :param torch.Tensor mean: nu, shape (B, H).
+    :param torch.Tensor cov_factor: F, shape (B, H, R).
+    :param cov_diag: d > 0, shape (B, H) (or a scalar, or (B, 1) / (1, H)).
+    """
+
+    family = "low-rank"
+
+    def __init__(self, mean, cov_factor, cov_diag):
+        mean = _check_mean(mean)
+        if not isinstance(cov_factor, torch.Tensor) or cov_factor.dim() != 3 or cov_factor.shape[:2] != mean.shape:
+            raise ValueError(f"cov_factor must have shape (B, H, R) = ({mean.size(0)}, {mean.size(1)}, R), "
+                             f"got {_describe(cov_factor)}")
+        cov_diag = _check_like(cov_diag, mean, "cov_diag")
+        #: F, shape (B, H, R).
+        self.cov_factor = cov_factor
+        #: d, shape (B, H).
+        self.cov_diag = cov_diag
+        variance = cov_factor.square().sum(-1) + cov_diag
+        super().__init__(mean, variance, entropy_from_low_rank(cov_factor, cov_diag).sum())
+
+    def point_entropies(self):
+        return entropy_from_low_rank(self.cov_factor, self.cov_diag)
+
+    def trace_terms(self, dictionary):
+        gram = dictionary.T @ dictionary
+        factor = self.cov_factor
+        return ((gram @ factor) * factor).sum((-2, -1)) + self.cov_diag @ gram.diagonal()
+
+    def per_point_distribution(self):
+        return LowRankMultivariateNormal(self.mean, self.cov_factor, self.cov_diag)
+
+    def covariance_matrices(self):
+        return self.cov_factor @ self.cov_factor.transpose(-1, -2) + torch.diag_embed(self.cov_diag)
+
+    def index_select(self, rows):
+        return LowRankGaussianPosterior(self.mean.index_select(0, rows), self.cov_factor.index_select(0, rows),
+                                        self.cov_diag.index_select(0, rows))
+
+
+class JointGaussianPosterior(GaussianPosterior):
+    """One Gaussian over all B points' latents jointly (e.g. Pyro's AutoMultivariateNormal).
+
+    Only the per-point means and marginal variances, the sum of the per-point
+    covariance blocks sum_n T^(n) and the joint entropy are kept: that is all
+    the closed-form objectives need. Anything per point beyond the marginals
+    (per-point entropies, covariances, distributions, a subset of the points)
+    raises a ValueError.
+
+    :param torch.Tensor mean: per-point means, shape (B, H).
+    :param variance: per-point marginal variances, shape (B, H).
+    :param torch.Tensor covariance_sum: sum_n T^(n), shape (H, H).
+    :param torch.Tensor entropy: the joint entropy, a scalar.
+    """
+
+    family = "joint"
+
+    def __init__(self, mean, variance, covariance_sum, entropy):
+        mean = _check_mean(mean)
+        variance = _check_like(variance, mean, "variance")
+        n_latents = mean.size(1)
+        if not isinstance(covariance_sum, torch.Tensor) or tuple(covariance_sum.shape) != (n_latents, n_latents):
+            raise ValueError(f"covariance_sum must have shape ({n_latents}, {n_latents}), "
+                             f"got {_describe(covariance_sum)}")
+        if not isinstance(entropy, torch.Tensor) or entropy.dim() != 0:
+            raise ValueError(f"entropy must be a scalar tensor, got {_describe(entropy)}")
+        #: sum_n T^(n), shape (H, H).
+        self.covariance_sum = covariance_sum
+        super().__init__(mean, variance, entropy)
+
+    @property
+    def is_joint(self):
+        return True
+
+    def point_entropies(self):
+        raise ValueError("a joint posterior has no per-point entropies; use .entropy (the joint entropy)")
+
+    def trace_terms(self, dictionary):
+        raise ValueError("a joint posterior has no per-point covariances; use trace_term()")
+
+    def trace_term(self, dictionary):
+        return trace_of_product(dictionary.T @ dictionary, self.covariance_sum)
+
+    def per_point_distribution(self):
+        raise ValueError("a joint posterior (one Gaussian over all data points) has no per-point "
+                         "covariances, so it has no per-point distribution; use a per-point guide "
+                         "(AutoNormal, LocalMultivariateNormal, AmortizedNormal) instead")
+
+    def covariance_matrices(self):
+        raise ValueError("a joint posterior has no per-point covariances, only their sum (.covariance_sum)")
+
+    def index_select(self, rows):
+        raise ValueError("a joint posterior cannot be restricted to some of its points: its joint entropy "
+                         "does not split over points")
+
+
+def _describe(value):
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
 
 
 def _check_mean(mean):
     if not isinstance(mean, torch.Tensor) or mean.dim() != 2:
-        raise ValueError(f"mean must be a tensor of shape (B, H), got "
-                         f"{tuple(mean.shape) if isinstance(mean, torch.Tensor) else type(mean).__name__}")
+        raise ValueError(f"mean must be a tensor of shape (B, H), got {_describe(mean)}")
     return mean
 
 
 def _check_like(value, mean, name, extra=()):
+    # Only unambiguous shapes broadcast: the full shape, a scalar, or a shape with as many
+    # dimensions (sizes 1 where the value is shared). A 1-D value of length B == H could mean
+    # per point or per latent, so a value with fewer dimensions is refused rather than guessed.
     shape = tuple(mean.shape) + tuple(extra)
     if isinstance(value, torch.Tensor) and value.shape == shape:
         return value
     try:
-        return torch.as_tensor(value, dtype=mean.dtype, device=mean.device).expand(shape)
-    except RuntimeError:
-        raise ValueError(f"{name} must have shape {shape} (or broadcast to it), "
-                         f"got {tuple(torch.as_tensor(value).shape)}") from None
+        tensor = torch.as_tensor(value, dtype=mean.dtype, device=mean.device)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{name} must be a tensor of shape {shape} (or broadcast to it): {error}") from None
+    if 0 < tensor.dim() < len(shape):
+        if len(shape) == 2:
+            hint = (f"pass shape (B, 1) = ({shape[0]}, 1) for one value per point or (1, H) = (1, {shape[1]}) "
+                    f"for one value per latent")
+        else:
+            hint = f"give it {len(shape)} dimensions (size 1 where the value is shared) or pass a scalar"
+        raise ValueError(f"{name} must have shape {shape}, a scalar, or a shape with {len(shape)} dimensions "
+                         f"that broadcasts to it; got shape {tuple(tensor.shape)}, which is ambiguous: {hint}")
+    if tensor.dim() in (0, len(shape)):
+        try:
+            return tensor.expand(shape)
+        except RuntimeError:
+            pass
+    raise ValueError(f"{name} must have shape {shape} (or broadcast to it), got {tuple(tensor.shape)}")
 
 
 # ---------------------------------------------------------------- the protocol
 
 
 @functools.singledispatch
+def _find_posterior(guide, x, subsample=None):
+    # The lookup behind gaussian_posterior: registered functions, else the method, else tracing.
+    method = getattr(guide, "gaussian_posterior", None)
+    if callable(method):
+        return method(x, subsample)
+    return posterior_from_trace(guide, x, subsample)
+
+
 def gaussian_posterior(guide, x, subsample=None):
     """The Gaussian summary of ``guide``'s q(z | x) for the points ``x[subsample]``.
 
     This is the one extension point for guides (see the module docstring for
     the lookup order and :class:`GaussianPosterior` for the return value).
+    Register a reader for a guide class with
+    ``@gaussian_posterior.register(GuideClass)``.
+
+    The reader (registered function, method or tracing) runs inside the
+    guide's Pyro context when the guide is a :class:`~pyro.nn.PyroModule`, so
+    its parameters are read through ``pyro.param`` and SVI trains them even if
+    the method lacks ``@pyro_method``. A plain :class:`torch.nn.Module` guide
+    must register its parameters itself (``pyro.module(name, self)``); if some
+    are not seen by Pyro, a ValueError says so, instead of training silently
+    leaving them alone.
 
     :param guide: a Pyro guide for :class:`~pyro_esc.SparseCoding`.
     :param torch.Tensor x: all N data points, shape (N, D), as passed to the model.
     :param torch.Tensor subsample: optional indices of the minibatch (B,).
     :rtype: GaussianPosterior
     """
-    method = getattr(guide, "gaussian_posterior", None)
-    if callable(method):
-        return method(x, subsample)
-    return posterior_from_trace(guide, x, subsample)
+    reader = _find_posterior.dispatch(type(guide))
+    with module_context(guide):
+        if isinstance(guide, nn.Module) and not isinstance(guide, PyroModule):
+            return _read_checking_registration(reader, guide, x, subsample)
+        return reader(guide, x, subsample)
+
+
+gaussian_posterior.register = _find_posterior.register
+gaussian_posterior.dispatch = _find_posterior.dispatch
+gaussian_posterior.registry = _find_posterior.registry
+
+
+def _read_checking_registration(reader, guide, x, subsample):
+    # SVI trains exactly the params that pass through pyro.param while the loss is computed.
+    # A plain nn.Module's parameters do so only via pyro.module (or a PyroModule part).
+    with poutine.trace(param_only=True) as capture:
+        posterior = reader(guide, x, subsample)
+    seen = {id(param_site_unconstrained(site)) for site in capture.trace.nodes.values() if site["type"] == "param"}
+    unseen = [name for name, value in guide.named_parameters() if value.requires_grad and id(value) not in seen]
+    if unseen:
+        name = type(guide).__name__
+        listed = ", ".join(unseen[:5]) + (f" and {len(unseen) - 5} more" if len(unseen) > 5 else "")
+        raise ValueError(
+            f"guide {name} is a torch.nn.Module but not a PyroModule, and reading its Gaussian posterior does "
+            f"not register its parameters ({listed}) with Pyro's param store, so SVI would never train them. "
+            f"Make {name} a pyro.nn.PyroModule, or call pyro.module({name!r}, self) at the start of its "
+            f"gaussian_posterior (and forward) method.")
+    return posterior
 
 
 @gaussian_posterior.register(AutoDelta)
@@ -275,9 +502,11 @@ def _autodelta_posterior(guide, x, subsample=None):
 
 @gaussian_posterior.register(AutoNormal)
 def _autonormal_posterior(guide, x, subsample=None):
+    # Runs inside the guide's Pyro context (gaussian_posterior enters it), so the params
+    # reach the param store and SVI's optimiser. The guide's own (overridable) reader is used.
     _ensure_prototype(guide, x, subsample)
     _check_latent_sites(guide)
-    loc, scale = _read_autonormal_params(guide)
+    loc, scale = autonormal_loc_and_scale(guide, "z")
     _check_per_point_shape(guide, loc, x)
     if subsample is not None:
         loc, scale = loc[subsample], scale[subsample]
@@ -292,14 +521,7 @@ def _autocontinuous_posterior(guide, x, subsample=None):
     if subsample is not None:
         raise ValueError(f"{name} is one Gaussian over all data points jointly and cannot be "
                          f"subsampled; use AutoNormal or LocalMultivariateNormal for minibatches")
-    distribution = _read_posterior(guide, x)
-    return joint_posterior(distribution, x.size(0), guide_name=name)
-
-
-# PyroModule params reach the param store (and so SVI's optimiser) only when
-# read inside the module's Pyro context; pyro_method enters it.
-_read_autonormal_params = pyro_method(lambda guide: (guide.locs.z, guide.scales.z))
-_read_posterior = pyro_method(lambda guide, x: guide.get_posterior(x))
+    return joint_posterior(guide.get_posterior(x), x.size(0), guide_name=name)
 
 
 def _ensure_prototype(guide, x, subsample):
@@ -337,19 +559,20 @@ def joint_posterior(distribution, num_points, guide_name="guide"):
     size = base.loc.numel()
     if size % num_points:
         raise ValueError(f"{guide_name}'s joint latent has size {size}, not a multiple of N = {num_points}")
-    hidden = size // num_points
-    mean = base.loc.reshape(num_points, hidden)
+    n_latents = size // num_points
+    mean = base.loc.reshape(num_points, n_latents)
     if isinstance(base, tdist.Normal):
-        return GaussianPosterior.from_scale(mean, base.scale.expand(size).reshape(num_points, hidden))
+        return GaussianPosterior.from_scale(mean, base.scale.expand(size).reshape(num_points, n_latents))
     if isinstance(base, tdist.LowRankMultivariateNormal):
         factor, diag = base.cov_factor, base.cov_diag
-        rows = factor.reshape(num_points, hidden, -1)
-        variance = (factor.square().sum(-1) + diag).reshape(num_points, hidden)
-        covariance_sum = torch.einsum("nik,njk->ij", rows, rows) + torch.diag(diag.reshape(num_points, hidden).sum(0))
+        rows = factor.reshape(num_points, n_latents, -1)
+        variance = (factor.square().sum(-1) + diag).reshape(num_points, n_latents)
+        covariance_sum = (torch.einsum("nik,njk->ij", rows, rows)
+                          + torch.diag(diag.reshape(num_points, n_latents).sum(0)))
         entropy = entropy_from_low_rank(factor, diag)
         return GaussianPosterior.from_joint(mean, variance, covariance_sum, entropy)
     tril = base.scale_tril
-    rows = tril.reshape(num_points, hidden, size)
+    rows = tril.reshape(num_points, n_latents, size)
     variance = rows.square().sum(-1)
     covariance_sum = torch.einsum("nik,njk->ij", rows, rows)
     return GaussianPosterior.from_joint(mean, variance, covariance_sum, entropy_from_scale_tril(tril))
@@ -372,6 +595,11 @@ def posterior_from_trace(guide, x, subsample=None):
     shape (B,) and event shape (H,); or ``"z"`` must copy (a reshape of) a
     single auxiliary Gaussian site, as Pyro's autoguides do. The guide is
     called as ``guide(x)`` or ``guide(x, subsample=subsample)``.
+
+    The closed-form objectives use only q's parameters, not its log-density, so
+    effect handlers that reweight the guide's site cannot be honoured: a scale
+    other than the one its plates' subsampling implies (``poutine.scale``) or a
+    mask (``poutine.mask``) raises a ValueError rather than being ignored.
     """
     name = getattr(guide, "__name__", type(guide).__name__)
     kwargs = {} if subsample is None else {"subsample": subsample}
@@ -382,6 +610,7 @@ def posterior_from_trace(guide, x, subsample=None):
     site = trace.nodes.get("z")
     if site is None or site["type"] != "sample":
         raise ValueError(f"{name} has no sample site 'z'. Supported guides: {SUPPORTED_GUIDES}. {HOW_TO_ADD}")
+    _check_unweighted(site, name)
     num_points = x.size(0) if subsample is None else subsample.size(0)
     base = _unwrap_independent(site["fn"])
     if _is_gaussian(base):
@@ -394,6 +623,7 @@ def posterior_from_trace(guide, x, subsample=None):
         # identity transform, as for real-valued latents); a flow or any other
         # transform would make it wrong, so check rather than assume.
         if aux["value"].numel() == site["value"].numel() and torch.equal(aux["value"].reshape(site["value"].shape), site["value"]):
+            _check_unweighted(aux, name)
             aux_base = _unwrap_independent(aux["fn"])
             if aux["value"].dim() == 1:
                 return joint_posterior(aux["fn"], num_points, name)
@@ -401,6 +631,27 @@ def posterior_from_trace(guide, x, subsample=None):
     wrapped = "" if base is site["fn"] else f" (in {type(site['fn']).__name__})"
     raise ValueError(f"{name}'s 'z' site is {type(base).__name__}{wrapped}, not a Gaussian that the closed-form "
                      f"objectives can read. Supported guides: {SUPPORTED_GUIDES}. {HOW_TO_ADD}")
+
+
+def _check_unweighted(site, name):
+    # Plate subsampling scales a site by full_size / size per frame; anything else came from a handler.
+    mask = site["mask"]
+    if mask is not None and mask is not True:
+        raise ValueError(f"{name}'s site {site['name']!r} is masked (an effect handler such as poutine.mask); "
+                         f"the closed-form objectives read q's parameters, not its log-density, and cannot "
+                         f"honour a mask. Remove it, and pass the points to use as a subsample instead.")
+    implied = 1.0
+    for frame in site["cond_indep_stack"]:
+        if frame.full_size is not None and frame.size:
+            implied *= frame.full_size / frame.size
+    scale = torch.as_tensor(site["scale"], dtype=torch.float64)
+    if not bool(torch.isclose(scale, scale.new_tensor(implied), rtol=1e-6, atol=0).all()):
+        shown = f"{float(scale):g}" if scale.numel() == 1 else f"a tensor of shape {tuple(scale.shape)}"
+        factor = f"{float(scale) / implied:g}" if scale.numel() == 1 else "..."
+        raise ValueError(f"{name}'s site {site['name']!r} has scale {shown}, but its plates imply {implied:g}: an "
+                         f"effect handler such as poutine.scale(guide, {factor}) reweights the guide. The closed-form "
+                         f"objectives read q's parameters, not its log-density, and cannot honour that scale; "
+                         f"remove the handler (to weight the loss, multiply the objective's value instead).")
 
 
 def _is_gaussian(distribution):

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 import pyro
-import pyro.distributions as dist
 from pyro import poutine
 from pyro.infer import MCMC, NUTS
 
@@ -122,14 +121,14 @@ def nuts_posterior(model, x, points, num_samples=500, warmup_steps=500, num_chai
         diverging.append(flags)
 
     az = _arviz()
-    hidden, dim = dictionary.shape[1], dictionary.shape[0]
+    n_latents, dim = dictionary.shape[1], dictionary.shape[0]
     idata = az.from_dict(
         posterior={"z": np.stack(draws)},
         sample_stats={"diverging": np.stack(diverging)},
         observed_data={"x": x_points.cpu().numpy()},
         constant_data={"dictionary": dictionary.cpu().numpy(), "prior_scale": prior_scale.cpu().numpy(),
                        "noise_var": noise_var.cpu().numpy()},
-        coords=_coords(points, hidden, dim),
+        coords=_coords(points, n_latents, dim),
         dims={"z": ["point", "latent"], "x": ["point", "pixel"], "dictionary": ["pixel", "latent"],
               "prior_scale": ["latent"]},
     )
@@ -193,21 +192,19 @@ def guide_inference_data(guide, x, points, num_draws=1000, seed=0):
         if posterior is not None and not posterior.is_joint:
             if posterior.num_points != x.size(0):
                 raise ValueError(f"the guide's posterior covers {posterior.num_points} points, x has {x.size(0)}")
-            mean = posterior.mean.index_select(0, points)
-            q = posterior.per_point_distribution()
-            covariance = (torch.diag_embed(q.variance) if isinstance(q, dist.Independent)
-                          else q.covariance_matrix).index_select(0, points)
-            z = q.sample((num_draws,)).index_select(1, points)
-            constant = {"q_mean": mean.cpu().numpy(), "q_covariance": covariance.cpu().numpy()}
+            chosen = posterior.index_select(points)
+            z = chosen.per_point_distribution().sample((num_draws,))
+            constant = {"q_mean": chosen.mean.cpu().numpy(),
+                        "q_covariance": chosen.covariance_matrices().cpu().numpy()}
         else:
             with poutine.block(), pyro.plate("draws", num_draws, dim=-2):
                 z = poutine.trace(guide).get_trace(x).nodes["z"]["value"]
             z = z.reshape(num_draws, x.size(0), -1).index_select(1, points)
-    hidden = z.size(-1)
+    n_latents = z.size(-1)
     return _arviz().from_dict(
         posterior={"z": z.cpu().numpy()[None]},
         constant_data=constant or None,
-        coords={**_coords(points, hidden), "latent_2": np.arange(hidden)},
+        coords={**_coords(points, n_latents), "latent_2": np.arange(n_latents)},
         dims={"z": ["point", "latent"], "q_mean": ["point", "latent"],
               "q_covariance": ["point", "latent", "latent_2"]},
     )
@@ -305,8 +302,8 @@ def _check_idata(idata, name):
                          f"(chain, draw, point, latent), as nuts_posterior and guide_inference_data make")
 
 
-def _coords(points, hidden, dim=None):
-    coords = {"point": points.cpu().numpy(), "latent": np.arange(hidden)}
+def _coords(points, n_latents, dim=None):
+    coords = {"point": points.cpu().numpy(), "latent": np.arange(n_latents)}
     if dim is not None:
         coords["pixel"] = np.arange(dim)
     return coords

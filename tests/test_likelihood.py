@@ -19,11 +19,11 @@ PRIOR_SCALE = [1.0, 0.7]
 NOISE_VAR = 0.2
 
 
-def tiny_model(num=4, hidden=2):
+def tiny_model(num=4, n_latents=2):
     """D = 3, H = 1 or 2, fixed parameters; x drawn from the model."""
-    model = SparseCoding(3, hidden, init="random")
-    model.set_dictionary(torch.tensor(DICTIONARY)[:, :hidden])
-    model.set_scales(prior_scale=torch.tensor(PRIOR_SCALE[:hidden]), noise_var=NOISE_VAR)
+    model = SparseCoding(3, n_latents, init="random")
+    model.set_dictionary(torch.tensor(DICTIONARY)[:, :n_latents])
+    model.set_scales(prior_scale=torch.tensor(PRIOR_SCALE[:n_latents]), noise_var=NOISE_VAR)
     _, x = model.sample(num)
     return model, x
 
@@ -89,10 +89,10 @@ def test_numerical_integration_agrees_with_scipy(float64):
 # ------------------------------------------------------------------ the estimate
 
 
-@pytest.mark.parametrize("hidden", [1, 2])
+@pytest.mark.parametrize("n_latents", [1, 2])
 @pytest.mark.parametrize("kind", ["full", "diagonal"])
-def test_estimate_matches_exact_log_likelihood(float64, hidden, kind):
-    model, x = tiny_model(hidden=hidden)
+def test_estimate_matches_exact_log_likelihood(float64, n_latents, kind):
+    model, x = tiny_model(n_latents=n_latents)
     guide = guides(model, x)[kind]
     exact = exact_values(model, x)
     result = log_likelihood(model, guide, x, num_samples=4000, seed=1, progress=False)

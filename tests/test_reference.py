@@ -93,12 +93,12 @@ def test_reference_inference_data_layout(bars_reference):
 
 def test_full_covariance_guide_is_closer_to_nuts_than_diagonal(float64, bars_reference):
     model, x = bars_problem()
-    hidden = model.n_latents
-    diagonal = fit(model, fixed_gaussian_guide(torch.zeros(2, hidden), scale=0.5 * torch.ones(2, hidden)), x)
+    n_latents = model.n_latents
+    diagonal = fit(model, fixed_gaussian_guide(torch.zeros(2, n_latents), scale=0.5 * torch.ones(2, n_latents)), x)
     exports = {"diagonal": guide_inference_data(diagonal, x, [0, 1], num_draws=200)}
     pyro.clear_param_store()  # the second guide reuses the parameter names
     model, x = bars_problem()
-    full = fit(model, fixed_gaussian_guide(torch.zeros(2, hidden), scale_tril=0.5 * torch.eye(hidden).expand(2, -1, -1)), x)
+    full = fit(model, fixed_gaussian_guide(torch.zeros(2, n_latents), scale_tril=0.5 * torch.eye(n_latents).expand(2, -1, -1)), x)
     exports["full"] = guide_inference_data(full, x, [0, 1], num_draws=200)
     table = compare_to_reference(bars_reference, exports)
     assert list(table.index) == ["diagonal", "full"]
