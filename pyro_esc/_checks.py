@@ -55,15 +55,19 @@ def check_data(x, name="x", data_dim=None, allow_numpy=False):
 
 
 def check_data_cached(x, name="x", data_dim=None):
-    """:func:`check_data` for tensors, skipped when this very tensor passed before unchanged.
+    """:func:`check_data` for tensors, with the O(N D) finiteness scan skipped for a tensor
+    that passed it before, unchanged.
 
-    In-place changes bump a tensor's version counter and so trigger a new check.
+    In-place changes bump a tensor's version counter and so trigger a new scan; the
+    cheap shape checks run every time.
     """
     if not isinstance(x, torch.Tensor):
         return check_data(x, name, data_dim)
-    key = (x._version, tuple(x.shape), data_dim)
+    key = (x._version, tuple(x.shape))
     entry = _VALIDATED.get(id(x))
     if entry is not None and entry[0]() is x and entry[1] == key:
+        if data_dim is not None and x.size(1) != data_dim:
+            check_data(x, name, data_dim)  # raises the shape error
         return x
     check_data(x, name, data_dim)
     identity = id(x)

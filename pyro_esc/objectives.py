@@ -13,7 +13,6 @@ Neither draws a sample; both read the guide through the protocol of
 :mod:`pyro_esc.posterior`.
 """
 
-import math
 import warnings
 from typing import NamedTuple
 
@@ -22,7 +21,12 @@ import torch
 from pyro.infer import ELBO
 
 from .annealing import Annealing
-from .gaussian import isotropic_normal_entropy, laplace_entropy
+from .gaussian import (
+    isotropic_normal_entropy,
+    laplace_cross_entropy_from_abs_mean,
+    laplace_entropy,
+    normal_log_normalizer,
+)
 from .posterior import gaussian_posterior
 from .statistics import (  # noqa: F401 - BatchStatistics, batch_statistics, RunningStatistics: public here too
     BatchStatistics,
@@ -32,10 +36,6 @@ from .statistics import (  # noqa: F401 - BatchStatistics, batch_statistics, Run
     check_distinct,
     read_posterior,
 )
-
-_LOG_2PI = math.log(2 * math.pi)
-_LOG_2 = math.log(2.0)
-
 
 class NonFiniteObjectiveError(FloatingPointError):
     """Raised when an objective evaluates to NaN or inf; the message names the term."""
@@ -345,10 +345,9 @@ class AnalyticELBO(ELBO):
         prior_scale, noise_var = model.read_scales()
         batch, dim = stats.num_points, stats.data_dim
         elbo_sum = (stats.entropy
-                    - 0.5 * batch * dim * (_LOG_2PI + noise_var.log())
+                    + batch * normal_log_normalizer(noise_var, dim)
                     - stats.sq_error_sum / (2 * noise_var)
-                    - batch * (_LOG_2 + prior_scale.log()).sum()
-                    - (stats.abs_sum / prior_scale).sum())
+                    - batch * laplace_cross_entropy_from_abs_mean(stats.abs_sum / batch, prior_scale))
         loss = -(stats.num_data / batch) * elbo_sum
         if not bool(torch.isfinite(loss)):
             raise NonFiniteObjectiveError(
