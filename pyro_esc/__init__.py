@@ -5,7 +5,7 @@ Fischer, Lücke; AISTATS 2024) on top of Pyro and PyTorch.
 """
 
 from . import kl  # noqa: F401 - registers the closed-form KL(Gaussian || Laplace) with torch
-from .evaluation import held_out_elbo, training_elbo
+from .evaluation import held_out_elbo, reference_elbo, training_elbo
 from .guides import AmortizedNormal, LocalMultivariateNormal
 from .likelihood import LogLikelihood, log_likelihood
 from .model import SparseCoding
@@ -30,5 +30,6 @@ __all__ = [
     "gaussian_posterior",
     "held_out_elbo",
     "log_likelihood",
+    "reference_elbo",
     "training_elbo",
 ]

@@ -12,6 +12,7 @@ import contextlib
 
 import pyro
 from pyro.nn import PyroModule
+from pyro.nn.module import _make_name
 from pyro.poutine import runtime
 
 
@@ -58,3 +59,8 @@ def param_site_unconstrained(site):
     value = site["value"]
     unconstrained = getattr(value, "_pyro_unconstrained_param", None)
     return unconstrained if unconstrained is not None else value.unconstrained()
+
+
+def param_fullname(module, name):
+    """The param-store name of ``module``'s parameter ``name`` (its prefix and name, as Pyro builds it)."""
+    return module._pyro_get_fullname(name) if module._pyro_context.used else _make_name(module._pyro_name, name)

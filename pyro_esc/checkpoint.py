@@ -15,20 +15,19 @@ import pyro
 from pyro import poutine
 from pyro.util import get_rng_state, set_rng_state
 
-from .history import History
 from .objectives import EntropyELBO
 
-CHECKPOINT_FORMAT = "pyro_esc.checkpoint/2"
+CHECKPOINT_FORMAT = "pyro_esc.checkpoint/3"
 
 
-def save_checkpoint(path, step, model, guide, svi, loss, batches, history, wall_time, x=None):
+def save_checkpoint(path, step, model, guide, optim_state, loss, batches, history, wall_time, x=None):
     """Write everything :func:`~pyro_esc.fit` needs to resume bit-for-bit (atomically: temp file + rename)."""
     state = {
         "format": CHECKPOINT_FORMAT,
         "step": step,
         "wall_time": wall_time,
         "param_store": pyro.get_param_store().get_state(),
-        "optim": svi.optim.get_state(),
+        "optim": optim_state,
         "model": model.state_dict() if isinstance(model, torch.nn.Module) else None,
         "guide": guide.state_dict() if isinstance(guide, torch.nn.Module) else None,
         "loss": loss.state_dict(model, guide, x) if isinstance(loss, EntropyELBO) else None,
@@ -56,8 +55,12 @@ def load_checkpoint(path):
     return state
 
 
-def restore_checkpoint(path, model, guide, svi, loss, batches, x):
-    """Load ``path`` into a fresh run's objects; return ``(step, wall_time, history)``."""
+def restore_checkpoint(path, model, guide, loss, batches, x):
+    """Load ``path`` into a fresh run's objects; return the checkpoint (a dict).
+
+    The caller loads ``state["optim"]`` into its optimiser, which it builds after
+    this (the torch route finds its parameters in the restored param store).
+    """
     state = load_checkpoint(path)
     # Order matters: the model's "initialized" flag first (or the next model run
     # re-initialises from data), then the param store, then the guide's lazy
@@ -71,9 +74,8 @@ def restore_checkpoint(path, model, guide, svi, loss, batches, x):
         guide(x)
     if state["guide"] is not None and isinstance(guide, torch.nn.Module):
         guide.load_state_dict(state["guide"])
-    svi.optim.set_state(state["optim"])
     if state["loss"] is not None and isinstance(loss, EntropyELBO):
         loss.load_state_dict(state["loss"], model, guide, x)
     batches.load_state_dict(state["batches"])
     set_rng_state(state["rng"])
-    return state["step"], state["wall_time"], History.from_dict(state["history"])
+    return state

@@ -19,10 +19,10 @@ from . import experiments
 from .annealing import Annealing
 
 
-def _common(parser, steps, lr, out, lr_help):
+def _common(parser, steps, lr, out, lr_help, steps_help=None):
     parser.add_argument("--objective", choices=experiments.OBJECTIVES, default="entropy",
                         help="training objective (default: entropy, i.e. EntropyELBO)")
-    parser.add_argument("--steps", type=int, default=steps, help=f"optimisation steps (default {steps})")
+    parser.add_argument("--steps", type=int, default=steps, help=steps_help or f"optimisation steps (default {steps})")
     parser.add_argument("--lr", type=float, default=lr, help=f"{lr_help} (default {lr})")
     parser.add_argument("--batch-size", type=int, default=None, help="minibatch size (default: full batch)")
     parser.add_argument("--anneal", type=int, default=None, metavar="STEPS",
@@ -54,8 +54,18 @@ def build_parser():
     bars.add_argument("--n", type=int, default=1000, help="data points (default 1000)")
     bars.add_argument("--side", type=int, default=5, help="image side (default 5: D = 25, H = 10)")
     bars.add_argument("--noise", type=float, default=0.3, help="noise standard deviation (default 0.3)")
-    _common(bars, steps=2000, lr=0.2, out="runs/bars",
-            lr_help="initial learning rate of ClippedAdam, decaying to 0.2x over the run")
+    bars.add_argument("--optimizer", choices=("auto", "lbfgs", "svi"), default="auto",
+                      help="auto (default): L-BFGS on the exact full-batch objective until convergence for the "
+                           "closed-form objectives, else SVI with the ClippedAdam recipe; lbfgs or svi to choose")
+    bars.add_argument("--n-init", type=int, default=1,
+                      help="initialisations (restarts); the best final ELBO is kept (default 1)")
+    bars.add_argument("--tol", type=float, default=None,
+                      help="convergence: relative change of the ELBO over 20 steps (default: fit's, 1e-6)")
+    bars.add_argument("--no-reference", action="store_true",
+                      help="skip fitting the posteriors at the generating dictionary (the reference ELBO)")
+    _common(bars, steps=None, lr=0.2, out="runs/bars",
+            lr_help="SVI route: initial learning rate of ClippedAdam, decaying to 0.2x over the run",
+            steps_help="step limit (default: 5000 for L-BFGS, which stops on convergence; 2000 for SVI)")
     bars.set_defaults(run=_bars)
 
     patches = commands.add_parser("patches", help="learn sparse codes of whitened natural image patches",
@@ -97,10 +107,19 @@ def _bars(args):
     result = experiments.run_bars(args.guide, args.objective, n=args.n, side=args.side, noise=args.noise,
                                   steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                                   annealing=None if args.anneal is None else Annealing.default(args.anneal),
-                                  device=args.device, out=args.out, progress=not args.quiet)
+                                  device=args.device, out=args.out, progress=not args.quiet,
+                                  optimizer=args.optimizer, n_init=args.n_init,
+                                  tol="auto" if args.tol is None else args.tol, reference=not args.no_reference)
     path = _write_metrics(args.out, "bars_metrics.json", result)
-    print(f"{experiments.GUIDE_LABELS[args.guide]}, {args.objective}: ELBO per data point {result.elbo:.4f}; "
-          f"{result.bars_found} of {2 * args.side} bars found (cosine > 0.95) in {result.wall_time_s:.1f} s")
+    print(f"{experiments.GUIDE_LABELS[args.guide]}, {args.objective}, {result.optimizer}: ELBO per data point "
+          f"{result.elbo:.4f}; {result.bars_found} of {2 * args.side} bars found (cosine > 0.95) in "
+          f"{result.wall_time_s:.1f} s")
+    if result.reference_elbo is not None:
+        print(f"reference (generating dictionary, posteriors fitted): {result.reference_elbo:.4f}; learned - "
+              f"reference = {result.elbo_minus_reference:+.4f} per data point")
+    if result.n_init > 1:
+        print("restarts: final ELBO " + ", ".join(f"{value:.4f}" for value in result.restart_elbos))
+    print(f"{result.steps} steps; {result.stop_reason}")
     print(f"figures and metrics in {args.out}/ ({os.path.basename(path)})")
 
 

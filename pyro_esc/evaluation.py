@@ -11,12 +11,17 @@ differ on purpose:
   this is the honest number: re-fitting lambda and sigma^2 to the test data, as
   L_H would, makes the test ELBO optimistic.
 
-Both are pure: they change neither the model nor the guide. After
+Both are pure: they change neither the model nor the guide. A third number
+judges learning itself: :func:`reference_elbo`, the ELBO that a given (e.g. the
+generating) dictionary allows, with the posteriors fitted to it. After
 :func:`~pyro_esc.fit` with :class:`~pyro_esc.EntropyELBO` the model holds the
 training data's lambda*, sigma^2*, so on the training data the two agree.
 """
 
 import torch
+
+import pyro
+from pyro.util import get_rng_state, set_rng_state
 
 from .objectives import AnalyticELBO, EntropyELBO
 
@@ -47,3 +52,51 @@ def held_out_elbo(model, guide, x):
     """
     with torch.no_grad():
         return -AnalyticELBO().loss(model, guide, x) / x.size(0)
+
+
+def reference_elbo(x, dictionary, guide="local-full", seed=0, **fit_options):
+    """The ELBO per data point that a given dictionary allows: a yardstick for learning.
+
+    The dictionary is held fixed at ``dictionary`` (e.g. the generating one of
+    an artificial data set); the posteriors are fitted to convergence with
+    L-BFGS on :class:`~pyro_esc.EntropyELBO`, so lambda and sigma^2 are at
+    their optimum (Theorem 2). A learned dictionary whose ELBO is below this
+    one has not found the best optimum the data offer; one above it explains
+    the data better than the reference.
+
+    Runs in a param-store scope of its own and restores the RNG state, so the
+    caller's parameters and random stream are untouched.
+
+    :param torch.Tensor x: data, shape (N, D).
+    :param torch.Tensor dictionary: W, shape (D, H) (columns are normalised).
+    :param guide: ``"local-full"`` (a full-covariance Gaussian per point), ``"local-diag"``, or a
+        callable ``model -> guide``.
+    :param int seed: seed for the guide's initialisation.
+    :param fit_options: further arguments of :func:`~pyro_esc.fit` (e.g. ``steps``, ``tol``).
+    :rtype: float
+    """
+    from pyro.infer.autoguide import AutoNormal
+
+    from .guides import LocalMultivariateNormal
+    from .model import SparseCoding
+    from .training import fit
+
+    dictionary = torch.as_tensor(dictionary)
+    if dictionary.dim() != 2 or dictionary.size(0) != x.size(1):
+        raise ValueError(f"dictionary must have shape (D, H) = ({x.size(1)}, H), got {tuple(dictionary.shape)}")
+    factories = {"local-full": LocalMultivariateNormal,
+                 "local-diag": lambda model: AutoNormal(model, create_plates=model.create_plates)}
+    if not callable(guide) and guide not in factories:
+        raise ValueError(f"guide must be one of {sorted(factories)} or a callable model -> guide, got {guide!r}")
+    make_guide = factories.get(guide, guide)
+    rng = get_rng_state()
+    try:
+        with pyro.get_param_store().scope():
+            model = SparseCoding(x.size(1), dictionary.size(1))
+            model.set_dictionary(dictionary.to(x))
+            fit_options.setdefault("progress", False)
+            history = fit(model, make_guide(model), x, optimizer="lbfgs", train_dictionary=False, seed=seed,
+                          **fit_options)
+    finally:
+        set_rng_state(rng)
+    return history.final_elbo

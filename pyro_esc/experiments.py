@@ -28,6 +28,7 @@ from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 from . import plots
 from .data import Whitening, bars, image_patches
+from .evaluation import reference_elbo
 from .guides import AmortizedNormal, LocalMultivariateNormal
 from .metrics import bars_recovery, code_sparseness, field_spread
 from .model import SparseCoding
@@ -120,14 +121,29 @@ class BarsResult:
     n: int
     side: int
     noise: float
+    #: Steps taken (the last step of the kept run).
     steps: int
-    lr: float
+    #: The Adam recipe's initial learning rate, None on the L-BFGS route.
+    lr: Optional[float]
     batch_size: Optional[int]
     seed: int
     #: ``repr`` of the Annealing the loss used, None without annealing.
     annealing: Optional[str]
-    #: Final ELBO per data point (the objective's; exact for closed-form objectives).
+    #: The optimiser's class name (``LBFGS``, ``ClippedAdam``, ...).
+    optimizer: str
+    #: Number of initialisations; the best final ELBO was kept.
+    n_init: int
+    #: Whether the convergence test was met, and how training ended.
+    converged: bool
+    stop_reason: str
+    #: Final exact ELBO per data point of the kept run (closed form; Monte Carlo for non-Gaussian guides).
     elbo: float
+    #: ELBO per data point with the generating dictionary held fixed (None if not computed).
+    reference_elbo: Optional[float]
+    #: ``elbo - reference_elbo``: >= 0 means the learned dictionary explains the data at least as well.
+    elbo_minus_reference: Optional[float]
+    #: Final exact ELBO of every restart.
+    restart_elbos: List[float]
     #: Bars found: optimal matching, cosine > 0.95 (:func:`~pyro_esc.metrics.bars_recovery`).
     bars_found: int
     all_bars_found: bool
@@ -198,36 +214,51 @@ def bars_optimizer(guide_object, steps, lr=0.2):
     return decaying_adam(lr, steps, lr_for=lambda name: AMORTIZED_LR if prefix and name.startswith(prefix) else None)
 
 
-def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3, steps=2000, lr=0.2,
-             batch_size=None, seed=0, device=None, out=None, progress=True, name=None, annealing=None):
+def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3, steps=None, lr=0.2,
+             batch_size=None, seed=0, device=None, out=None, progress=True, name=None, annealing=None,
+             optimizer="auto", n_init=1, tol="auto", reference=True):
     """Learn the bars test; return a :class:`BarsResult` and optionally draw the learned fields.
 
-    Training uses the recipe of benchmarks/bars_recovery.py (:func:`bars_optimizer`:
-    ClippedAdam, lr 0.2 decaying to 0.04, full batch, 2000 steps), with which
-    LocalMultivariateNormal + EntropyELBO reliably finds every bar (the README's
-    "Results" section has the numbers).
+    Training: :func:`~pyro_esc.fit`'s default route for closed-form objectives, L-BFGS
+    on the exact full-batch objective until convergence (``n_init`` restarts, the best
+    ELBO kept); for sampled objectives, minibatches or ``optimizer="svi"`` the Adam recipe
+    of :func:`bars_optimizer` (ClippedAdam, lr ``lr`` decaying to a fifth, ``steps`` steps).
 
-    :returns: :class:`BarsResult`: the final ELBO per data point (the objective's, and for
-        closed-form objectives that is exact), the bars found (optimal matching,
-        cosine > 0.95), the matched cosines, wall time and settings; plus the learned
-        ``dictionary`` (matched to the true bars) and the ``history``, which are not JSON.
+    :param steps: the step limit (default: fit's, 5000 for L-BFGS; 2000 for the Adam recipe).
+    :param bool reference: also fit the posteriors with the generating dictionary held fixed
+        (:func:`~pyro_esc.evaluation.reference_elbo`) and report the learned ELBO minus that one.
+    :returns: :class:`BarsResult`: the final exact ELBO per data point, the reference ELBO and the
+        gap, the bars found (optimal matching, cosine > 0.95), the matched cosines, how training
+        ended, wall time and settings; plus the learned ``dictionary`` (matched to the true bars)
+        and the ``history``, which are not JSON.
     """
     _seed_everything(seed)
     x, true_dictionary = bars(n, side=side, noise=noise, seed=seed)
     model = SparseCoding(x.size(1), true_dictionary.size(1))
     guide_object = make_guide(guide, model)
-    start = time.perf_counter()
     loss = make_loss(objective)
-    history = fit(model, guide_object, x, loss=loss, steps=steps,
-                  optim=bars_optimizer(guide_object, steps, lr), batch_size=batch_size, seed=seed,
-                  device=device, progress=progress, annealing=annealing)
+    deterministic = objective in ("entropy", "analytic") and batch_size is None
+    route_svi = optimizer == "svi" or (optimizer == "auto" and not deterministic)
+    if route_svi:
+        steps = 2000 if steps is None else steps
+        options = dict(optimizer="svi", optim=bars_optimizer(guide_object, steps, lr))
+    else:
+        options = dict(optimizer=optimizer, tol=tol)
+    start = time.perf_counter()
+    history = fit(model, guide_object, x, loss=loss, steps=steps, batch_size=batch_size, seed=seed, device=device,
+                  progress=progress, annealing=annealing, n_init=n_init, **options)
     wall_time = time.perf_counter() - start
     dictionary = model.dictionary.detach().cpu()
     recovery = bars_recovery(dictionary, true_dictionary)
+    reference_value = reference_elbo(x.to(dictionary.device if device is None else device), true_dictionary,
+                                     seed=seed) if reference else None
     result = BarsResult(
-        guide=guide, objective=objective, n=n, side=side, noise=noise, steps=steps,
-        lr=lr, batch_size=batch_size, seed=seed, annealing=_annealing_label(loss),
-        elbo=history.final_elbo, bars_found=recovery.num_found, all_bars_found=recovery.all_found,
+        guide=guide, objective=objective, n=n, side=side, noise=noise, steps=history.step[-1],
+        lr=lr if route_svi else None, batch_size=batch_size, seed=seed, annealing=_annealing_label(loss),
+        optimizer=history.optimizer, n_init=n_init, converged=history.converged, stop_reason=history.stop_reason,
+        elbo=history.final_elbo, reference_elbo=reference_value,
+        elbo_minus_reference=None if reference_value is None else history.final_elbo - reference_value,
+        restart_elbos=history.restart_elbos, bars_found=recovery.num_found, all_bars_found=recovery.all_found,
         cosines=[round(float(c), 4) for c in recovery.cosines], wall_time_s=round(wall_time, 2),
         noise_var=history.noise_var[-1],
         dictionary=dictionary[:, recovery.matching], history=history,

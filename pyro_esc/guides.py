@@ -279,14 +279,30 @@ class AmortizedNormal(PyroModule):
         self.scale_layer = PyroModule[nn.Linear](sizes[-1], self.n_latents)
         num_off = self.n_latents * (self.n_latents - 1) // 2 if covariance == "full" else 0
         self.off_diagonal_layer = PyroModule[nn.Linear](sizes[-1], num_off) if num_off else None
-        with torch.no_grad():
-            for layer in (self.loc_layer, self.scale_layer, self.off_diagonal_layer):
-                if layer is not None:
-                    layer.weight.mul_(out_init)
-                    layer.bias.zero_()
-            self.scale_layer.bias.fill_(_inverse_softplus(init_scale))
+        self._init_scale, self._out_init = init_scale, out_init
+        self._initialize_outputs()
         # A buffer, so a checkpoint remembers that the parameters were matched to data.
         self.register_buffer("matched", torch.tensor(False))
+
+    @torch.no_grad()
+    def _initialize_outputs(self):
+        for layer in (self.loc_layer, self.scale_layer, self.off_diagonal_layer):
+            if layer is not None:
+                layer.weight.mul_(self._out_init)
+                layer.bias.zero_()
+        self.scale_layer.bias.fill_(_inverse_softplus(self._init_scale))
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Draw a fresh initialisation in place (torch's RNG), as at construction.
+
+        The parameters keep their identity, so the param store stays attached;
+        :func:`~pyro_esc.fit` calls it for each restart (``n_init``).
+        """
+        for layer in list(self.layers) + [self.loc_layer, self.scale_layer, self.off_diagonal_layer]:
+            if layer is not None:
+                layer.reset_parameters()
+        self._initialize_outputs()
 
     def extra_repr(self):
         return (f"data_dim={self.data_dim}, n_latents={self.n_latents}, hidden={self.hidden}, "

@@ -30,6 +30,15 @@ class History:
       ``eval_every`` steps and after the last step. Report this one:
       :attr:`final_elbo`.
 
+    How the run went: ``route`` (``"torch"`` or ``"svi"``) and ``optimizer``
+    (its class name), ``converged`` and ``stop_reason`` (the convergence test
+    met, or the step limit), ``evaluations`` (objective-and-gradient
+    evaluations, line searches included), ``grad_norm`` (the gradient norm of the
+    per-point loss at each recorded step, NaN where the route does not know it),
+    ``wall_time`` (seconds since the start of the run). With restarts
+    (``n_init``), ``restart_elbos`` holds every run's final exact ELBO and
+    ``best_restart`` the index of the run kept (this history's).
+
     ``trace_elbo`` holds optional Monte Carlo checks with Pyro's ``Trace_ELBO``
     at ``trace_elbo_step``.
     """
@@ -37,6 +46,13 @@ class History:
     num_data: int = 0
     elbo_kind: str = EXACT
     eval_kind: str = EXACT
+    route: str = "svi"
+    optimizer: str = ""
+    converged: bool = False
+    stop_reason: str = ""
+    evaluations: int = 0
+    best_restart: int = 0
+    restart_elbos: List[float] = field(default_factory=list)
     step: List[int] = field(default_factory=list)
     epoch: List[float] = field(default_factory=list)
     loss: List[float] = field(default_factory=list)
@@ -46,6 +62,7 @@ class History:
     wall_time: List[float] = field(default_factory=list)
     lr: List[float] = field(default_factory=list)
     betas: List[List[float]] = field(default_factory=list)
+    grad_norm: List[float] = field(default_factory=list)
     eval_step: List[int] = field(default_factory=list)
     eval_elbo: List[float] = field(default_factory=list)
     trace_elbo_step: List[int] = field(default_factory=list)
@@ -67,7 +84,7 @@ class History:
     def from_dict(cls, state):
         return cls(**state)
 
-    def record(self, step, epoch, value, model, lr, betas, wall_time):
+    def record(self, step, epoch, value, model, lr, betas, wall_time, grad_norm=None):
         """Append one recorded step: the objective ``value`` (a loss), the model's scales, and context."""
         self.step.append(step)
         self.epoch.append(epoch)
@@ -80,6 +97,7 @@ class History:
         self.wall_time.append(wall_time)
         self.lr.append(lr)
         self.betas.append(list(betas))
+        self.grad_norm.append(math.nan if grad_norm is None else float(grad_norm))
 
     def progress_postfix(self):
         """A short summary of the last record, for a progress bar."""

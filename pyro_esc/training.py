@@ -1,19 +1,23 @@
-"""The training loop: :func:`fit` runs SVI and records what happened.
+"""The training loop: :func:`fit` trains a model and guide and records what happened.
 
 One function owns the loop so that every experiment, notebook and the command
-line train the same way: steps or epochs, minibatches, learning rate and its
-schedule, a seed, the device, a progress bar, a :class:`~pyro_esc.History`,
-checkpoints that resume bit-for-bit on CPU (:mod:`pyro_esc.checkpoint`), and a
-clear stop when anything turns non-finite.
+line train the same way: L-BFGS to convergence on the exact objective or SVI
+steps on minibatches, restarts, learning-rate schedules, a seed, the device, a
+progress bar, a :class:`~pyro_esc.History`, checkpoints that resume bit-for-bit
+on CPU (:mod:`pyro_esc.checkpoint`), and a clear stop when anything turns
+non-finite.
 
 ``fit`` is three parts: :func:`check_fit_options` validates every argument once,
-before training; :func:`training_step` is one step (the SVI update, then, for
-:class:`~pyro_esc.EntropyELBO`, the explicit ``update`` that writes lambda*,
-sigma^2* into the model); :class:`~pyro_esc.History` records.
+before training; :func:`training_step` is one step (the route's update from
+:mod:`pyro_esc.steppers`, then, for :class:`~pyro_esc.EntropyELBO`, the
+explicit ``update`` that writes lambda*, sigma^2* into the model);
+:class:`~pyro_esc.History` records, and :mod:`pyro_esc.convergence` decides
+when to stop.
 """
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -22,15 +26,18 @@ from tqdm.auto import tqdm
 
 import pyro
 from pyro import poutine
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoGuide
 
 from ._checks import check_data, check_int, check_positive
 from .annealing import Annealing
 from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, restore_checkpoint, save_checkpoint  # noqa: F401
+from .convergence import Convergence
 from .evaluation import held_out_elbo, training_elbo
 from .history import BATCH, EXACT, MONTE_CARLO, RUNNING, History
 from .objectives import AnalyticELBO, EntropyELBO, NonFiniteObjectiveError
+from .restarts import check_restartable, reinitialize, restore, snapshot
+from .steppers import SVIStep, TorchStep, lbfgs
 
 #: sigma^2* below this fraction of the data's mean variance means the model fits the data exactly
 #: (e.g. constant data, or data of rank < H): the ELBO then grows without bound.
@@ -79,12 +86,31 @@ class _Batches:
         self.position += self.batch_size
         return batch
 
+    def reset(self, seed):
+        """Start a new run: a fresh order from ``seed``."""
+        self.generator.manual_seed(seed)
+        self.order, self.position = None, 0
+
     def state_dict(self):
         return {"generator": self.generator.get_state(), "order": self.order, "position": self.position}
 
     def load_state_dict(self, state):
         self.generator.set_state(state["generator"])
         self.order, self.position = state["order"], state["position"]
+
+
+#: Optimiser names :func:`fit` understands (a torch optimiser class or factory works too).
+OPTIMIZERS = ("auto", "lbfgs", "svi")
+#: The SVI route's default Adam learning rate.
+DEFAULT_LR = 0.05
+#: Steps of the torch route when neither steps nor epochs is given: an upper bound, as it stops on convergence.
+DEFAULT_MAX_STEPS = 5000
+#: The torch route's default convergence test (see the README's "Choosing the defaults").
+DEFAULT_TOL, DEFAULT_GTOL, DEFAULT_WINDOW = 1e-6, None, 20
+
+
+class ConvergenceWarning(UserWarning):
+    """A run reached its step limit without meeting its convergence test."""
 
 
 @dataclass
@@ -94,7 +120,9 @@ class FitOptions:
     loss: object
     batches: "_Batches"
     total_steps: int
-    optim: object
+    route: str  #: "svi" or "torch"
+    optim: object  #: the PyroOptim of the SVI route
+    optimizer: object  #: the torch optimiser factory of the torch route
     lr: float
     schedule: Callable
     manage_lr: bool
@@ -105,6 +133,11 @@ class FitOptions:
     checkpoint: Optional[str]
     checkpoint_every: Optional[int]
     data_variance: float
+    tol: Optional[float]
+    gtol: Optional[float]
+    window: int
+    n_init: int
+    frozen: tuple
 
     @property
     def elbo_kind(self):
@@ -117,14 +150,21 @@ class FitOptions:
         return RUNNING if running else BATCH
 
     def eval_due(self, step):
-        """Whether to record the exact full-data ELBO after ``step`` (always after the last)."""
+        """Whether to record the exact full-data ELBO after ``step`` (the last step always is)."""
         return step == self.total_steps or (self.eval_every is not None and step % self.eval_every == 0)
 
+    def make_step(self, model, guide, x):
+        """The route's stepper (builds the torch optimiser on the objective's parameters)."""
+        if self.route == "svi":
+            return SVIStep(model, guide, self.loss, self.optim)
+        return TorchStep(model, guide, self.loss, x, self.optimizer, self.frozen)
 
-def check_fit_options(model, guide, x, loss=None, *, steps=None, epochs=None, batch_size=None, lr=0.05,
-                      lr_schedule=None, optim=None, seed=0, record_every=1, eval_every=None,
+
+def check_fit_options(model, guide, x, loss=None, *, optimizer="auto", steps=None, epochs=None, batch_size=None,
+                      lr=None, lr_schedule=None, optim=None, seed=0, record_every=1, eval_every=None,
                       trace_elbo_every=None, trace_elbo_particles=16, checkpoint=None, checkpoint_every=None,
-                      annealing=None):
+                      resume=None, annealing=None, tol="auto", gtol="auto", window=DEFAULT_WINDOW, n_init=1,
+                      train_dictionary=True):
     """Validate :func:`fit`'s arguments once, before anything trains; return :class:`FitOptions`.
 
     Raises a ValueError naming the argument. Sets ``annealing`` on the loss only
@@ -139,17 +179,25 @@ def check_fit_options(model, guide, x, loss=None, *, steps=None, epochs=None, ba
                          "sigma^2 tends to 0 and the ELBO grows without bound")
     batches = _Batches(x.size(0), x.size(0) if batch_size is None else check_int(batch_size, "batch_size"),
                        int(seed))
+    # Settings that only the SVI route reads say which route the user has in mind.
+    svi_settings = optim is not None or lr is not None or lr_schedule is not None
+    route, factory = _check_optimizer(optimizer, loss, batches, optim, svi_settings)
+    if steps is None and epochs is None and route == "torch":
+        steps = DEFAULT_MAX_STEPS
     total_steps = _total_steps(steps, epochs, batches.steps_per_epoch)
     annealing = _check_annealing(annealing, loss, total_steps)
     _check_subsampling(guide, loss, batches)
-    lr = check_positive(lr, "lr")
+    lr = DEFAULT_LR if lr is None else check_positive(lr, "lr")
     schedule = _default_lr_schedule(lr_schedule)
-    if optim is None:
+    if route == "torch" and lr_schedule is not None:
+        raise ValueError("lr_schedule applies to the SVI route (optimizer='svi'); a torch optimiser takes its "
+                         "learning rate from its own arguments, e.g. functools.partial(torch.optim.Adam, lr=0.01)")
+    if route == "svi" and optim is None:
         optim = pyro.optim.Adam({"lr": lr})
-    elif not isinstance(optim, pyro.optim.PyroOptim):
+    elif route == "svi" and not isinstance(optim, pyro.optim.PyroOptim):
         raise ValueError(f"optim must be a pyro.optim.PyroOptim, got {optim!r}")
-    # fit sets the learning rate when it owns the optimiser or a schedule asks for it.
-    manage_lr = lr_schedule is not None or optim.pt_optim_args == {"lr": lr}
+    # fit sets the SVI learning rate when it owns the optimiser or a schedule asks for it.
+    manage_lr = route == "svi" and (lr_schedule is not None or optim.pt_optim_args == {"lr": lr})
     if manage_lr and not isinstance(optim.pt_optim_args, dict):
         raise ValueError("lr_schedule needs an optim built from a dict of arguments, e.g. Adam({'lr': 0.05})")
     record_every = check_int(record_every, "record_every")
@@ -164,10 +212,55 @@ def check_fit_options(model, guide, x, loss=None, *, steps=None, epochs=None, ba
         checkpoint_every = check_int(checkpoint_every, "checkpoint_every")
         if checkpoint is None:
             raise ValueError("checkpoint_every needs a checkpoint path")
+    tol = (DEFAULT_TOL if route == "torch" else None) if tol == "auto" else tol
+    gtol = (DEFAULT_GTOL if route == "torch" else None) if gtol == "auto" else gtol
+    tol, gtol, window = Convergence.check(tol, gtol, window)
+    if gtol is not None and tol is None:
+        raise ValueError("gtol needs tol: the gradient test is made together with the objective's change")
+    n_init = check_int(n_init, "n_init")
+    if n_init > 1:
+        if checkpoint is not None or resume is not None:
+            raise ValueError("n_init > 1 cannot be combined with checkpoint or resume; checkpoint single runs")
+        check_restartable(model, guide)
+    frozen = ()
+    if not train_dictionary:
+        if route != "torch":
+            raise ValueError("train_dictionary=False needs the torch route (optimizer='lbfgs' or a torch optimiser)")
+        frozen = ("raw_dictionary",)
     if annealing is not None:
         loss.annealing = annealing
-    return FitOptions(loss, batches, total_steps, optim, lr, schedule, manage_lr, record_every, eval_every,
-                      trace_elbo_every, trace_elbo_particles, checkpoint, checkpoint_every, data_variance)
+    return FitOptions(loss, batches, total_steps, route, optim, factory, lr, schedule, manage_lr, record_every,
+                      eval_every, trace_elbo_every, trace_elbo_particles, checkpoint, checkpoint_every, data_variance,
+                      tol, gtol, window, n_init, frozen)
+
+
+def _check_optimizer(optimizer, loss, batches, optim, svi_settings):
+    # Returns (route, torch optimiser factory or None).
+    closed_form = isinstance(loss, (EntropyELBO, AnalyticELBO))
+    if isinstance(optimizer, str):
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS} or a torch.optim optimiser class "
+                             f"(or factory params -> optimiser), got {optimizer!r}")
+        if optimizer == "auto":
+            optimizer = "lbfgs" if closed_form and batches.full and not svi_settings else "svi"
+        if optimizer == "svi":
+            return "svi", None
+        if not batches.full:
+            raise ValueError("optimizer='lbfgs' needs the full data set (batch_size=None): its line search "
+                             "compares exact objective values, which a minibatch does not give")
+        if not closed_form:
+            raise ValueError(f"optimizer='lbfgs' needs a deterministic objective (EntropyELBO or AnalyticELBO); "
+                             f"{type(loss).__name__} is sampled: use optimizer='svi'")
+        factory = lbfgs
+    elif callable(optimizer):
+        factory = optimizer
+    else:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS} or a torch.optim optimiser class "
+                         f"(or factory params -> optimiser), got {optimizer!r}")
+    if optim is not None:
+        raise ValueError("optim (a pyro.optim optimiser) is for the SVI route; with a torch optimiser leave it "
+                         "out, or pass optimizer='svi'")
+    return "torch", factory
 
 
 def _check_annealing(annealing, loss, total_steps):
@@ -185,49 +278,83 @@ def _check_annealing(annealing, loss, total_steps):
     return annealing
 
 
-def fit(model, guide, data, loss=None, *, steps=None, epochs=None, batch_size=None, lr=0.05,
-        lr_schedule=None, optim=None, seed=0, device=None, dtype=None, progress=True, record_every=1,
-        eval_every=None, trace_elbo_every=None, trace_elbo_particles=16, checkpoint=None, checkpoint_every=None,
-        resume=None, callback=None, annealing=None):
-    """Train ``model`` and ``guide`` on ``data`` with SVI; return a :class:`~pyro_esc.History`.
+def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=None, batch_size=None, lr=None,
+        lr_schedule=None, optim=None, tol="auto", gtol="auto", window=DEFAULT_WINDOW, n_init=1, seed=0,
+        device=None, dtype=None, progress=True, record_every=1, eval_every=None, trace_elbo_every=None,
+        trace_elbo_particles=16, checkpoint=None, checkpoint_every=None, resume=None, callback=None,
+        annealing=None, train_dictionary=True):
+    """Train ``model`` and ``guide`` on ``data``; return a :class:`~pyro_esc.History`.
 
-    Each step is one ``SVI.step`` on the full data (``batch_size=None``) or on a
-    minibatch of indices, passed to model and guide as ``subsample=...``
-    (Pyro's subsampling idiom). Minibatches are a fresh random permutation per
-    epoch. With :class:`~pyro_esc.EntropyELBO` (the default loss) each step is
+    **Two routes**, chosen by ``optimizer`` (``History.route`` says which ran):
+
+    - ``"lbfgs"``: torch's L-BFGS with a strong-Wolfe line search on the exact,
+      full-batch objective, one L-BFGS iteration per step, until the convergence
+      test holds (``tol``, ``gtol``, ``window``) or ``steps`` run out. Any
+      ``torch.optim`` optimiser class, or a factory ``params -> optimiser`` such
+      as ``functools.partial(torch.optim.Adam, lr=0.01)``, takes the same route
+      (:class:`~pyro_esc.steppers.TorchStep`): it optimises the parameters that
+      the objective reads, found through Pyro's param store as SVI finds them.
+    - ``"svi"``: one ``SVI.step`` per step with ``optim`` (a ``pyro.optim``
+      optimiser, default Adam(``lr``)): for minibatches (``batch_size``) and
+      sampled objectives such as ``Trace_ELBO``. Minibatches are indices passed
+      to model and guide as ``subsample=...`` (Pyro's idiom), a fresh random
+      permutation per epoch.
+    - ``"auto"`` (default): ``"lbfgs"`` for a closed-form objective on the full
+      data, unless an SVI setting (``optim``, ``lr`` or ``lr_schedule``) is
+      given; else ``"svi"``.
+
+    With :class:`~pyro_esc.EntropyELBO` (the default loss) each step is
     followed by ``loss.update(...)``, which writes lambda*, sigma^2* of the
-    parameters after the step into the model and, for minibatches, keeps the
-    whole-data running statistics current (see
-    :class:`~pyro_esc.statistics.RunningStatistics`).
+    parameters after the step into the model and keeps minibatch statistics
+    current.
+
+    **Convergence**: with ``tol`` the run stops once the exact objective per
+    data point changed by at most ``tol`` (relative) over the last ``window``
+    steps and, with ``gtol``, the gradient norm of the per-point loss is at most
+    ``gtol`` (:class:`~pyro_esc.convergence.Convergence`). ``History.converged``
+    and ``History.stop_reason`` say how the run ended; a run that reaches its
+    step limit unconverged also issues a :class:`ConvergenceWarning`.
+
+    **Restarts**: ``n_init=k`` trains from k initialisations (seeds ``seed``,
+    ``seed + 1``, ...; see :mod:`pyro_esc.restarts` for what differs) and keeps
+    the one with the best exact final ELBO; ``History.restart_elbos`` holds all k.
 
     What is recorded (see :class:`~pyro_esc.History`): the objective at every
-    ``record_every``-th step (``History.elbo``, with ``History.elbo_kind``
-    saying whether it is exact or an estimate) and the exact full-data ELBO
-    every ``eval_every`` steps and after the last (``History.eval_elbo``;
-    ``History.final_elbo`` is the number to report).
+    ``record_every``-th step (``History.elbo``, ``History.elbo_kind`` saying
+    whether it is exact or an estimate), and the exact full-data ELBO every
+    ``eval_every`` steps and after the last (``History.final_elbo`` is the
+    number to report).
 
     :param model: a :class:`~pyro_esc.SparseCoding` (or any Pyro model taking ``(x, subsample=None)``).
     :param guide: a guide for it.
     :param data: the data, (N, D): a tensor (keeps its dtype) or an array (converted to ``dtype``).
         Constant data (every point the same) is rejected: its ELBO is unbounded.
     :param loss: a ``pyro.infer.ELBO``; default ``EntropyELBO()``.
-    :param int steps: number of optimisation steps (default 1000 if ``epochs`` is not given).
+    :param optimizer: ``"auto"``, ``"lbfgs"``, ``"svi"``, or a torch optimiser class or factory.
+    :param int steps: the step limit (default: 5000 on the torch route, which stops on convergence;
+        1000 on the SVI route).
     :param int epochs: alternatively, passes over the data (ceil(N / batch_size) steps each).
     :param int batch_size: minibatch size; None for full batch.
-    :param float lr: Adam learning rate.
-    :param lr_schedule: None/'constant', 'cosine' (to 0.1 lr), 'exponential' (to 0.1 lr) or
-        a callable f(progress in [0, 1]) -> factor on ``lr``.
-    :param optim: a ``pyro.optim.PyroOptim`` to use instead of Adam(lr) (then ``lr`` only
-        feeds the schedule, if any).
-    :param int seed: seeds Pyro's RNG and the minibatch order.
+    :param float lr: the SVI route's Adam learning rate (default 0.05).
+    :param lr_schedule: SVI route: None/'constant', 'cosine' (to 0.1 lr), 'exponential' (to 0.1 lr)
+        or a callable f(progress in [0, 1]) -> factor on ``lr``.
+    :param optim: SVI route: a ``pyro.optim.PyroOptim`` to use instead of Adam(lr) (then ``lr``
+        only feeds the schedule, if any).
+    :param float tol: relative change of the objective over ``window`` steps that counts as
+        converged; ``"auto"``: 1e-6 on the torch route, None (run every step) on the SVI route.
+    :param float gtol: bound on the per-point gradient norm for convergence (torch route); None
+        for no gradient test.
+    :param int window: steps over which the change is measured.
+    :param int n_init: number of initialisations; the best exact ELBO is kept.
+    :param int seed: seeds Pyro's RNG and the minibatch order (restart i uses ``seed + i``).
     :param device: move data, model and guide there (default: the data's device).
     :param dtype: dtype for array data (default torch's default dtype).
     :param bool progress: show a tqdm progress bar with the objective, lambda and sigma^2.
     :param int record_every: record the history every this many steps (and at the last).
     :param int eval_every: record the exact full-data ELBO every this many steps (and after the
         last); default: once per epoch for minibatches, after the last step for full batch.
-    :param int trace_elbo_every: every this many steps also record a Monte Carlo estimate of
-        the ELBO per data point with Pyro's ``Trace_ELBO`` (vectorised particles) on the full data.
+    :param int trace_elbo_every: every this many recorded steps also record a Monte Carlo estimate
+        of the ELBO per data point with Pyro's ``Trace_ELBO`` (vectorised particles) on the full data.
     :param int trace_elbo_particles: particles for that estimate.
     :param str checkpoint: path to save a checkpoint to, every ``checkpoint_every`` steps and at the end.
     :param int checkpoint_every: see ``checkpoint``.
@@ -238,81 +365,146 @@ def fit(model, guide, data, loss=None, *, steps=None, epochs=None, batch_size=No
         :meth:`~pyro_esc.annealing.Annealing.default` over the first half of the steps (the true
         objective after). Equivalent to ``loss=EntropyELBO(annealing=...)``; fit sets the weights
         before every step (``EntropyELBO.set_annealing_step``) and records them in ``History.betas``.
+    :param bool train_dictionary: False keeps the dictionary fixed and fits only the guide (torch
+        route), as :func:`~pyro_esc.evaluation.reference_elbo` does.
     :raises NonFiniteObjectiveError: if the objective or a parameter becomes NaN or inf, or the
         noise variance collapses; the message says at which step and which term.
     """
     x = _prepare_data(data, device, dtype)
     options = check_fit_options(
-        model, guide, x, loss, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule,
-        optim=optim, seed=seed, record_every=record_every, eval_every=eval_every,
+        model, guide, x, loss, optimizer=optimizer, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,
+        lr_schedule=lr_schedule, optim=optim, seed=seed, record_every=record_every, eval_every=eval_every,
         trace_elbo_every=trace_elbo_every, trace_elbo_particles=trace_elbo_particles, checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every, annealing=annealing)
-    loss, batches, total_steps = options.loss, options.batches, options.total_steps
+        checkpoint_every=checkpoint_every, resume=resume, annealing=annealing, tol=tol, gtol=gtol, window=window,
+        n_init=n_init, train_dictionary=train_dictionary)
     for module in (model, guide):
         if isinstance(module, torch.nn.Module):
             module.to(x.device)
-    svi = SVI(model, guide, options.optim, loss=loss)
+    if options.n_init == 1:
+        return _fit_once(model, guide, x, options, int(seed), progress, callback, resume)
+    best, best_state, elbos = None, None, []
+    for restart in range(options.n_init):
+        if restart > 0:
+            reinitialize(model, guide, names, int(seed) + restart)
+        history, names = _fit_once(model, guide, x, options, int(seed) + restart, progress, callback, None,
+                                   return_names=True)
+        elbos.append(history.final_elbo)
+        if best is None or history.final_elbo > best.final_elbo:
+            best, best_state = history, snapshot(names, model, guide)
+            best.best_restart = restart
+    restore(best_state, model, guide)
+    best.restart_elbos = elbos
+    return best
 
-    history = History(num_data=x.size(0), elbo_kind=options.elbo_kind)
-    start_step, elapsed = 0, 0.0
+
+def _fit_once(model, guide, x, options, seed, progress, callback, resume, return_names=False):
+    """One training run (see :func:`fit`); returns its History (and the trained parameters' names)."""
+    loss, batches, total_steps = options.loss, options.batches, options.total_steps
+    history = History(num_data=x.size(0), elbo_kind=options.elbo_kind, route=options.route)
+    batches.reset(seed)
+    start_step, elapsed, state = 0, 0.0, None
     if resume is not None:
-        start_step, elapsed, history = restore_checkpoint(resume, model, guide, svi, loss, batches, x)
+        state = restore_checkpoint(resume, model, guide, loss, batches, x)
+        start_step, elapsed, history = state["step"], state["wall_time"], History.from_dict(state["history"])
     else:
-        pyro.set_rng_seed(int(seed))
+        pyro.set_rng_seed(seed)
+    stepper = options.make_step(model, guide, x)
+    if state is not None:
+        stepper.load_state_dict(state["optim"])
+    history.optimizer = stepper.name
+    convergence = None if options.tol is None else Convergence(options.tol, options.gtol, options.window)
 
     def save(step):
-        save_checkpoint(checkpoint, step, model, guide, svi, loss, batches, history,
+        save_checkpoint(options.checkpoint, step, model, guide, stepper.state_dict(), loss, batches, history,
                         time.perf_counter() - started, x)
 
     bar = tqdm(total=total_steps, initial=start_step, disable=not progress, desc="fit", dynamic_ncols=True)
     started = time.perf_counter() - elapsed
+    step, previous, stalls = start_step, None, 0
     try:
         for step in range(start_step + 1, total_steps + 1):
             if options.manage_lr:
-                _set_lr(options.optim, options.lr * options.schedule((step - 1) / max(1, total_steps - 1)))
+                stepper.set_lr(options.lr * options.schedule((step - 1) / max(1, total_steps - 1)))
             subsample = batches.next()
             kwargs = {} if subsample is None else {"subsample": subsample.to(x.device)}
-            value = training_step(svi, model, guide, x, kwargs, step, options)
-            if step % options.record_every == 0 or step == total_steps:
-                history.record(step, step / batches.steps_per_epoch, value, model, _current_lr(options.optim),
-                               getattr(loss, "betas", (1.0, 1.0, 1.0)), time.perf_counter() - started)
-                if options.trace_elbo_every is not None and (step % options.trace_elbo_every == 0
-                                                             or step == total_steps):
+            value, grad_norm = training_step(stepper, model, guide, x, kwargs, step, options)
+            done = convergence is not None and history.elbo_kind == EXACT and convergence.update(-value / x.size(0),
+                                                                                                 grad_norm)
+            if stepper.route == "torch" and value == previous:
+                # No decrease at all: the line search found no lower value along the current direction.
+                # Once, forget the curvature memory and try steepest descent; twice in a row, stop.
+                stalls += 1
+                stepper.reset()
+                if stalls >= 2 and convergence is not None:
+                    convergence.reason = ("converged: no further decrease found (the objective's floating-point "
+                                          f"precision; gradient norm {grad_norm:.2g})")
+                    done = True
+            else:
+                stalls = 0
+            previous = value
+            last = done or step == total_steps
+            if step % options.record_every == 0 or last:
+                history.record(step, step / batches.steps_per_epoch, value, model, stepper.current_lr(),
+                               getattr(loss, "betas", (1.0, 1.0, 1.0)), time.perf_counter() - started, grad_norm)
+                if options.trace_elbo_every is not None and (step % options.trace_elbo_every == 0 or last):
                     history.trace_elbo_step.append(step)
                     history.trace_elbo.append(_trace_elbo(model, guide, x, options.trace_elbo_particles))
                 if progress:
                     bar.set_postfix(history.progress_postfix(), refresh=False)
-            if options.eval_due(step):
-                value, history.eval_kind = _exact_elbo(model, guide, x, loss)
+            if last or options.eval_due(step):
+                elbo, history.eval_kind = _exact_elbo(model, guide, x, loss)
                 history.eval_step.append(step)
-                history.eval_elbo.append(value)
+                history.eval_elbo.append(elbo)
             if callback is not None and history.step and history.step[-1] == step:
                 callback(step, history)
             bar.update(1)
+            if done:
+                break
             if options.checkpoint_every is not None and step % options.checkpoint_every == 0 and step != total_steps:
                 _check_parameters_finite(step)
                 save(step)
     finally:
         bar.close()
-    _check_parameters_finite(total_steps)
-    if checkpoint is not None:
-        save(total_steps)
-    return history
+    _check_parameters_finite(step)
+    history.evaluations += stepper.evaluations
+    history.converged = convergence is not None and convergence.reason is not None
+    if history.converged:
+        history.stop_reason = convergence.reason
+    else:
+        history.stop_reason = f"step limit: {step} steps"
+        if convergence is not None:
+            history.stop_reason += f" without meeting tol={options.tol:g} (unconverged)"
+            warnings.warn(f"fit: {history.stop_reason}; pass more steps, or a larger tol", ConvergenceWarning,
+                          stacklevel=3)
+    if options.checkpoint is not None:
+        save(step)
+    return (history, stepper.names if options.route == "torch" else _svi_names(model, guide, loss, x)) \
+        if return_names else history
 
 
-def training_step(svi, model, guide, x, kwargs, step, options):
-    """One training step: the SVI update, then the explicit post-step update of an EntropyELBO.
+def _svi_names(model, guide, loss, x):
+    # The param-store names one SVI step trains (its parameter capture), for restarts.
+    with poutine.trace(param_only=True) as capture, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        loss.loss(model, guide, x)
+    return list(capture.trace.nodes)
 
-    :returns: the objective to record (a loss: -N ELBO). For EntropyELBO it is the value
-        after the step (exact on the full data; the running estimate on a minibatch);
-        for other objectives the value the step evaluated.
+
+def training_step(stepper, model, guide, x, kwargs, step, options):
+    """One training step on the route's stepper, then the explicit post-step update of an EntropyELBO.
+
+    :returns: ``(value, grad_norm)``: the objective to record (a loss, -N ELBO) and the gradient
+        norm of the per-point loss if the route knows it (else None). For EntropyELBO the value is
+        the one after the step (exact on the full data; the running estimate on a minibatch); for
+        other closed-form objectives on the torch route too; on the SVI route the value the step
+        evaluated.
     :raises NonFiniteObjectiveError: naming the step and the term or site.
     """
     loss = options.loss
     if isinstance(loss, EntropyELBO):
         loss.set_annealing_step(step - 1)
     try:
-        value = svi.step(x, **kwargs)
+        value, grad_norm = stepper.step(x, kwargs)
         if isinstance(loss, EntropyELBO):
             terms = loss.update(model, guide, x, **kwargs)
             value = float(-terms.num_data * terms.elbo)
@@ -321,6 +513,8 @@ def training_step(svi, model, guide, x, kwargs, step, options):
                     f"the noise variance sigma^2* collapsed to {float(terms.noise_var):g} (data variance "
                     f"{options.data_variance:g}): the model reproduces the data exactly (data of rank < H?), "
                     f"and the ELBO grows without bound")
+        elif stepper.route == "torch":
+            value = loss.loss(model, guide, x, **kwargs)
     except NonFiniteObjectiveError as error:
         raise NonFiniteObjectiveError(f"step {step}: {error}") from error
     except ValueError as error:
@@ -330,10 +524,11 @@ def training_step(svi, model, guide, x, kwargs, step, options):
                 f"step {step}: {type(loss).__name__} failed ({error.args[0].splitlines()[0]}); "
                 f"{_diagnose_non_finite(model, guide, x, kwargs)}") from error
         raise
-    if not math.isfinite(value):
+    if not math.isfinite(value) or (grad_norm is not None and not math.isfinite(grad_norm)):
         raise NonFiniteObjectiveError(
-            f"step {step}: {type(loss).__name__} loss is {value}; {_diagnose_non_finite(model, guide, x, kwargs)}")
-    return value
+            f"step {step}: {type(loss).__name__} loss is {value} (gradient norm {grad_norm}); "
+            f"{_diagnose_non_finite(model, guide, x, kwargs)}")
+    return value, grad_norm
 
 
 def _exact_elbo(model, guide, x, loss):
@@ -410,22 +605,6 @@ def _check_subsampling(guide, loss, batches):
         raise ValueError(f"minibatches with {type(loss).__name__} and {type(guide).__name__} need the guide to "
                          f"share the model's plate: build it as {type(guide).__name__}(model, "
                          f"create_plates=model.create_plates)")
-
-
-def _set_lr(optim, lr):
-    # PyroOptim keeps one torch optimiser per parameter, created on first sight.
-    optim.pt_optim_args["lr"] = lr
-    for optimizer in optim.optim_objs.values():
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-
-def _current_lr(optim):
-    # The rate the optimisers use now (ClippedAdam decays it inside); the first
-    # parameter's, as they share a schedule.
-    for optimizer in optim.optim_objs.values():
-        return float(optimizer.param_groups[0]["lr"])
-    return optim.pt_optim_args["lr"] if isinstance(optim.pt_optim_args, dict) else float("nan")
 
 
 def _trace_elbo(model, guide, x, particles):

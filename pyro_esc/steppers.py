@@ -1,0 +1,208 @@
+"""The two routes of :func:`~pyro_esc.fit`: one optimisation step each.
+
+- :class:`SVIStep`: Pyro's ``SVI`` with a ``pyro.optim`` optimiser, for
+  minibatches and sampled objectives (any ``pyro.infer.ELBO``).
+- :class:`TorchStep`: a ``torch.optim`` optimiser on the parameters that the
+  objective reads, for the deterministic, closed-form objectives. Every step is
+  ``optimizer.step(closure)``, so optimisers that need a closure (L-BFGS with
+  its strong-Wolfe line search) work as well as those that do not. The
+  parameters are found the way SVI finds them, by recording the param sites of
+  one evaluation (Pyro's ``poutine.trace(param_only=True)``), so PyroModule
+  parameters are read inside their Pyro context and stay in Pyro's param store.
+
+The torch route minimises the loss per data point (Pyro's loss / N), which
+keeps L-BFGS's first step and tolerances independent of N.
+"""
+
+import functools
+import math
+
+import torch
+
+from pyro import poutine
+
+from ._pyro_internals import param_fullname, param_site_unconstrained
+from .objectives import NonFiniteObjectiveError
+
+#: Objective evaluations one L-BFGS step may spend in its line search.
+LINE_SEARCH_EVALUATIONS = 25
+#: L-BFGS memory: curvature pairs kept (see the README's "Choosing the defaults").
+LBFGS_HISTORY = 10
+
+
+def lbfgs(params):
+    """torch's L-BFGS as :func:`~pyro_esc.fit` uses it: one iteration per step, strong-Wolfe line search.
+
+    ``max_eval`` must leave room for the line search: torch gives the line search
+    at most ``max_eval - 1`` evaluations, so one iteration per step with the
+    default ``max_eval`` would never search. Convergence is :func:`fit`'s test, so
+    torch's own tolerances are off.
+    """
+    return torch.optim.LBFGS(params, lr=1.0, max_iter=1, max_eval=LINE_SEARCH_EVALUATIONS + 1,
+                             history_size=LBFGS_HISTORY, line_search_fn="strong_wolfe",
+                             tolerance_grad=0.0, tolerance_change=0.0)
+
+
+def optimizer_name(factory):
+    """A readable name for an optimiser factory (a class, a partial of one, or a function)."""
+    while isinstance(factory, functools.partial):
+        factory = factory.func
+    if factory is lbfgs:
+        return "LBFGS"
+    return getattr(factory, "__name__", type(factory).__name__)
+
+
+class SVIStep:
+    """One ``SVI.step`` per training step (the route for minibatches and sampled objectives)."""
+
+    route = "svi"
+
+    def __init__(self, model, guide, loss, optim):
+        from pyro.infer import SVI
+
+        self.svi = SVI(model, guide, optim, loss=loss)
+        self.optim = optim
+        self.name = type(optim).__name__
+        self.evaluations = 0
+
+    def step(self, x, kwargs):
+        """Take one step; return the value the objective reported and no gradient norm."""
+        self.evaluations += 1
+        return self.svi.step(x, **kwargs), None
+
+    def set_lr(self, lr):
+        # PyroOptim keeps one torch optimiser per parameter, created on first sight.
+        self.optim.pt_optim_args["lr"] = lr
+        for optimizer in self.optim.optim_objs.values():
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+    def current_lr(self):
+        # The rate the optimisers use now (ClippedAdam decays it inside); the first
+        # parameter's, as they share a schedule.
+        for optimizer in self.optim.optim_objs.values():
+            return float(optimizer.param_groups[0]["lr"])
+        args = self.optim.pt_optim_args
+        return args["lr"] if isinstance(args, dict) else float("nan")
+
+    def reset(self):
+        """Forget the optimiser's state (moments), keeping the parameters."""
+        self.optim.optim_objs.clear()
+
+    def state_dict(self):
+        return self.optim.get_state()
+
+    def load_state_dict(self, state):
+        self.optim.set_state(state)
+
+
+def trainable_parameters(model, guide, loss, x, frozen=()):
+    """The (names, unconstrained tensors) that ``loss`` trains: its param sites that have a gradient.
+
+    One evaluation is recorded as SVI records it. Parameters the objective reads
+    but does not differentiate (EntropyELBO's lambda and sigma^2, which
+    ``update`` sets) are left out, and so are the model's parameters named in
+    ``frozen`` (attribute names, e.g. ``("raw_dictionary",)``). A guide
+    that is a ``torch.nn.Module`` must have every trainable parameter among them,
+    or it would silently never train: that is a ValueError.
+    """
+    with poutine.trace(param_only=True) as capture:
+        value = loss.differentiable_loss(model, guide, x)
+    frozen = {param_fullname(model, name) for name in frozen}
+    sites = [(name, param_site_unconstrained(site)) for name, site in capture.trace.nodes.items()
+             if site["type"] == "param"]
+    trainable = [(name, tensor) for name, tensor in sites if name not in frozen]
+    candidates = [(name, tensor) for name, tensor in trainable if tensor.requires_grad]
+    grads = torch.autograd.grad(value, [tensor for _, tensor in candidates], allow_unused=True)
+    kept = [(name, tensor) for (name, tensor), grad in zip(candidates, grads) if grad is not None]
+    if isinstance(guide, torch.nn.Module):
+        seen = {id(tensor) for _, tensor in sites}
+        missed = [name for name, param in guide.named_parameters() if param.requires_grad and id(param) not in seen]
+        if missed:
+            raise ValueError(f"the guide's parameters {missed} are not read through Pyro's param store, so they "
+                             f"would never be trained; make the guide a PyroModule (read them inside its Pyro "
+                             f"context, e.g. with @pyro_method) or register them with pyro.module(...)")
+    if not kept:
+        raise ValueError(f"{type(loss).__name__} has no parameter to train for this model and guide")
+    # A canonical order (by name), so that an optimiser's flat state (L-BFGS's curvature pairs)
+    # lines up with the parameters again after a checkpoint is restored.
+    kept.sort(key=lambda item: item[0])
+    return [name for name, _ in kept], [tensor for _, tensor in kept]
+
+
+class TorchStep:
+    """One ``optimizer.step(closure)`` per training step on the objective's own parameters.
+
+    :param factory: ``factory(params) -> torch.optim.Optimizer``: a torch optimiser class,
+        a ``functools.partial`` of one with its arguments, or :func:`lbfgs`.
+    :param frozen: param-store names to leave untrained.
+    """
+
+    route = "torch"
+
+    def __init__(self, model, guide, loss, x, factory, frozen=()):
+        self.model, self.guide, self.loss = model, guide, loss
+        self.names, self.params = trainable_parameters(model, guide, loss, x, frozen)
+        self.optimizer = factory(self.params)
+        if not isinstance(self.optimizer, torch.optim.Optimizer):
+            raise ValueError(f"optimizer must build a torch.optim.Optimizer from the parameters, got "
+                             f"{type(self.optimizer).__name__}")
+        self.name = type(self.optimizer).__name__
+        self.scale = 1.0 / x.size(0)
+        self.evaluations = 0
+        self.grad_norm = math.nan
+
+    def step(self, x, kwargs):
+        """Take one step; return the loss at the start of the step (Pyro's scale) and the gradient norm.
+
+        The gradient norm is that of the per-point loss at the step's last evaluation.
+        """
+        start = []
+
+        def closure():
+            self.optimizer.zero_grad()
+            self.evaluations += 1
+            try:
+                value = self.loss.differentiable_loss(self.model, self.guide, x, **kwargs) * self.scale
+                value.backward()
+                grad_norm = self._grad_norm()
+                problem = None if bool(torch.isfinite(value)) and math.isfinite(grad_norm) else \
+                    f"{type(self.loss).__name__} is {float(value):g} with gradient norm {grad_norm:g}"
+            except NonFiniteObjectiveError as error:
+                problem = str(error)
+            if not start:
+                if problem is not None:  # the point the step starts from: a real failure
+                    raise NonFiniteObjectiveError(problem)
+                start.append(float(value.detach()))
+            if problem is not None:
+                # A trial point of the line search that went too far (a scale underflowed to 0): a
+                # large finite value with no gradient makes the search step back, where inf or NaN
+                # would break its interpolation.
+                self.optimizer.zero_grad(set_to_none=False)
+                return torch.tensor(abs(start[0]) * 1e3 + 1e6)
+            self.grad_norm = grad_norm
+            return value
+
+        value = self.optimizer.step(closure)
+        return float(value.detach()) / self.scale, self.grad_norm
+
+    def _grad_norm(self):
+        with torch.no_grad():
+            return float(torch.stack([p.grad.square().sum() for p in self.params if p.grad is not None]).sum().sqrt())
+
+    def set_lr(self, lr):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def current_lr(self):
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def reset(self):
+        """Forget the optimiser's state (L-BFGS's curvature pairs, Adam's moments), keeping the parameters."""
+        self.optimizer.state.clear()
+
+    def state_dict(self):
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state)
