@@ -126,7 +126,10 @@ class BarsResult:
     #: The Adam recipe's initial learning rate, None on the L-BFGS route.
     lr: Optional[float]
     batch_size: Optional[int]
+    #: Seed of the data (and, by default, of the initialisation).
     seed: int
+    #: Seed of the initialisation (restart i of ``n_init`` uses ``init_seed + i``).
+    init_seed: int
     #: ``repr`` of the Annealing the loss used, None without annealing.
     annealing: Optional[str]
     #: The optimiser's class name (``LBFGS``, ``ClippedAdam``, ...).
@@ -216,7 +219,7 @@ def bars_optimizer(guide_object, steps, lr=0.2):
 
 def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3, steps=None, lr=0.2,
              batch_size=None, seed=0, device=None, out=None, progress=True, name=None, annealing=None,
-             optimizer="auto", n_init=1, tol="auto", reference=True):
+             optimizer="auto", n_init=1, tol="auto", reference=True, init_seed=None):
     """Learn the bars test; return a :class:`BarsResult` and optionally draw the learned fields.
 
     Training: :func:`~pyro_esc.fit`'s default route for closed-form objectives, L-BFGS
@@ -225,6 +228,7 @@ def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3,
     of :func:`bars_optimizer` (ClippedAdam, lr ``lr`` decaying to a fifth, ``steps`` steps).
 
     :param steps: the step limit (default: fit's, 5000 for L-BFGS; 2000 for the Adam recipe).
+    :param int init_seed: seed of the initialisation (default ``seed``, which also draws the data).
     :param bool reference: also fit the posteriors with the generating dictionary held fixed
         (:func:`~pyro_esc.evaluation.reference_elbo`) and report the learned ELBO minus that one.
     :returns: :class:`BarsResult`: the final exact ELBO per data point, the reference ELBO and the
@@ -245,8 +249,9 @@ def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3,
     else:
         options = dict(optimizer=optimizer, tol=tol)
     start = time.perf_counter()
-    history = fit(model, guide_object, x, loss=loss, steps=steps, batch_size=batch_size, seed=seed, device=device,
-                  progress=progress, annealing=annealing, n_init=n_init, **options)
+    history = fit(model, guide_object, x, loss=loss, steps=steps, batch_size=batch_size,
+                  seed=seed if init_seed is None else init_seed, device=device, progress=progress,
+                  annealing=annealing, n_init=n_init, **options)
     wall_time = time.perf_counter() - start
     dictionary = model.dictionary.detach().cpu()
     recovery = bars_recovery(dictionary, true_dictionary)
@@ -254,7 +259,8 @@ def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3,
                                      seed=seed) if reference else None
     result = BarsResult(
         guide=guide, objective=objective, n=n, side=side, noise=noise, steps=history.step[-1],
-        lr=lr if route_svi else None, batch_size=batch_size, seed=seed, annealing=_annealing_label(loss),
+        lr=lr if route_svi else None, batch_size=batch_size, seed=seed,
+        init_seed=seed if init_seed is None else init_seed, annealing=_annealing_label(loss),
         optimizer=history.optimizer, n_init=n_init, converged=history.converged, stop_reason=history.stop_reason,
         elbo=history.final_elbo, reference_elbo=reference_value,
         elbo_minus_reference=None if reference_value is None else history.final_elbo - reference_value,

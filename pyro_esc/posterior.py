@@ -283,8 +283,9 @@ class FullGaussianPosterior(GaussianPosterior):
 
     def trace_terms(self, dictionary):
         # tr(W L L^T W^T) = sum_ij (W^T W L)_ij L_ij: one (H, H) Gram matrix instead of B (D, H) products.
+        # einsum contracts the (H, H) Gram matrix with all B factors in one matrix product.
         gram = dictionary.T @ dictionary
-        return ((gram @ self.scale_tril) * self.scale_tril).sum((-2, -1))
+        return torch.einsum("ij,bjk->bik", gram, self.scale_tril).mul(self.scale_tril).sum((-2, -1))
 
     def per_point_distribution(self):
         return MultivariateNormal(self.mean, scale_tril=self.scale_tril)

@@ -1,11 +1,23 @@
-"""Independent routes that the tests compare the closed-form code against."""
+"""Independent routes that the tests compare the closed-form code against, and the one
+registry of the guides that the tests run by name (:data:`GUIDES`, :func:`guide_problem`)."""
+
+import re
+from pathlib import Path
 
 import torch
 
 import pyro
 from pyro import poutine
 from pyro.infer import Trace_ELBO
+from pyro.infer.autoguide import (
+    AutoDiagonalNormal,
+    AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+)
 from pyro.poutine.util import prune_subsample_sites
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def randomize_guide(guide, *args, scale=0.3, seed=1, **kwargs):
@@ -216,3 +228,86 @@ def assert_same_posterior(first, second, dictionary):
     if not first.is_joint:
         assert torch.allclose(first.trace_terms(dictionary), second.trace_terms(dictionary))
 
+
+# ------------------------------------------------------------ the guide registry
+
+
+def readme_guide_class():
+    """The guide class of the README's "Adding a Gaussian guide" section, executed as written."""
+    section = README.read_text().split("### Adding a Gaussian guide", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
+    return namespace["LowRankNormal"]
+
+
+class TracedLowRank(torch.nn.Module):
+    """The README guide without its protocol method: EntropyELBO must recognise it by tracing."""
+
+    def __init__(self, num_data, n_latents, rank=2):
+        super().__init__()
+        self.inner = readme_guide_class()(num_data, n_latents, rank)
+        self._pyro_name = self.inner._pyro_name  # for guide_parameters / randomize_guide
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
+def _amortized(**kwargs):
+    from pyro_esc import AmortizedNormal
+
+    return lambda model, x: AmortizedNormal(x.size(1), model.n_latents, **kwargs)
+
+
+def _local(model, x):
+    from pyro_esc import LocalMultivariateNormal
+
+    return LocalMultivariateNormal(model)
+
+
+#: Every guide the tests run by name: name -> factory(model, x), x the data it will see.
+GUIDES = {
+    # Pyro's autoguides
+    "AutoNormal": lambda model, x: AutoNormal(model),
+    "AutoDiagonalNormal": lambda model, x: AutoDiagonalNormal(model),
+    "AutoMultivariateNormal": lambda model, x: AutoMultivariateNormal(model),
+    "AutoLowRankMultivariateNormal": lambda model, x: AutoLowRankMultivariateNormal(model, rank=3),
+    # pyro_esc's own guides
+    "LocalMultivariateNormal": _local,
+    "AmortizedNormal-diag": _amortized(hidden=(8, 7)),
+    "AmortizedNormal-full": _amortized(hidden=(8,), covariance="full"),
+    # a user's guide as the README writes it, with its protocol method and without (traced)
+    "README-LowRankNormal": lambda model, x: readme_guide_class()(x.size(0), model.n_latents),
+    "README-LowRankNormal-traced": lambda model, x: TracedLowRank(x.size(0), model.n_latents),
+}
+
+#: Pyro's autoguides (read through the registered fast adapters).
+AUTOGUIDES = ("AutoNormal", "AutoDiagonalNormal", "AutoMultivariateNormal", "AutoLowRankMultivariateNormal")
+#: Everything but the autoguides: pyro_esc's guides and the README's user guide (with and without protocol).
+PACKAGE_GUIDES = ("LocalMultivariateNormal", "AmortizedNormal-diag", "AmortizedNormal-full", "README-LowRankNormal",
+                  "README-LowRankNormal-traced")
+#: The PACKAGE_GUIDES that state their own summary (a gaussian_posterior method): all but the traced one.
+PROTOCOL_GUIDES = ("LocalMultivariateNormal", "AmortizedNormal-diag", "AmortizedNormal-full", "README-LowRankNormal")
+#: The PROTOCOL_GUIDES with correlated posteriors (full or low-rank covariance).
+CORRELATED_GUIDES = ("LocalMultivariateNormal", "AmortizedNormal-full", "README-LowRankNormal")
+#: pyro_esc's full-covariance guides, one local and one amortised.
+FULL_COVARIANCE_GUIDES = ("LocalMultivariateNormal", "AmortizedNormal-full")
+
+assert set(AUTOGUIDES) | set(PACKAGE_GUIDES) == set(GUIDES) and not set(AUTOGUIDES) & set(PACKAGE_GUIDES)
+assert set(FULL_COVARIANCE_GUIDES) <= set(CORRELATED_GUIDES) <= set(PROTOCOL_GUIDES) <= set(PACKAGE_GUIDES)
+
+
+def guide_problem(guide_name, num=30, side=3, seed=3, dtype=None):
+    """``(model, guide, x)``: ``num`` side x side bars (``seed``), a SparseCoding model with
+    2 * side latents, and the named guide of :data:`GUIDES` set up on x, at random parameters.
+
+    :param dtype: of the data; ``None`` is the default dtype (float64 under the ``float64`` fixture).
+    """
+    from pyro_esc import SparseCoding
+    from pyro_esc.data import bars
+
+    x, _ = bars(num, side=side, seed=seed, dtype=torch.get_default_dtype() if dtype is None else dtype)
+    model = SparseCoding(x.size(1), 2 * side)
+    guide = GUIDES[guide_name](model, x)
+    randomize_guide(guide, x)
+    return model, guide, x

@@ -8,9 +8,9 @@ import torch
 import pyro
 from pyro.infer import SVI
 
+from helpers import guide_problem
 from pyro_esc import EntropyELBO
 from pyro_esc.annealing import Annealing, Schedule, constant, exponential, linear, step
-from test_objectives import setup
 
 
 @pytest.mark.parametrize("schedule, at_zero, at_half", [
@@ -51,7 +51,7 @@ def test_annealing_weights_follow_the_step():
 
 
 def test_annealed_elbo_reports_the_true_loss_and_optimises_the_weighted_one(float64):
-    model, guide, x = setup("AutoNormal")
+    model, guide, x = guide_problem("AutoNormal")
     params = [value for name, value in pyro.get_param_store().named_parameters() if name.startswith("AutoNormal")]
     annealing = Annealing(4, posterior=linear(3.0), prior=constant(2.0), likelihood=constant(0.5))
     elbo = EntropyELBO(annealing=annealing)
@@ -73,7 +73,7 @@ def test_annealed_elbo_reports_the_true_loss_and_optimises_the_weighted_one(floa
 
 
 def test_whoever_owns_the_step_count_drives_the_schedule_through_svi():
-    model, guide, x = setup("AutoNormal")
+    model, guide, x = guide_problem("AutoNormal", dtype=torch.float64)
     elbo = EntropyELBO(annealing=Annealing(3, posterior=linear(2.0)))
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), loss=elbo)
     seen = []
@@ -88,7 +88,7 @@ def test_whoever_owns_the_step_count_drives_the_schedule_through_svi():
 
 @pytest.mark.parametrize("step", [0, 2, 7])
 def test_annealing_weights_apply_identically_through_svi_differentiable_loss_and_elbo_module(float64, step):
-    model, guide, x = setup("AutoNormal")
+    model, guide, x = guide_problem("AutoNormal")
     params = [value for name, value in pyro.get_param_store().named_parameters() if name.startswith("AutoNormal")]
     annealing = Annealing(4, posterior=linear(3.0), prior=constant(2.0), likelihood=constant(0.5))
     elbo = EntropyELBO(annealing=annealing)

@@ -10,8 +10,10 @@ from pyro_esc import History
 from pyro_esc.experiments import BarsResult, PatchesResult, patch_data, run_bars, run_patches
 
 # The keys of bars_metrics.json and of each "bars" entry of metrics.json, in order.
-BARS_KEYS = ["guide", "objective", "n", "side", "noise", "steps", "lr", "batch_size", "seed", "annealing", "elbo",
-             "bars_found", "all_bars_found", "cosines", "wall_time_s", "noise_var"]
+BARS_KEYS = ["guide", "objective", "n", "side", "noise", "steps", "lr", "batch_size", "seed", "init_seed",
+             "annealing", "optimizer", "n_init", "converged", "stop_reason", "elbo", "reference_elbo",
+             "elbo_minus_reference", "restart_elbos", "bars_found", "all_bars_found", "cosines", "wall_time_s",
+             "noise_var"]
 # The keys of patches_metrics.json and of each "patches" entry of metrics.json, in order.
 PATCHES_KEYS = ["guide", "objective", "annealing", "n", "size", "n_latents", "steps", "batch_size", "lr", "seed",
                 "elbo", "wall_time_s", "sparseness", "mean_field_spread_px", "median_field_spread_px"]

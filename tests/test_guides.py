@@ -7,9 +7,6 @@ the packed Cholesky factor against a hand-written unpacking, the encoder against
 hand-written forward pass.
 """
 
-import re
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,53 +16,15 @@ import pyro.distributions as dist
 from pyro import poutine
 from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 
-from helpers import (assert_analytic_elbo_matches_trace_elbo, assert_same_posterior, guide_parameters,
-                     monte_carlo_check, randomize_guide)
+from helpers import (CORRELATED_GUIDES, FULL_COVARIANCE_GUIDES, PACKAGE_GUIDES, PROTOCOL_GUIDES,
+                     assert_analytic_elbo_matches_trace_elbo, assert_same_posterior, guide_parameters, guide_problem,
+                     monte_carlo_check)
 from pyro_esc import AmortizedNormal, AnalyticELBO, EntropyELBO, LocalMultivariateNormal, SparseCoding
 from pyro_esc.data import bars
 from pyro_esc.guides import scale_tril_from_packed
 from pyro_esc.posterior import gaussian_posterior, posterior_from_trace
 
-SIDE, N_LATENTS = 3, 6
-README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def readme_guide_class():
-    """The guide class of the README's "Adding a Gaussian guide" section, executed as written."""
-    section = README.read_text().split("### Adding a Gaussian guide", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    namespace = {}
-    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
-    return namespace["LowRankNormal"]
-
-
-class TracedLowRank(torch.nn.Module):
-    """The README guide without its protocol method: EntropyELBO must recognise it by tracing."""
-
-    def __init__(self, num_data, n_latents, rank=2):
-        super().__init__()
-        self.inner = readme_guide_class()(num_data, n_latents, rank)
-        self._pyro_name = self.inner._pyro_name  # for helpers.guide_parameters / randomize_guide
-
-    def forward(self, *args, **kwargs):
-        return self.inner(*args, **kwargs)
-
-
-GUIDES = {
-    "LocalMultivariateNormal": lambda model, num: LocalMultivariateNormal(model),
-    "AmortizedNormal-diag": lambda model, num: AmortizedNormal(SIDE ** 2, N_LATENTS, hidden=(8, 7)),
-    "AmortizedNormal-full": lambda model, num: AmortizedNormal(SIDE ** 2, N_LATENTS, hidden=(8,), covariance="full"),
-    "README-LowRankNormal": lambda model, num: readme_guide_class()(num, N_LATENTS),
-    "README-LowRankNormal-traced": lambda model, num: TracedLowRank(num, N_LATENTS),
-}
-
-
-def setup(guide_name, num=30, seed=3):
-    x, _ = bars(num, side=SIDE, seed=seed, dtype=torch.get_default_dtype())
-    model = SparseCoding(x.size(1), N_LATENTS)
-    guide = GUIDES[guide_name](model, num)
-    randomize_guide(guide, x)
-    return model, guide, x
+SIDE, N_LATENTS = 3, 6  # guide_problem's defaults: side 3, 2 * side latents
 
 
 def relative_difference(a, b):
@@ -79,24 +38,24 @@ def all_parameters(guide):
 # ------------------------------------------------------------ the closed form on each guide
 
 
-@pytest.mark.parametrize("guide_name", GUIDES)
+@pytest.mark.parametrize("guide_name", PACKAGE_GUIDES)
 def test_entropy_elbo_equals_analytic_elbo_at_theorem2_scales(float64, guide_name):
-    model, guide, x = setup(guide_name)
+    model, guide, x = guide_problem(guide_name)
     entropy_loss = EntropyELBO().loss(model, guide, x)
     EntropyELBO().update(model, guide, x)  # writes lambda*, sigma^2* into the model
     assert relative_difference(entropy_loss, AnalyticELBO().loss(model, guide, x)) < 1e-10
 
 
-@pytest.mark.parametrize("guide_name", GUIDES)
+@pytest.mark.parametrize("guide_name", PACKAGE_GUIDES)
 @pytest.mark.parametrize("scales", ["optimal", "arbitrary"])
 def test_analytic_elbo_agrees_with_trace_elbo(float64, guide_name, scales):
-    model, guide, x = setup(guide_name)
+    model, guide, x = guide_problem(guide_name)
     assert_analytic_elbo_matches_trace_elbo(model, guide, x, scales)
 
 
-@pytest.mark.parametrize("guide_name", GUIDES)
+@pytest.mark.parametrize("guide_name", PACKAGE_GUIDES)
 def test_gradients_of_entropy_and_analytic_elbo_agree_at_theorem2(float64, guide_name):
-    model, guide, x = setup(guide_name)
+    model, guide, x = guide_problem(guide_name)
     EntropyELBO().update(model, guide, x)
     params = all_parameters(guide)
     entropy_grads = torch.autograd.grad(EntropyELBO().differentiable_loss(model, guide, x), params)
@@ -106,9 +65,9 @@ def test_gradients_of_entropy_and_analytic_elbo_agree_at_theorem2(float64, guide
         assert torch.allclose(entropy_grad, analytic_grad, rtol=1e-8, atol=1e-10 * analytic_grad.abs().max())
 
 
-@pytest.mark.parametrize("guide_name", ["LocalMultivariateNormal", "AmortizedNormal-full", "README-LowRankNormal"])
+@pytest.mark.parametrize("guide_name", CORRELATED_GUIDES)
 def test_subsampled_analytic_elbo_agrees_with_trace_elbo(float64, guide_name):
-    model, guide, x = setup(guide_name, num=40)
+    model, guide, x = guide_problem(guide_name, num=40)
     model.set_scales(prior_scale=torch.linspace(0.5, 1.5, N_LATENTS), noise_var=0.5)
     batch = torch.tensor([3, 17, 5, 28, 39, 0, 11, 22])
     analytic = AnalyticELBO().loss(model, guide, x, subsample=batch)
@@ -116,10 +75,10 @@ def test_subsampled_analytic_elbo_agrees_with_trace_elbo(float64, guide_name):
     assert abs(analytic - trace_elbo) < 4 * standard_error, (analytic, trace_elbo, standard_error)
 
 
-@pytest.mark.parametrize("guide_name", ["LocalMultivariateNormal", "AmortizedNormal-full"])
+@pytest.mark.parametrize("guide_name", FULL_COVARIANCE_GUIDES)
 def test_trace_mean_field_elbo_agrees_with_analytic_elbo(float64, guide_name):
     # TraceMeanField_ELBO takes its own route (analytic KL where Pyro knows it, else Monte Carlo).
-    model, guide, x = setup(guide_name)
+    model, guide, x = guide_problem(guide_name)
     EntropyELBO().update(model, guide, x)
     analytic = AnalyticELBO().loss(model, guide, x)
     # pyro_esc.kl makes the prior term analytic here, so the estimator's spread is its own:
@@ -134,11 +93,10 @@ def test_trace_mean_field_elbo_agrees_with_analytic_elbo(float64, guide_name):
 # ------------------------------------------------------------ the protocol: fast path vs tracing
 
 
-@pytest.mark.parametrize("guide_name", ["LocalMultivariateNormal", "AmortizedNormal-diag", "AmortizedNormal-full",
-                                        "README-LowRankNormal"])
+@pytest.mark.parametrize("guide_name", PROTOCOL_GUIDES)
 @pytest.mark.parametrize("subsample", [None, torch.tensor([7, 2, 29, 2])], ids=["all", "batch"])
 def test_fast_path_matches_automatic_recognition(float64, guide_name, subsample):
-    model, guide, x = setup(guide_name)
+    model, guide, x = guide_problem(guide_name)
     dictionary = torch.randn(x.size(1), N_LATENTS)
     fast = gaussian_posterior(guide, x, subsample)
     assert_same_posterior(fast, posterior_from_trace(guide, x, subsample), dictionary)
@@ -146,7 +104,7 @@ def test_fast_path_matches_automatic_recognition(float64, guide_name, subsample)
 
 
 def test_local_posterior_unpacks_the_parameters_by_hand(float64):
-    model, guide, x = setup("LocalMultivariateNormal")
+    model, guide, x = guide_problem("LocalMultivariateNormal")
     loc = pyro.param("LocalMultivariateNormal.locs.z").detach()
     diag = pyro.param("LocalMultivariateNormal.scale_diags.z").detach()
     off = pyro.param("LocalMultivariateNormal.scale_offdiags.z").detach()
@@ -180,10 +138,10 @@ def test_scale_tril_from_packed_matches_tril_indices_order():
         scale_tril_from_packed(diagonal, off[:, :5])
 
 
-@pytest.mark.parametrize("guide_name", ["LocalMultivariateNormal", "AmortizedNormal-full"])
+@pytest.mark.parametrize("guide_name", FULL_COVARIANCE_GUIDES)
 def test_guide_samples_have_the_summarised_moments(float64, guide_name):
     # A Monte Carlo route to the summary: Predictive draws from the guide (and the model).
-    model, guide, x = setup(guide_name, num=5)
+    model, guide, x = guide_problem(guide_name, num=5)
     num_samples = 20000
     samples = Predictive(model, guide=guide, num_samples=num_samples, parallel=True)(x)
     z = samples["z"]
@@ -206,10 +164,9 @@ def test_guide_samples_have_the_summarised_moments(float64, guide_name):
 # ------------------------------------------------------------ training with SVI
 
 
-@pytest.mark.parametrize("guide_name", ["LocalMultivariateNormal", "AmortizedNormal-diag", "AmortizedNormal-full",
-                                        "README-LowRankNormal"])
+@pytest.mark.parametrize("guide_name", PROTOCOL_GUIDES)
 def test_one_svi_step_moves_every_guide_parameter(guide_name):
-    model, guide, x = setup(guide_name)
+    model, guide, x = guide_problem(guide_name)
     elbo = EntropyELBO()
     elbo.loss(model, guide, x)  # the model initialises its parameters on its first evaluation
     with poutine.trace(param_only=True) as capture:  # what SVI hands to its optimiser
@@ -224,9 +181,9 @@ def test_one_svi_step_moves_every_guide_parameter(guide_name):
 
 
 @pytest.mark.parametrize("loss", [Trace_ELBO(), TraceMeanField_ELBO()], ids=["Trace_ELBO", "TraceMeanField_ELBO"])
-@pytest.mark.parametrize("guide_name", ["LocalMultivariateNormal", "AmortizedNormal-full"])
+@pytest.mark.parametrize("guide_name", FULL_COVARIANCE_GUIDES)
 def test_pyro_elbos_train_the_guides(guide_name, loss):
-    model, guide, x = setup(guide_name)
+    model, guide, x = guide_problem(guide_name)
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), loss=loss)
     svi.step(x)  # the model initialises its parameters on its first evaluation
     before = {name: value.detach().clone() for name, value in pyro.get_param_store().named_parameters()}
@@ -236,7 +193,7 @@ def test_pyro_elbos_train_the_guides(guide_name, loss):
 
 
 def test_local_guide_subsamples_through_the_models_plate(float64):
-    model, guide, x = setup("LocalMultivariateNormal", num=40)
+    model, guide, x = guide_problem("LocalMultivariateNormal", num=40)
     batch = torch.tensor([4, 9, 33])
     z = guide(x, subsample=batch)["z"]
     assert z.shape == (3, N_LATENTS)
@@ -285,13 +242,13 @@ def test_local_guide_refuses_other_data_and_other_models():
 
 
 def test_amortized_encoder_is_the_documented_network(float64):
-    model, guide, x = setup("AmortizedNormal-full")
+    model, guide, x = guide_problem("AmortizedNormal-full")
     params = dict(guide_parameters(guide))
 
     def linear(name, inputs):
         return inputs @ params[f"AmortizedNormal.{name}.weight"].T + params[f"AmortizedNormal.{name}.bias"]
 
-    features = F.elu(linear("layers.0", x))  # the one hidden layer of GUIDES["AmortizedNormal-full"]
+    features = F.elu(linear("layers.0", x))  # the one hidden layer of helpers.GUIDES["AmortizedNormal-full"]
 
     def head(name):
         return linear(name, features)
@@ -317,7 +274,7 @@ def test_amortized_initialisation_starts_near_zero_means_and_init_scale(covarian
 
 
 def test_amortized_guide_encodes_held_out_data_and_minibatches(float64):
-    model, guide, x = setup("AmortizedNormal-full")
+    model, guide, x = guide_problem("AmortizedNormal-full")
     held_out, _ = bars(12, side=SIDE, seed=11, dtype=torch.float64)
     # Held-out data of another size, at the scales trained on x (never re-fitted to the held-out
     # data): the closed form still agrees with Pyro's Monte Carlo.

@@ -92,7 +92,9 @@ def test_other_independent_bases_still_raise_not_implemented(float64):
 # ------------------------------------------------------------ inside TraceMeanField_ELBO
 
 
-def setup(kind, num=20):
+def fixed_guide_problem(kind, num=20):
+    """Bars with the model at the truth and a fixed per-point Gaussian guide ("normal" or "mvn"),
+    not one of helpers.GUIDES."""
     x, dictionary = bars(num, side=3, seed=3, dtype=torch.float64)
     model = SparseCoding(x.size(1), dictionary.size(1))
     model.set_dictionary(dictionary)
@@ -111,7 +113,7 @@ def setup(kind, num=20):
 @pytest.mark.parametrize("kind", ["normal", "mvn"])
 def test_trace_mean_field_integrates_the_prior_term_exactly(float64, kind):
     # With the observation hidden the loss is sum_n KL(q_n || p): no sample enters it.
-    model, guide, x = setup(kind)
+    model, guide, x = fixed_guide_problem(kind)
     prior_only = poutine.block(model, hide=["x"])
     elbo = TraceMeanField_ELBO()
     values = []
@@ -127,7 +129,7 @@ def test_trace_mean_field_integrates_the_prior_term_exactly(float64, kind):
 @pytest.mark.parametrize("kind", ["normal", "mvn"])
 def test_trace_mean_field_samples_only_the_likelihood_term(float64, kind):
     # Per particle: loss = -log p(x | z) + sum_n KL(q_n || p), with z the guide's draw.
-    model, guide, x = setup(kind)
+    model, guide, x = fixed_guide_problem(kind)
     kl_sum = TraceMeanField_ELBO().loss(poutine.block(model, hide=["x"]), guide, x)
     pyro.set_rng_seed(7)
     loss = TraceMeanField_ELBO().loss(model, guide, x)
@@ -166,7 +168,7 @@ def test_variance_against_trace_elbo(float64):
     # Analytic KL removes the noise of the prior and entropy terms, but also their cancellation
     # with the likelihood term (log p(x, z) - log q(z) is constant when q is the posterior).
     # Which estimator is less noisy therefore depends on the guide:
-    model, guide, x = setup("normal", num=8)
+    model, guide, x = fixed_guide_problem("normal", num=8)
     # a guide far from the posterior, under a weak likelihood: the analytic KL wins clearly;
     model.set_scales(noise_var=10.0)
     assert float(likelihood_term_errors(model, guide, x).std()) < 0.3 * float(per_particle_losses(model, guide, x).std())

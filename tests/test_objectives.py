@@ -6,58 +6,39 @@ import torch
 import pyro
 from pyro import poutine
 from pyro.infer import SVI
-from pyro.infer.autoguide import (
-    AutoDiagonalNormal,
-    AutoLowRankMultivariateNormal,
-    AutoMultivariateNormal,
-    AutoNormal,
-)
+from pyro.infer.autoguide import AutoNormal
 
-from helpers import assert_analytic_elbo_matches_trace_elbo, guide_parameters, monte_carlo_check, randomize_guide
+from helpers import (AUTOGUIDES, assert_analytic_elbo_matches_trace_elbo, guide_parameters, guide_problem,
+                     monte_carlo_check, randomize_guide)
 from pyro_esc import AnalyticELBO, EntropyELBO, SparseCoding
 from pyro_esc.data import bars
-
-GUIDES = {
-    "AutoNormal": AutoNormal,
-    "AutoDiagonalNormal": AutoDiagonalNormal,
-    "AutoMultivariateNormal": AutoMultivariateNormal,
-    "AutoLowRankMultivariateNormal": lambda model: AutoLowRankMultivariateNormal(model, rank=3),
-}
-
-
-def setup(guide_name, num=30, side=3):
-    x, _ = bars(num, side=side, seed=3, dtype=torch.float64)
-    model = SparseCoding(x.size(1), 2 * side)
-    guide = GUIDES[guide_name](model)
-    randomize_guide(guide, x)
-    return model, guide, x
 
 
 def relative_difference(a, b):
     return abs(a - b) / max(abs(a), abs(b))
 
 
-@pytest.mark.parametrize("guide_name", GUIDES)
+@pytest.mark.parametrize("guide_name", AUTOGUIDES)
 def test_entropy_elbo_equals_analytic_elbo_at_theorem2_scales(float64, guide_name):
-    model, guide, x = setup(guide_name)
+    model, guide, x = guide_problem(guide_name)
     entropy_loss = EntropyELBO().loss(model, guide, x)
     EntropyELBO().update(model, guide, x)  # the explicit call that writes lambda*, sigma^2* into the model
     analytic_loss = AnalyticELBO().loss(model, guide, x)
     assert relative_difference(entropy_loss, analytic_loss) < 1e-8
 
 
-@pytest.mark.parametrize("guide_name", GUIDES)
+@pytest.mark.parametrize("guide_name", AUTOGUIDES)
 def test_entropy_elbo_does_not_depend_on_the_models_scales(float64, guide_name):
-    model, guide, x = setup(guide_name)
+    model, guide, x = guide_problem(guide_name)
     first = EntropyELBO().loss(model, guide, x)
     model.set_scales(prior_scale=torch.rand(model.n_latents) + 0.1, noise_var=3.0)
     assert relative_difference(EntropyELBO().loss(model, guide, x), first) < 1e-12
 
 
-@pytest.mark.parametrize("guide_name", GUIDES)
+@pytest.mark.parametrize("guide_name", AUTOGUIDES)
 @pytest.mark.parametrize("scales", ["optimal", "arbitrary"])
 def test_analytic_elbo_agrees_with_trace_elbo(float64, guide_name, scales):
-    model, guide, x = setup(guide_name)
+    model, guide, x = guide_problem(guide_name)
     assert_analytic_elbo_matches_trace_elbo(model, guide, x, scales)
 
 
@@ -67,9 +48,9 @@ def scale_gradients(model, guide, x):
     return torch.autograd.grad(loss, params)
 
 
-@pytest.mark.parametrize("guide_name", GUIDES)
+@pytest.mark.parametrize("guide_name", AUTOGUIDES)
 def test_analytic_elbo_is_stationary_in_the_scales_at_theorem2(float64, guide_name):
-    model, guide, x = setup(guide_name)
+    model, guide, x = guide_problem(guide_name)
     EntropyELBO().update(model, guide, x)
     at_optimum = scale_gradients(model, guide, x)
     # A reference magnitude: the same gradients 10% away from the optimum.
@@ -79,9 +60,9 @@ def test_analytic_elbo_is_stationary_in_the_scales_at_theorem2(float64, guide_na
         assert optimum.abs().max() < 1e-9 * reference.abs().max()
 
 
-@pytest.mark.parametrize("guide_name", GUIDES)
+@pytest.mark.parametrize("guide_name", AUTOGUIDES)
 def test_gradients_of_entropy_and_analytic_elbo_agree_at_theorem2(float64, guide_name):
-    model, guide, x = setup(guide_name)
+    model, guide, x = guide_problem(guide_name)
     params = [value for _, value in guide_parameters(guide)] + [pyro.param("raw_dictionary").unconstrained()]
     EntropyELBO().update(model, guide, x)
     entropy_grads = torch.autograd.grad(EntropyELBO().differentiable_loss(model, guide, x), params)
@@ -93,7 +74,7 @@ def test_gradients_of_entropy_and_analytic_elbo_agree_at_theorem2(float64, guide
 
 def test_theorem2_scales_match_monte_carlo_moments(float64):
     # A second route to lambda* and sigma^2*: sample the guide and average |z| and ||x - W z||^2.
-    model, guide, x = setup("AutoNormal")
+    model, guide, x = guide_problem("AutoNormal")
     EntropyELBO().update(model, guide, x)
     with torch.no_grad():
         loc, scale = guide.locs.z, guide.scales.z
@@ -141,7 +122,7 @@ def test_analytic_elbo_trains_the_scales_by_gradient():
 
 
 def test_minibatch_estimates_are_scaled_to_the_data_set(float64):
-    model, guide, x = setup("AutoNormal", num=40)
+    model, guide, x = guide_problem("AutoNormal", num=40)
     full = EntropyELBO().loss(model, guide, x)
     everything = torch.arange(x.size(0))
     assert relative_difference(EntropyELBO().loss(model, guide, x, subsample=everything), full) < 1e-12
@@ -179,7 +160,7 @@ def test_subsampled_analytic_elbo_agrees_with_trace_elbo(float64):
 
 
 def test_random_subsample_size_is_drawn_once_per_evaluation(float64):
-    model, guide, x = setup("AutoNormal", num=40)
+    model, guide, x = guide_problem("AutoNormal", num=40)
     elbo = EntropyELBO(minibatch_statistics="batch")
     pyro.set_rng_seed(5)
     value = elbo.loss(model, guide, x, subsample_size=10)
@@ -190,7 +171,7 @@ def test_random_subsample_size_is_drawn_once_per_evaluation(float64):
 
 
 def test_running_statistics_with_the_whole_data_set_as_batch_is_full_batch(float64):
-    model, guide, x = setup("AutoNormal", num=40)
+    model, guide, x = guide_problem("AutoNormal", num=40)
     params = [value for _, value in guide_parameters(guide)] + [pyro.param("raw_dictionary").unconstrained()]
     full = EntropyELBO().differentiable_loss(model, guide, x)
     full_grads = torch.autograd.grad(full, params)
@@ -202,7 +183,7 @@ def test_running_statistics_with_the_whole_data_set_as_batch_is_full_batch(float
 
 
 def test_running_statistics_value_is_full_data_and_gradient_is_scaled_batch_gradient(float64):
-    model, guide, x = setup("AutoNormal", num=40)
+    model, guide, x = guide_problem("AutoNormal", num=40)
     loc = pyro.param("AutoNormal.locs.z").unconstrained()
     full_value = EntropyELBO().differentiable_loss(model, guide, x)
     (full_grad,) = torch.autograd.grad(full_value, [loc])

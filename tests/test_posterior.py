@@ -12,7 +12,7 @@ from pyro.infer import SVI
 from pyro.infer.autoguide import AutoNormal
 from pyro.nn import PyroModule, PyroParam
 
-from helpers import assert_same_posterior, monte_carlo_check
+from helpers import AUTOGUIDES, assert_same_posterior, guide_problem, monte_carlo_check
 from pyro_esc import AnalyticELBO, EntropyELBO, GaussianPosterior, SparseCoding, gaussian_posterior
 from pyro_esc.data import bars
 from pyro_esc.posterior import (
@@ -22,15 +22,14 @@ from pyro_esc.posterior import (
     LowRankGaussianPosterior,
     posterior_from_trace,
 )
-from test_objectives import GUIDES, setup
 
 N_LATENTS = 6
 
 
-@pytest.mark.parametrize("guide_name", GUIDES)
+@pytest.mark.parametrize("guide_name", AUTOGUIDES)
 def test_fast_adapters_match_automatic_recognition(float64, guide_name):
     # Two routes to the same summary: reading parameters vs tracing the guide's sample sites.
-    model, guide, x = setup(guide_name)
+    model, guide, x = guide_problem(guide_name)
     dictionary = torch.randn(x.size(1), N_LATENTS)
     assert_same_posterior(gaussian_posterior(guide, x), posterior_from_trace(guide, x), dictionary)
 
@@ -139,7 +138,7 @@ def test_constructors_validate_shapes(call, message):
 
 
 def test_joint_guides_refuse_subsampling():
-    model, guide, x = setup("AutoMultivariateNormal")
+    model, guide, x = guide_problem("AutoMultivariateNormal", dtype=torch.float64)
     with pytest.raises(ValueError, match="cannot be subsampled"):
         EntropyELBO().loss(model, guide, x, subsample=torch.arange(5))
 
