@@ -8,7 +8,9 @@ A fourth line, "SVI floor", runs the plain loop's arithmetic as a minimal
 ``pyro.infer.ELBO`` inside ``SVI`` (same AutoNormal, same pyro.optim.Adam): the
 cost of Pyro's machinery alone, which any SVI objective pays. EntropyELBO's
 distance from it is what the library itself adds (dispatch to the guide
-adapter, checks, writing lambda*, sigma^2* into the model).
+adapter, input checks). An SVI step with EntropyELBO no longer writes lambda*,
+sigma^2* into the model; fit does that with EntropyELBO.update after the step,
+which is not timed here.
 
 Timings are interleaved in rounds and the median per-step time is reported,
 so that machine noise hits all three alike. Run:

@@ -64,3 +64,8 @@ def param_site_unconstrained(site):
 def param_fullname(module, name):
     """The param-store name of ``module``'s parameter ``name`` (its prefix and name, as Pyro builds it)."""
     return module._pyro_get_fullname(name) if module._pyro_context.used else _make_name(module._pyro_name, name)
+
+
+def module_name(module):
+    """The prefix of a PyroModule's parameter names in the param store (its ``name``)."""
+    return module._pyro_name

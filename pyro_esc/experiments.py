@@ -27,6 +27,7 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 from . import plots
+from ._pyro_internals import module_name
 from .data import Whitening, bars, image_patches
 from .evaluation import reference_elbo
 from .guides import AmortizedNormal, LocalMultivariateNormal
@@ -213,7 +214,7 @@ AMORTIZED_LR = 0.003
 
 def bars_optimizer(guide_object, steps, lr=0.2):
     """The tuned bars recipe: :func:`~pyro_esc.training.decaying_adam`, encoders at :data:`AMORTIZED_LR`."""
-    prefix = guide_object._pyro_name + "." if isinstance(guide_object, AmortizedNormal) else None
+    prefix = module_name(guide_object) + "." if isinstance(guide_object, AmortizedNormal) else None
     return decaying_adam(lr, steps, lr_for=lambda name: AMORTIZED_LR if prefix and name.startswith(prefix) else None)
 
 

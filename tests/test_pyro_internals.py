@@ -20,6 +20,8 @@ from pyro_esc._pyro_internals import (
     active_handlers,
     autonormal_loc_and_scale,
     module_context,
+    module_name,
+    param_fullname,
     param_site_unconstrained,
     stored_unconstrained,
 )
@@ -121,3 +123,14 @@ def test_autonormal_loc_and_scale_uses_the_guides_own_reader():
         site_scale = capture.trace.nodes["z_unconstrained"]["fn"].base_dist.scale
         assert torch.allclose(site_scale, scale.detach())
         assert isinstance(capture.trace.nodes["z_unconstrained"]["fn"].base_dist, dist.Normal)
+
+
+def test_param_fullname_and_module_name_are_the_param_store_names():
+    x, _ = bars(10, side=3, seed=0)
+    plain, named = SparseCoding(x.size(1), 6), SparseCoding(x.size(1), 6, name="coder")
+    for model, expected in ((plain, "raw_dictionary"), (named, "coder.raw_dictionary")):
+        before = param_fullname(model, "raw_dictionary")  # before the module has run
+        model(x)
+        assert before == param_fullname(model, "raw_dictionary") == expected
+        assert expected in pyro.get_param_store()
+    assert module_name(named) == "coder" and module_name(plain) == ""
