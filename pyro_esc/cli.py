@@ -55,10 +55,12 @@ def build_parser():
     bars.add_argument("--side", type=int, default=5, help="image side (default 5: D = 25, H = 10)")
     bars.add_argument("--noise", type=float, default=0.3, help="noise standard deviation (default 0.3)")
     bars.add_argument("--optimizer", choices=("auto", "lbfgs", "svi"), default="auto",
-                      help="auto (default): L-BFGS on the exact full-batch objective until convergence for the "
-                           "closed-form objectives, else SVI with the ClippedAdam recipe; lbfgs or svi to choose")
-    bars.add_argument("--n-init", type=int, default=1,
-                      help="initialisations (restarts); the best final ELBO is kept (default 1)")
+                      help="auto (default): L-BFGS on the exact full-batch objective until convergence for "
+                           "local-full with a closed-form objective, else SVI with the ClippedAdam recipe (the "
+                           "better one for diagonal and amortised posteriors); lbfgs or svi to choose")
+    bars.add_argument("--n-init", type=int, default=None,
+                      help=f"initialisations (restarts); the best final ELBO is kept (default "
+                           f"{experiments.BARS_N_INIT} with L-BFGS, 1 with SVI)")
     bars.add_argument("--tol", type=float, default=None,
                       help="convergence: relative change of the ELBO over 20 steps (default: fit's, 1e-6)")
     bars.add_argument("--no-reference", action="store_true",
