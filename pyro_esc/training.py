@@ -311,9 +311,13 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
     **Convergence**: with ``tol`` the run stops once the exact objective per
     data point changed by at most ``tol`` (relative) over the last ``window``
     steps and, with ``gtol``, the gradient norm of the per-point loss is at most
-    ``gtol`` (:class:`~pyro_esc.convergence.Convergence`). ``History.converged``
-    and ``History.stop_reason`` say how the run ended; a run that reaches its
-    step limit unconverged also issues a :class:`ConvergenceWarning`.
+    ``gtol`` (:class:`~pyro_esc.convergence.Convergence`). On the torch route a
+    run also stops when it stalls: a step that finds no decrease at all resets
+    the optimiser's memory, and a second one in a row ends the run
+    (``History.converged`` is then False, and ``stop_reason`` says "stalled").
+    ``History.converged`` and ``History.stop_reason`` say how the run ended; a
+    run that reaches its step limit unconverged also issues a
+    :class:`ConvergenceWarning`.
 
     **Restarts**: ``n_init=k`` trains from k initialisations (seeds ``seed``,
     ``seed + 1``, ...; see :mod:`pyro_esc.restarts` for what differs) and keeps
@@ -420,7 +424,7 @@ def _fit_once(model, guide, x, options, seed, progress, callback, resume, return
 
     bar = tqdm(total=total_steps, initial=start_step, disable=not progress, desc="fit", dynamic_ncols=True)
     started = time.perf_counter() - elapsed
-    step, previous, stalls = start_step, None, 0
+    step, previous, stalls, stalled = start_step, None, 0, None
     try:
         for step in range(start_step + 1, total_steps + 1):
             if options.manage_lr:
@@ -435,9 +439,10 @@ def _fit_once(model, guide, x, options, seed, progress, callback, resume, return
                 # Once, forget the curvature memory and try steepest descent; twice in a row, stop.
                 stalls += 1
                 stepper.reset()
-                if stalls >= 2 and convergence is not None:
-                    convergence.reason = ("converged: no further decrease found (the objective's floating-point "
-                                          f"precision; gradient norm {grad_norm:.2g})")
+                if stalls >= 2:
+                    stalled = (f"stalled: the line search found no decrease in two successive steps, the second "
+                               f"from steepest descent (gradient norm {grad_norm:.2g}; in float32 the objective "
+                               f"is resolved to about 1e-7 relative)")
                     done = True
             else:
                 stalls = 0
@@ -470,6 +475,8 @@ def _fit_once(model, guide, x, options, seed, progress, callback, resume, return
     history.converged = convergence is not None and convergence.reason is not None
     if history.converged:
         history.stop_reason = convergence.reason
+    elif stalled is not None:
+        history.stop_reason = stalled
     else:
         history.stop_reason = f"step limit: {step} steps"
         if convergence is not None:
