@@ -171,3 +171,16 @@ def test_the_papers_bars_setting_finds_every_bar_with_the_defaults():
     result = run_bars(noise=0.1, seed=0, progress=False, reference=False)
     assert result.all_bars_found and result.n_init == 3
     assert not result.stop_reason.startswith("step limit")  # converged, or stalled at float32 precision
+
+
+def test_restarts_on_the_svi_route_and_with_an_amortised_guide():
+    from pyro_esc import AmortizedNormal
+
+    x, _ = bars(40, side=3, seed=1)
+    model = SparseCoding(x.size(1), 6)
+    guide = AmortizedNormal(x.size(1), 6, hidden=(8,))
+    history = fit(model, guide, x, optimizer="svi", steps=15, n_init=2, progress=False)
+    assert history.route == "svi" and len(history.restart_elbos) == 2
+    assert training_elbo(model, guide, x) == pytest.approx(max(history.restart_elbos), rel=1e-6)
+    with pytest.raises(ValueError, match="cannot be combined with checkpoint"):
+        fit(model, guide, x, steps=2, n_init=2, checkpoint="run.pt", progress=False)
