@@ -64,15 +64,18 @@ def reference_elbo(x, dictionary, guide="local-full", seed=0, **fit_options):
     one has not found the best optimum the data offer; one above it explains
     the data better than the reference.
 
-    Runs in a param-store scope of its own and restores the RNG state, so the
-    caller's parameters and random stream are untouched.
+    The fit runs in float64 whatever the data's dtype (a yardstick must not stop
+    early: in float32 the line search can stall far from the optimum at low noise),
+    in a param-store scope of its own, and restores the RNG state, so the caller's
+    parameters and random stream are untouched.
 
     :param torch.Tensor x: data, shape (N, D).
     :param torch.Tensor dictionary: W, shape (D, H) (columns are normalised).
     :param guide: ``"local-full"`` (a full-covariance Gaussian per point), ``"local-diag"``, or a
         callable ``model -> guide``.
     :param int seed: seed for the guide's initialisation.
-    :param fit_options: further arguments of :func:`~pyro_esc.fit` (e.g. ``steps``, ``tol``).
+    :param fit_options: further arguments of :func:`~pyro_esc.fit` (e.g. ``steps``, ``tol``; default
+        ``tol=1e-9``).
     :rtype: float
     """
     from pyro.infer.autoguide import AutoNormal
@@ -81,7 +84,8 @@ def reference_elbo(x, dictionary, guide="local-full", seed=0, **fit_options):
     from .model import SparseCoding
     from .training import fit
 
-    dictionary = torch.as_tensor(dictionary)
+    x = x.to(torch.float64)
+    dictionary = torch.as_tensor(dictionary).to(x)
     if dictionary.dim() != 2 or dictionary.size(0) != x.size(1):
         raise ValueError(f"dictionary must have shape (D, H) = ({x.size(1)}, H), got {tuple(dictionary.shape)}")
     factories = {"local-full": LocalMultivariateNormal,
@@ -92,9 +96,10 @@ def reference_elbo(x, dictionary, guide="local-full", seed=0, **fit_options):
     rng = get_rng_state()
     try:
         with pyro.get_param_store().scope():
-            model = SparseCoding(x.size(1), dictionary.size(1))
-            model.set_dictionary(dictionary.to(x))
+            model = SparseCoding(x.size(1), dictionary.size(1)).to(dtype=x.dtype, device=x.device)
+            model.set_dictionary(dictionary)
             fit_options.setdefault("progress", False)
+            fit_options.setdefault("tol", 1e-9)
             history = fit(model, make_guide(model), x, optimizer="lbfgs", train_dictionary=False, seed=seed,
                           **fit_options)
     finally:

@@ -71,16 +71,20 @@ def test_bars_grid_records_each_run_and_tabulates(tmp_path, capsys):
     out = str(tmp_path / "grid.jsonl")
     arguments = ["--sides", "4", "--noises", "0.3", "--seeds", "2", "--inits", "2", "--n", "60", "--steps", "3",
                  "--out", out]
-    records = load("bars_grid").main(arguments)
+    grid = load("bars_grid")
+    records = grid.main(arguments)
     assert [(r["seed"], r["init_seed"]) for r in records] == [(0, 0), (0, 1), (1, 1), (1, 2)]
     assert all(0 <= r["bars_found"] <= 8 for r in records)
-    assert all(math.isfinite(r["elbo_minus_reference"]) for r in records if r["init_seed"] == r["seed"])
-    kept = load("bars_grid").restarts(records, "full", 4, 0.3, 2)  # what n_init = 2 keeps: the best of two inits
+    known = grid.main(["--references", "--out", out])  # one float64 reference per data set
+    assert sorted(known) == [(4, 0.3, 0, 60), (4, 0.3, 1, 60)]
+    records = grid.main(["--table", "--out", out])
+    assert all(math.isfinite(r["elbo_minus_reference"]) for r in records)
+    kept = grid.restarts(records, "full", 4, 0.3, 2)  # what n_init = 2 keeps: the best of two inits
     assert [r["elbo"] for r in kept] == [max(records[0]["elbo"], records[1]["elbo"]),
                                          max(records[2]["elbo"], records[3]["elbo"])]
     out = capsys.readouterr().out
     assert "| 4 | 0.3 | 1 |" in out and "| 4 | 0.3 | 2 |" in out
-    assert load("bars_grid").main(arguments) == records  # runs already recorded are not run again
+    assert grid.main(arguments) == records  # runs already recorded are not run again
 
 
 def test_minibatch_bias_measures_batch_and_running_estimates(capsys):
