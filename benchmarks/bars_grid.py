@@ -52,10 +52,10 @@ def run_one(job):
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")  # an unconverged run is in its record (stop_reason)
-    family, side, noise, seed, init, n, steps = job
+    family, side, noise, seed, init, n, steps, dtype = job
     started = time.perf_counter()
-    result = run_bars(FAMILIES[family], n=n, side=side, noise=noise, seed=seed,
-                      steps=steps, progress=False, init_seed=seed + init, reference=False, n_init=1)
+    result = run_bars(FAMILIES[family], n=n, side=side, noise=noise, seed=seed, steps=steps, progress=False,
+                      init_seed=seed + init, reference=False, n_init=1, dtype=getattr(torch, dtype))
     record = {key: value for key, value in result.metrics().items() if key != "cosines"}
     record.update(family=family, total_time_s=round(time.perf_counter() - started, 2))
     return record
@@ -167,6 +167,8 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=1, help="processes (default 1)")
     parser.add_argument("--n", type=int, default=None, help="data points (default 1000, 2000 for side 8)")
     parser.add_argument("--steps", type=int, default=None, help="step limit (default: fit's)")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                        help="dtype of data, model and guide (default float32); use another --out per dtype")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results", "bars_grid.jsonl"))
     parser.add_argument("--table", action="store_true", help="only print the table of the runs in --out")
     parser.add_argument("--references", action="store_true",
@@ -188,9 +190,9 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     done = {key(r) for r in read_records(args.out)}
     # Cheap settings first, so that a stopped grid has covered the most settings.
-    jobs = [(family, side, noise, seed, init, data_n(side, args.n), args.steps) for family in args.families
-            for side in sorted(args.sides) for noise in args.noises for seed in range(args.seeds)
-            for init in range(args.inits)]
+    jobs = [(family, side, noise, seed, init, data_n(side, args.n), args.steps, args.dtype)
+            for family in args.families for side in sorted(args.sides) for noise in args.noises
+            for seed in range(args.seeds) for init in range(args.inits)]
     jobs = [job for job in jobs if job[:5] not in done]
     print(f"{len(jobs)} runs to go ({len(done)} already in {args.out})", file=sys.stderr)
     pool = ProcessPoolExecutor(max_workers=args.jobs) if args.jobs > 1 else None

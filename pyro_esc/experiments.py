@@ -131,6 +131,8 @@ class BarsResult:
     seed: int
     #: Seed of the initialisation (restart i of ``n_init`` uses ``init_seed + i``).
     init_seed: int
+    #: The data's dtype ("float32" or "float64").
+    dtype: str
     #: ``repr`` of the Annealing the loss used, None without annealing.
     annealing: Optional[str]
     #: The optimiser's class name (``LBFGS``, ``ClippedAdam``, ...).
@@ -227,7 +229,7 @@ BARS_N_INIT = 3
 
 def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3, steps=None, lr=0.2,
              batch_size=None, seed=0, device=None, out=None, progress=True, name=None, annealing=None,
-             optimizer="auto", n_init=None, tol="auto", reference=True, init_seed=None):
+             optimizer="auto", n_init=None, tol="auto", reference=True, init_seed=None, dtype=None):
     """Learn the bars test; return a :class:`BarsResult` and optionally draw the learned fields.
 
     Training, with ``optimizer="auto"``: for the guides in :data:`LBFGS_GUIDES` (per-point full
@@ -241,6 +243,8 @@ def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3,
     :param int n_init: initialisations (default :data:`BARS_N_INIT` on the L-BFGS route, else 1).
     :param steps: the step limit (default: fit's, 5000 for L-BFGS; 2000 for the Adam recipe).
     :param int init_seed: seed of the initialisation (default ``seed``, which also draws the data).
+    :param dtype: dtype of the data, and so of the model and guide (default torch's default). In
+        float32 L-BFGS's line search can stall early at low noise (README, "Choosing the defaults").
     :param bool reference: also fit the posteriors with the generating dictionary held fixed
         (:func:`~pyro_esc.evaluation.reference_elbo`) and report the learned ELBO minus that one.
     :returns: :class:`BarsResult`: the final exact ELBO per data point, the reference ELBO and the
@@ -249,7 +253,7 @@ def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3,
         and the ``history``, which are not JSON.
     """
     _seed_everything(seed)
-    x, true_dictionary = bars(n, side=side, noise=noise, seed=seed)
+    x, true_dictionary = bars(n, side=side, noise=noise, seed=seed, dtype=dtype)
     model = SparseCoding(x.size(1), true_dictionary.size(1))
     guide_object = make_guide(guide, model)
     loss = make_loss(objective)
@@ -276,7 +280,8 @@ def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3,
     result = BarsResult(
         guide=guide, objective=objective, n=n, side=side, noise=noise, steps=history.step[-1],
         lr=lr if route_svi else None, batch_size=batch_size, seed=seed,
-        init_seed=seed if init_seed is None else init_seed, annealing=_annealing_label(loss),
+        init_seed=seed if init_seed is None else init_seed, dtype=str(x.dtype).replace("torch.", ""),
+        annealing=_annealing_label(loss),
         optimizer=history.optimizer, n_init=n_init, converged=history.converged, stop_reason=history.stop_reason,
         elbo=history.final_elbo, reference_elbo=reference_value,
         elbo_minus_reference=None if reference_value is None else history.final_elbo - reference_value,

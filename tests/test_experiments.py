@@ -10,7 +10,7 @@ from pyro_esc import History
 from pyro_esc.experiments import BarsResult, PatchesResult, patch_data, run_bars, run_patches
 
 # The keys of bars_metrics.json and of each "bars" entry of metrics.json, in order.
-BARS_KEYS = ["guide", "objective", "n", "side", "noise", "steps", "lr", "batch_size", "seed", "init_seed",
+BARS_KEYS = ["guide", "objective", "n", "side", "noise", "steps", "lr", "batch_size", "seed", "init_seed", "dtype",
              "annealing", "optimizer", "n_init", "converged", "stop_reason", "elbo", "reference_elbo",
              "elbo_minus_reference", "restart_elbos", "bars_found", "all_bars_found", "cosines", "wall_time_s",
              "noise_var"]
