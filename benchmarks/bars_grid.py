@@ -128,7 +128,7 @@ def restarts(records, family, side, noise, k):
         if reference is None:
             continue  # no reference yet for this data set
         best = max(runs, key=lambda r: r["elbo"])
-        kept.append(dict(best, elbo_minus_reference=best["elbo"] - reference,
+        kept.append(dict(best, reference_elbo=reference, elbo_minus_reference=best["elbo"] - reference,
                          wall_time_s=sum(r["wall_time_s"] for r in runs)))
     return kept
 
