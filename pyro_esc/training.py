@@ -386,7 +386,7 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
             module.to(x.device)
     if options.n_init == 1:
         return _fit_once(model, guide, x, options, int(seed), progress, callback, resume)
-    best, best_state, elbos = None, None, []
+    best, best_state, elbos, names = None, None, [], None
     for restart in range(options.n_init):
         if restart > 0:
             reinitialize(model, guide, names, int(seed) + restart)

@@ -77,8 +77,8 @@ def test_whoever_owns_the_step_count_drives_the_schedule_through_svi():
     elbo = EntropyELBO(annealing=Annealing(3, posterior=linear(2.0)))
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), loss=elbo)
     seen = []
-    for step in range(5):
-        elbo.set_annealing_step(step)
+    for completed in range(5):
+        elbo.set_annealing_step(completed)
         svi.step(x)
         seen.append(elbo.betas[0])
     assert seen[0] == 2.0 and seen[3:] == [1.0, 1.0]

@@ -23,3 +23,18 @@ from .loaders import IMAGE_EXTENSIONS, load_array, load_image_folder
 from .patches import image_patches
 from .synthetic import bars, bars_dictionary
 from .whitening import Whitening
+
+__all__ = [
+    "BUNDLED_IMAGES",
+    "IMAGE_EXTENSIONS",
+    "NATURAL_IMAGES",
+    "Whitening",
+    "bars",
+    "bars_dictionary",
+    "bundled_images",
+    "image_patches",
+    "load_array",
+    "load_image_folder",
+    "natural_image",
+    "natural_images",
+]
