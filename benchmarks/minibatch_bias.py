@@ -47,10 +47,13 @@ def main(argv=None):
     print(f"exact L_H per point: {exact:.4f} (N = {args.n})")
     print("| B | batch estimate - exact (nats/point) | SE | bias / SE | running estimate - exact |")
     print("|---|---|---|---|---|")
+    def batch(size):
+        return torch.randperm(args.n, generator=generator)[:size]
+
     for size in args.batch_sizes:
-        estimates = torch.tensor([-batch_elbo.loss(model, guide, x, subsample=torch.randperm(args.n, generator=generator)[:size])
-                                  / args.n for _ in range(args.batches)], dtype=torch.float64)
-        running = -running_elbo.loss(model, guide, x, subsample=torch.randperm(args.n, generator=generator)[:size]) / args.n
+        estimates = torch.tensor([-batch_elbo.loss(model, guide, x, subsample=batch(size)) / args.n
+                                  for _ in range(args.batches)], dtype=torch.float64)
+        running = -running_elbo.loss(model, guide, x, subsample=batch(size)) / args.n
         bias = float(estimates.mean()) - exact
         standard_error = float(estimates.std()) / math.sqrt(args.batches)
         rows[size] = {"bias": bias, "standard_error": standard_error, "running_minus_exact": running - exact}
