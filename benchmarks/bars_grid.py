@@ -172,7 +172,8 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join("benchmarks", "results", "bars_grid.jsonl"))
     parser.add_argument("--table", action="store_true", help="only print the table of the runs in --out")
     parser.add_argument("--references", action="store_true",
-                        help="compute the missing float64 reference ELBOs of the data sets in --out")
+                        help="compute the missing float64 reference ELBOs of the data sets in --out (those "
+                             "of --sides and --noises)")
     args = parser.parse_args(argv)
     if args.table:
         records = with_references(read_records(args.out), references(reference_path(args.out)))
@@ -180,7 +181,8 @@ def main(argv=None):
         return records
     if args.references:
         known = references(reference_path(args.out))
-        settings = sorted({(r["side"], r["noise"], r["seed"], r["n"]) for r in read_records(args.out)} - set(known))
+        settings = sorted({(r["side"], r["noise"], r["seed"], r["n"]) for r in read_records(args.out)
+                           if r["side"] in args.sides and r["noise"] in args.noises} - set(known))
         print(f"{len(settings)} reference ELBOs to compute", file=sys.stderr)
         with open(reference_path(args.out), "a") as handle:
             for record in map(reference_one, settings):
