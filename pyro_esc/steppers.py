@@ -158,7 +158,7 @@ class TorchStep:
 
         The gradient norm is that of the per-point loss at the step's last evaluation.
         """
-        start = []
+        start, penalised = [], []
 
         def closure():
             self.optimizer.zero_grad()
@@ -185,6 +185,7 @@ class TorchStep:
                 # large finite value with no gradient makes the search step back, where inf or NaN
                 # would break its interpolation.
                 self.optimizer.zero_grad(set_to_none=False)
+                penalised.append(True)
                 return torch.tensor(abs(start[0]) * 1e3 + 1e6)
             self.grad_norm = grad_norm
             if not kwargs:
@@ -192,6 +193,11 @@ class TorchStep:
             return value
 
         value = self.optimizer.step(closure)
+        if penalised:
+            # The direction ran into a region where the objective is not finite: its curvature
+            # memory points the wrong way (steps then shrink to nothing while the gradient stays
+            # large). Forget it; the next step starts from steepest descent with a cautious length.
+            self.reset()
         return float(value.detach()) / self.scale, self.grad_norm
 
     def _flat_parameters(self):
