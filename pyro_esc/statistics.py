@@ -1,7 +1,7 @@
 """Expected sufficient statistics of a Gaussian guide under :class:`~pyro_esc.SparseCoding`.
 
 The closed-form objectives depend on the guide and the dictionary only through
-three sums over data points (PAPER.md s.4-s.6)::
+three sums over data points (Theorem 2 and the Gaussian closed forms of :mod:`pyro_esc.gaussian`)::
 
     S_H   = sum_n H[q^(n)]                  (posterior entropy)
     S_|z| = sum_n E_q[|z^(n)|]              (shape (H,); gives lambda* = S_|z| / N)
