@@ -16,6 +16,7 @@ keeps L-BFGS's first step and tolerances independent of N.
 
 import functools
 import math
+import warnings
 
 import torch
 
@@ -57,13 +58,22 @@ class SVIStep:
 
     route = "svi"
 
-    def __init__(self, model, guide, loss, optim):
+    def __init__(self, model, guide, loss, optim, x):
         from pyro.infer import SVI
 
         self.svi = SVI(model, guide, optim, loss=loss)
+        self.model, self.guide, self.loss, self.x = model, guide, loss, x
         self.optim = optim
         self.name = type(optim).__name__
         self.evaluations = 0
+
+    @property
+    def names(self):
+        """The param-store names an SVI step trains: its parameter capture of one evaluation."""
+        with poutine.trace(param_only=True) as capture, torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            self.loss.loss(self.model, self.guide, self.x)
+        return list(capture.trace.nodes)
 
     def step(self, x, kwargs):
         """Take one step; return the value the objective reported and no gradient norm."""

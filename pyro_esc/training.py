@@ -156,7 +156,7 @@ class FitOptions:
     def make_step(self, model, guide, x):
         """The route's stepper (builds the torch optimiser on the objective's parameters)."""
         if self.route == "svi":
-            return SVIStep(model, guide, self.loss, self.optim)
+            return SVIStep(model, guide, self.loss, self.optim, x)
         return TorchStep(model, guide, self.loss, x, self.optimizer, self.frozen)
 
 
@@ -385,13 +385,13 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
         if isinstance(module, torch.nn.Module):
             module.to(x.device)
     if options.n_init == 1:
-        return _fit_once(model, guide, x, options, int(seed), progress, callback, resume)
+        return _fit_once(model, guide, x, options, int(seed), progress, callback, resume)[0]
     best, best_state, elbos, names = None, None, [], None
     for restart in range(options.n_init):
         if restart > 0:
             reinitialize(model, guide, names, int(seed) + restart)
-        history, names = _fit_once(model, guide, x, options, int(seed) + restart, progress, callback, None,
-                                   return_names=True)
+        history, stepper = _fit_once(model, guide, x, options, int(seed) + restart, progress, callback, None)
+        names = stepper.names
         elbos.append(history.final_elbo)
         if best is None or history.final_elbo > best.final_elbo:
             best, best_state = history, snapshot(names, model, guide)
@@ -401,8 +401,8 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
     return best
 
 
-def _fit_once(model, guide, x, options, seed, progress, callback, resume, return_names=False):
-    """One training run (see :func:`fit`); returns its History (and the trained parameters' names)."""
+def _fit_once(model, guide, x, options, seed, progress, callback, resume):
+    """One training run (see :func:`fit`); returns its History and the route's stepper."""
     loss, batches, total_steps = options.loss, options.batches, options.total_steps
     history = History(num_data=x.size(0), elbo_kind=options.elbo_kind, route=options.route)
     batches.reset(seed)
@@ -485,16 +485,7 @@ def _fit_once(model, guide, x, options, seed, progress, callback, resume, return
                           stacklevel=3)
     if options.checkpoint is not None:
         save(step)
-    return (history, stepper.names if options.route == "torch" else _svi_names(model, guide, loss, x)) \
-        if return_names else history
-
-
-def _svi_names(model, guide, loss, x):
-    # The param-store names one SVI step trains (its parameter capture), for restarts.
-    with poutine.trace(param_only=True) as capture, torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        loss.loss(model, guide, x)
-    return list(capture.trace.nodes)
+    return history, stepper
 
 
 def training_step(stepper, model, guide, x, kwargs, step, options):
