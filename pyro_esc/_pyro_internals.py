@@ -69,3 +69,8 @@ def param_fullname(module, name):
 def module_name(module):
     """The prefix of a PyroModule's parameter names in the param store (its ``name``)."""
     return module._pyro_name
+
+
+def param_constraint(name):
+    """The constraint that the param store keeps for the parameter ``name``."""
+    return pyro.get_param_store()._constraints[name]

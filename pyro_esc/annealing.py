@@ -98,6 +98,17 @@ def step(start, at=0.5):
     return Schedule(lambda t: start if t < at else 1.0, f"step({start:g}, at={at:g})")
 
 
+def staircase(start, levels):
+    """``levels`` equal steps down from ``start``, then 1: f(t) = max(1, start - (start / levels) floor(levels t)).
+
+    With start 10 and 5 levels over five epochs: 10, 8, 6, 4, 2 in epochs 1-5, then 1.
+    """
+    start = _check_start(start)
+    levels = check_int(levels, "levels")
+    return Schedule(lambda t: max(1.0, start - (start / levels) * math.floor(levels * t)),
+                    f"staircase({start:g}, {levels})")
+
+
 _ONE = Schedule(lambda t: 1.0, "1")
 
 
@@ -133,6 +144,22 @@ class Annealing:
     def default(cls, num_steps):
         """beta_q linear from 2 to 1 over ``num_steps``; beta_p = beta_x = 1 (see the module docstring)."""
         return cls(num_steps, posterior=linear(2.0))
+
+    @classmethod
+    def authors(cls, steps_per_epoch, epochs=5, start=10.0):
+        """The prior-entropy annealing of the authors' natural-image runs: beta_p = 10, 8, 6, 4, 2, then 1.
+
+        beta_p steps down once an epoch over the first ``epochs`` epochs (a
+        :func:`staircase`); beta_q = beta_x = 1. Note the module docstring: with
+        beta_p > beta_q the weighted objective rewards switching latents off, so
+        this schedule favours sparse codes while it lasts; it is offered to
+        reproduce and compare the authors' setting (README, "Paper scale").
+
+        :param int steps_per_epoch: optimisation steps per epoch.
+        """
+        steps_per_epoch = check_int(steps_per_epoch, "steps_per_epoch")
+        epochs = check_int(epochs, "epochs")
+        return cls(steps_per_epoch * epochs, prior=staircase(start, epochs))
 
     def betas(self, step):
         """(beta_q, beta_p, beta_x) after ``step`` completed optimisation steps."""

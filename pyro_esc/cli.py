@@ -23,7 +23,8 @@ def _common(parser, steps, lr, out, lr_help, steps_help=None):
     parser.add_argument("--objective", choices=experiments.OBJECTIVES, default="entropy",
                         help="training objective (default: entropy, i.e. EntropyELBO)")
     parser.add_argument("--steps", type=int, default=steps, help=steps_help or f"optimisation steps (default {steps})")
-    parser.add_argument("--lr", type=float, default=lr, help=f"{lr_help} (default {lr})")
+    parser.add_argument("--lr", type=float, default=lr,
+                        help=lr_help if lr is None else f"{lr_help} (default {lr})")
     parser.add_argument("--batch-size", type=int, default=None, help="minibatch size (default: full batch)")
     parser.add_argument("--anneal", type=int, default=None, metavar="STEPS",
                         help="anneal the entropy weights over the first STEPS steps with the default scheme "
@@ -81,8 +82,20 @@ def build_parser():
     patches.add_argument("--n", type=int, default=10000, help="patches (default 10000)")
     patches.add_argument("--size", type=int, default=12, help="patch side in pixels (default 12)")
     patches.add_argument("--latents", type=int, default=100, help="number of latents H (default 100)")
-    _common(patches, steps=1500, lr=0.05, out="runs/patches",
-            lr_help="initial Adam learning rate, cosine-decayed to 0.1x")
+    _common(patches, steps=1500, lr=None, out="runs/patches",
+            lr_help="initial Adam learning rate, cosine-decayed to 0.1x (default: 0.05 on the SVI route, "
+                    "0.4 on the row-wise route)")
+    patches.add_argument("--epochs", type=int, default=None,
+                         help="passes over the data, instead of --steps (with --batch-size: N / batch steps each)")
+    patches.add_argument("--annealing", choices=("none", "default", "authors"), default=None,
+                         help="entropy annealing by name: default (beta_q 2 -> 1 over the first half), authors "
+                              "(beta_p 10 -> 1 stepwise over the first five epochs); --anneal STEPS is the "
+                              "default scheme over STEPS steps")
+    patches.add_argument("--optimizer", choices=("auto", "svi", "rowwise"), default="auto",
+                         help="fit's route (default auto: row-wise O(batch) steps for per-point guides on "
+                              "minibatches)")
+    patches.add_argument("--inner-steps", type=int, default=None,
+                         help="row-wise route: updates of each batch's posteriors per step (default 4)")
     patches.set_defaults(run=_patches)
 
     reproduce = commands.add_parser("reproduce", help="regenerate the paper's figures and metrics",
@@ -132,18 +145,27 @@ def _bars(args):
 def _patches(args):
     from . import plots
 
+    if args.anneal is not None and args.annealing is not None:
+        raise SystemExit("pyro-esc patches: pass --anneal STEPS or --annealing NAME, not both")
+    annealing = (Annealing.default(args.anneal) if args.anneal is not None
+                 else None if args.annealing in (None, "none") else args.annealing)
     x, whitening = experiments.patch_data(args.n, args.size, args.seed)
-    annealing = None if args.anneal is None else Annealing.default(args.anneal)
     result = experiments.run_patches(x, whitening, args.size, guide=args.guide, objective=args.objective,
-                                     n_latents=args.latents, steps=args.steps, batch_size=args.batch_size,
-                                     lr=args.lr, annealing=annealing, seed=args.seed, device=args.device,
-                                     progress=not args.quiet)
+                                     n_latents=args.latents, steps=args.steps, epochs=args.epochs,
+                                     batch_size=args.batch_size, lr=args.lr, annealing=annealing, seed=args.seed,
+                                     device=args.device, progress=not args.quiet, optimizer=args.optimizer,
+                                     inner_steps=args.inner_steps)
     figure = plots.plot_fields(result.dictionary, shape=(args.size, args.size), whitening=whitening,
                                title=f"{args.latents} generative fields of {args.size}x{args.size} whitened patches")
     plots.save_figure(figure, os.path.join(args.out, "patches_fields.png"))
+    label = f"{args.guide}, {args.annealing or ('default' if args.anneal else 'none')} annealing"
+    plots.save_figure(plots.plot_training_curves({label: result.history}, x="wall_time",
+                                                 title="Natural patches: entropy-ELBO per data point"),
+                      os.path.join(args.out, "patches_curves.png"))
     _write_metrics(args.out, "patches_metrics.json", result)
     print(f"ELBO per data point {result.elbo:.4f}; code kurtosis {result.sparseness['kurtosis']:.2f}; "
-          f"mean field spread {result.mean_field_spread_px:.2f} px; {result.wall_time_s:.1f} s")
+          f"mean field spread {result.mean_field_spread_px:.2f} px; {result.steps} steps ({result.route}, "
+          f"{result.optimizer}) in {result.wall_time_s:.1f} s")
     print(f"figures and metrics in {args.out}/")
 
 

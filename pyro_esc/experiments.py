@@ -184,9 +184,14 @@ class PatchesResult:
     n_latents: int
     #: Optimisation steps taken (also when the run was given in epochs).
     steps: int
+    #: Epochs (passes over the data) those steps make.
+    epochs: float
     batch_size: Optional[int]
     lr: float
     seed: int
+    #: How fit trained (``History.route``: "rowwise", "svi" or "torch") and with which optimiser.
+    route: str
+    optimizer: str
     #: Final ELBO per data point (the objective's).
     elbo: float
     wall_time_s: float
@@ -337,8 +342,8 @@ def patch_data(n, size, seed, method="zca", epsilon=0.1, n_components=None):
 
 
 def run_patches(x, whitening, size, guide="amortized-diag", objective="entropy", n_latents=100, steps=2000,
-                epochs=None, batch_size=None, lr=0.01, lr_schedule="cosine", annealing=None, seed=0, device=None,
-                progress=True, snapshots=(), hidden=(100,)):
+                epochs=None, batch_size=None, lr=None, lr_schedule="cosine", annealing=None, seed=0, device=None,
+                progress=True, snapshots=(), hidden=(100,), optimizer="auto", inner_steps=None):
     """Learn sparse codes of whitened patches; return a :class:`PatchesResult` (metrics, fields, snapshots).
 
     The learning rate follows a cosine schedule down to a tenth by default: at a
@@ -346,7 +351,11 @@ def run_patches(x, whitening, size, guide="amortized-diag", objective="entropy",
     in training, which makes end-of-run comparisons fragile.
 
     :param annealing: None, "default" (:meth:`Annealing.default` over the first half of the run,
-        the true objective after) or an Annealing.
+        the true objective after), "authors" (:meth:`Annealing.authors`: beta_p 10 -> 1 over the
+        first five epochs) or an Annealing.
+    :param optimizer: fit's route ("auto": row-wise for per-point guides on minibatches).
+    :param float lr: initial learning rate (None: fit's default for the route).
+    :param int inner_steps: row-wise route: updates of the batch's posteriors per step (None: fit's default).
     :param snapshots: steps at which to keep a copy of the dictionary.
     """
     _seed_everything(seed)
@@ -363,7 +372,7 @@ def run_patches(x, whitening, size, guide="amortized-diag", objective="entropy",
     history = fit(model, guide_object, x, loss=loss, annealing=annealing,
                   steps=None if epochs else steps,
                   epochs=epochs, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, seed=seed, device=device,
-                  progress=progress, callback=keep)
+                  progress=progress, callback=keep, optimizer=optimizer, inner_steps=inner_steps)
     wall_time = time.perf_counter() - start
     with torch.no_grad():
         codes = gaussian_posterior(guide_object, x.to(model.dictionary.device)).mean.cpu()
@@ -372,8 +381,9 @@ def run_patches(x, whitening, size, guide="amortized-diag", objective="entropy",
     spreads = field_spread(whitening.fields_to_pixels(dictionary.double()), (size, size))
     return PatchesResult(
         guide=guide, objective=objective, annealing=_annealing_label(loss),
-        n=x.size(0), size=size, n_latents=n_latents, steps=history.step[-1], batch_size=batch_size,
-        lr=lr, seed=seed, elbo=history.final_elbo, wall_time_s=round(wall_time, 2),
+        n=x.size(0), size=size, n_latents=n_latents, steps=history.step[-1], epochs=history.epoch[-1],
+        batch_size=batch_size, lr=history.lr[0], seed=seed, route=history.route, optimizer=history.optimizer,
+        elbo=history.final_elbo, wall_time_s=round(wall_time, 2),
         sparseness=code_sparseness(codes),
         mean_field_spread_px=float(spreads.mean()), median_field_spread_px=float(spreads.median()),
         dictionary=dictionary[:, order], history=history,
@@ -454,9 +464,9 @@ def reproduce(out="figures", quick=False, seed=0, device=None, progress=True):
         "non-amortized, annealed": run_patches(x, whitening, size, guide="local-diag", steps=local_steps, lr=0.05,
                                                annealing="default", snapshots=snapshots, **common),
         "amortized": run_patches(x, whitening, size, guide="amortized-diag", epochs=epochs, batch_size=batch,
-                                 **common),
+                                 lr=0.01, **common),
         "amortized, annealed": run_patches(x, whitening, size, guide="amortized-diag", epochs=epochs,
-                                           batch_size=batch, annealing="default", **common),
+                                           batch_size=batch, lr=0.01, annealing="default", **common),
     }
     patch_figures(out, runs, whitening, size, x_raw=x)
     metrics["patches"] = {label: run.metrics() for label, run in runs.items()}

@@ -33,7 +33,9 @@ from pyro.nn import PyroModule, PyroParam, pyro_method
 from pyro.ops.tensor_utils import periodic_repeat
 
 from ._checks import check_data_cached, check_int, check_positive, check_subsample
+from ._pyro_internals import param_fullname
 from .posterior import GaussianPosterior
+from .rows import substituted_rows
 
 __all__ = ["AmortizedNormal", "LocalMultivariateNormal", "scale_tril_from_packed"]
 
@@ -199,6 +201,11 @@ class LocalMultivariateNormal(AutoGuide):
             self._setup_prototype(x, **({} if subsample is None else {"subsample": subsample}))
         if "z" not in self.prototype_trace.nodes:
             raise ValueError("LocalMultivariateNormal was built for a model without a latent site 'z'")
+        rows = substituted_rows(self.per_point_parameters(), subsample)
+        if rows is not None:
+            # The row-wise step hands over the batch's rows (pyro_esc.rows): nothing O(N) is read.
+            loc, diagonal, off_diagonal = rows
+            return GaussianPosterior.from_scale_tril(loc, scale_tril_from_packed(diagonal, off_diagonal))
         loc, diagonal, off_diagonal = self._site_params("z")
         if loc.size(0) != x.size(0):
             raise ValueError(f"LocalMultivariateNormal holds parameters for {loc.size(0)} data points, "
@@ -206,6 +213,15 @@ class LocalMultivariateNormal(AutoGuide):
         if subsample is not None:
             loc, diagonal, off_diagonal = (value.index_select(0, subsample) for value in (loc, diagonal, off_diagonal))
         return GaussianPosterior.from_scale_tril(loc, scale_tril_from_packed(diagonal, off_diagonal))
+
+    def per_point_parameters(self):
+        """Param-store names of the per-point parameters of site ``"z"`` (see :mod:`pyro_esc.rows`).
+
+        In the order (means, diagonals of L, packed off-diagonals of L); None before the guide has run.
+        """
+        if self.prototype_trace is None or "z" not in self.prototype_trace.nodes:
+            return None
+        return [param_fullname(module, "z") for module in (self.locs, self.scale_diags, self.scale_offdiags)]
 
     @torch.no_grad()
     def median(self, *args, **kwargs):

@@ -30,7 +30,7 @@ class History:
       ``eval_every`` steps and after the last step. Report this one:
       :attr:`final_elbo`.
 
-    How the run went: ``route`` (``"torch"`` or ``"svi"``) and ``optimizer``
+    How the run went: ``route`` (``"torch"``, ``"rowwise"`` or ``"svi"``) and ``optimizer``
     (its class name), ``converged`` and ``stop_reason`` (the convergence test
     met, or the step limit), ``evaluations`` (objective-and-gradient
     evaluations, line searches included), ``grad_norm`` (the gradient norm of the

@@ -133,9 +133,11 @@ class EntropyELBO(ELBO):
     (:class:`~pyro_esc.statistics.RunningStatistics`), with the batch's rows
     at the current parameters and every other row as stored when its point was
     last visited. A table belongs to one (model, guide, data tensor) and is
-    built by the first training call (``loss_and_grads`` or :meth:`update`)
-    with one pass over the data; ``loss_and_grads`` stores the rows it
-    evaluated and :meth:`update` the rows at the parameters after the step.
+    built by the first training call (``loss_and_grads``, :meth:`training_loss`
+    or :meth:`update`) with one pass over the data; ``loss_and_grads`` stores the
+    rows it evaluated and :meth:`update` the rows at the parameters after the
+    step. Its sums are running totals, so reading and updating it costs
+    O(batch) (:class:`~pyro_esc.statistics.RunningStatistics`).
     Without a table, ``loss`` and ``differentiable_loss`` compute every row
     afresh (the exact full-data value, O(N)). The value is a running estimate
     of the full-data objective; :func:`~pyro_esc.fit` records exact full-data
@@ -264,9 +266,20 @@ class EntropyELBO(ELBO):
         and stores the rows it evaluated. It does not write the model's scales
         (see :meth:`update`).
         """
-        loss, optimised = self._losses(model, guide, args, kwargs, training=True)
+        loss, optimised = self.training_loss(model, guide, *args, **kwargs)
         optimised.backward(retain_graph=self.retain_graph)
         return loss.item()
+
+    def training_loss(self, model, guide, *args, **kwargs):
+        """The training evaluation without the backward pass: ``(-N L_H, optimised loss tensor)``.
+
+        As :meth:`loss_and_grads`, it builds the running table on a first
+        minibatch call and stores the rows it evaluated; the optimised loss is the
+        annealed one (the same tensor as -N L_H without annealing). For steppers
+        that differentiate with respect to tensors of their own
+        (:class:`~pyro_esc.rowwise.RowwiseStep`).
+        """
+        return self._losses(model, guide, args, kwargs, training=True)
 
     # ------------------------------------------------------------ the training action
 
@@ -297,6 +310,26 @@ class EntropyELBO(ELBO):
             if subsample is None and table is not None and table.belongs_to(model, guide, x):
                 # A full pass refreshes every row of an existing table (an exact resynchronisation).
                 table.store(None, PointStatistics.of(x, posterior, dictionary))
+        terms.check_finite()
+        model.assign_scales(terms.prior_scale, terms.noise_var)
+        return terms
+
+    @torch.no_grad()
+    def update_scales(self, model, guide, x):
+        """Write lambda*, sigma^2* of the running table of ``(model, guide, x)`` into the model.
+
+        The O(H) form of :meth:`update` for a stepper whose own training
+        evaluation (:meth:`training_loss`) already stored the batch's rows: no
+        evaluation, the table's totals only.
+
+        :returns: the :class:`EntropyTerms` of the table (the running estimate).
+        :raises ValueError: if there is no running table for this model, guide and data tensor.
+        """
+        table = self._tables.get((id(model), id(guide)))
+        if table is None or not table.belongs_to(model, guide, x):
+            raise ValueError("update_scales needs the running statistics of this model, guide and data tensor, "
+                             "which a minibatch training call (training_loss, loss_and_grads or update) builds")
+        terms = entropy_terms(table.totals())
         terms.check_finite()
         model.assign_scales(terms.prior_scale, terms.noise_var)
         return terms

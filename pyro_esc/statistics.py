@@ -160,13 +160,20 @@ class RunningStatistics:
     subsampling. With the batch equal to the data set it is exactly the
     full-batch objective.
 
+    **Cost O(batch)**: the sums over all N rows are kept as running totals (in
+    float64, whatever the data's dtype), which :meth:`store` updates by
+    subtracting the batch's old rows and adding the new ones, and
+    :meth:`combine` reads without touching the other rows. Against drift, the
+    totals are summed afresh from the table after every ``resum_every`` stored
+    rows (default N: once an epoch, O(N) then, O(batch) per step on average).
+
     A table belongs to one model, one guide and one data tensor (in the version
     it had when the table was built): :meth:`belongs_to` checks all three, so a
     table can never serve another guide or changed data. Only :meth:`store`
     changes it; :meth:`combine` is pure.
     """
 
-    def __init__(self, model, guide, x, points):
+    def __init__(self, model, guide, x, points, resum_every=None):
         self.num_data = x.size(0)
         self.data_dim = x.size(1)
         self._model = _reference(model)
@@ -176,6 +183,16 @@ class RunningStatistics:
         self.entropy = points.entropy.detach().clone()
         self.abs_mean = points.abs_mean.detach().clone()
         self.sq_error = points.sq_error.detach().clone()
+        self.resum_every = self.num_data if resum_every is None else int(resum_every)
+        if self.resum_every < 1:
+            raise ValueError(f"resum_every must be >= 1 stored rows, got {resum_every!r}")
+        self._resum()
+
+    @torch.no_grad()
+    def _resum(self):
+        # Running totals (float64) of each column of the table, and rows stored since they were exact.
+        self._totals = [column.double().sum(0) for column in (self.entropy, self.abs_mean, self.sq_error)]
+        self._stored_since_resum = 0
 
     def belongs_to(self, model, guide, x):
         """Whether this table was built for this model, this guide and this (unchanged) data tensor."""
@@ -183,31 +200,40 @@ class RunningStatistics:
                 and x._version == self._data_version)
 
     def combine(self, subsample, points):
-        """:class:`BatchStatistics` over all N points, with gradients from the batch only (pure)."""
+        """:class:`BatchStatistics` over all N points, with gradients from the batch only (pure, O(batch))."""
         gain = self.num_data / subsample.size(0)
 
-        def mix(stored, current):
+        def mix(total, stored, current):
             current_sum = current.sum(0)
             # Value: the stored total with the batch rows replaced. Gradient: the batch's, times N / B.
-            others = stored.sum(0) - stored.index_select(0, subsample).sum(0)
+            others = (total - stored.index_select(0, subsample).double().sum(0)).to(current.dtype)
             return others + current_sum * gain - (current_sum * (gain - 1)).detach()
 
-        return BatchStatistics(self.num_data, self.num_data, self.data_dim,
-                               mix(self.entropy, points.entropy), mix(self.abs_mean, points.abs_mean),
-                               mix(self.sq_error, points.sq_error))
+        entropy, abs_sum, sq_error = (mix(total, stored, current) for total, stored, current in
+                                      zip(self._totals, (self.entropy, self.abs_mean, self.sq_error), points))
+        return BatchStatistics(self.num_data, self.num_data, self.data_dim, entropy, abs_sum, sq_error)
 
     def totals(self):
-        """:class:`BatchStatistics` of the stored table itself (no gradient)."""
-        return BatchStatistics(self.num_data, self.num_data, self.data_dim,
-                               self.entropy.sum(), self.abs_mean.sum(0), self.sq_error.sum())
+        """:class:`BatchStatistics` of the stored table itself (no gradient; O(H))."""
+        entropy, abs_sum, sq_error = (total.to(self.entropy.dtype) for total in self._totals)
+        return BatchStatistics(self.num_data, self.num_data, self.data_dim, entropy, abs_sum, sq_error)
 
     @torch.no_grad()
     def store(self, subsample, points):
         """Overwrite the rows ``subsample`` (all rows for None) with ``points``: the table's one writer."""
-        rows = slice(None) if subsample is None else subsample
-        self.entropy[rows] = points.entropy.detach()
-        self.abs_mean[rows] = points.abs_mean.detach()
-        self.sq_error[rows] = points.sq_error.detach()
+        columns = (self.entropy, self.abs_mean, self.sq_error)
+        if subsample is None:
+            for column, new in zip(columns, points):
+                column.copy_(new.detach())
+            self._resum()
+            return
+        for total, column, new in zip(self._totals, columns, points):
+            new = new.detach()
+            total += new.double().sum(0) - column.index_select(0, subsample).double().sum(0)
+            column.index_copy_(0, subsample, new)
+        self._stored_since_resum += subsample.size(0)
+        if self._stored_since_resum >= self.resum_every:
+            self._resum()
 
     def state_dict(self):
         return {"entropy": self.entropy, "abs_mean": self.abs_mean, "sq_error": self.sq_error}

@@ -1,4 +1,5 @@
-"""The two routes of :func:`~pyro_esc.fit`: one optimisation step each.
+"""Two of the routes of :func:`~pyro_esc.fit`: one optimisation step each (the third,
+for O(batch) minibatch steps, is :mod:`pyro_esc.rowwise`).
 
 - :class:`SVIStep`: Pyro's ``SVI`` with a ``pyro.optim`` optimiser, for
   minibatches and sampled objectives (any ``pyro.infer.ELBO``).
@@ -106,7 +107,7 @@ class SVIStep:
         self.optim.set_state(state)
 
 
-def trainable_parameters(model, guide, loss, x, frozen=()):
+def trainable_parameters(model, guide, loss, x, frozen=(), kwargs=None):
     """The (names, unconstrained tensors) that ``loss`` trains: its param sites that have a gradient.
 
     One evaluation is recorded as SVI records it. Parameters the objective reads
@@ -115,9 +116,14 @@ def trainable_parameters(model, guide, loss, x, frozen=()):
     ``frozen`` (attribute names, e.g. ``("raw_dictionary",)``). A guide
     that is a ``torch.nn.Module`` must have every trainable parameter among them,
     or it would silently never train: that is a ValueError.
+
+    :param dict kwargs: the model's keyword arguments for the recorded evaluation, e.g.
+        ``{"subsample": first_batch}`` so that no graph over all N points is built.
     """
-    with poutine.trace(param_only=True) as capture:
-        value = loss.differentiable_loss(model, guide, x)
+    with poutine.trace(param_only=True) as capture, warnings.catch_warnings():
+        # A minibatch (kwargs) without running statistics computes the other rows afresh; that is intended here.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        value = loss.differentiable_loss(model, guide, x, **(kwargs or {}))
     frozen = {param_fullname(model, name) for name in frozen}
     sites = [(name, param_site_unconstrained(site)) for name, site in capture.trace.nodes.items()
              if site["type"] == "param"]
@@ -158,6 +164,9 @@ class TorchStep:
             raise ValueError(f"optimizer must build a torch.optim.Optimizer from the parameters, got "
                              f"{type(self.optimizer).__name__}")
         self.name = type(self.optimizer).__name__
+        # Only L-BFGS evaluates the point a step starts from twice (see closure); for other optimisers
+        # remembering each evaluation would be a copy of every parameter per step for nothing.
+        self._reuse = isinstance(self.optimizer, torch.optim.LBFGS)
         self.scale = 1.0 / x.size(0)
         self.evaluations = 0
         self.grad_norm = math.nan
@@ -172,7 +181,7 @@ class TorchStep:
 
         def closure():
             self.optimizer.zero_grad()
-            if not kwargs and self._repeat_last():
+            if self._reuse and not kwargs and self._repeat_last():
                 # torch's L-BFGS evaluates the point a step starts from, which is the point its previous
                 # line search accepted and (nearly always) evaluated last: reuse that evaluation.
                 start.append(float(self._last[2]))
@@ -198,7 +207,7 @@ class TorchStep:
                 penalised.append(True)
                 return torch.tensor(abs(start[0]) * 1e3 + 1e6)
             self.grad_norm = grad_norm
-            if not kwargs:
+            if self._reuse and not kwargs:
                 self._remember(value)
             return value
 

@@ -37,6 +37,8 @@ from .evaluation import held_out_elbo, training_elbo
 from .history import BATCH, EXACT, MONTE_CARLO, RUNNING, History
 from .objectives import AnalyticELBO, EntropyELBO, NonFiniteObjectiveError
 from .restarts import check_restartable, reinitialize, restore, snapshot
+from .rows import offers_row_access
+from .rowwise import RowwiseStep
 from .steppers import SVIStep, TorchStep, lbfgs
 
 #: sigma^2* below this fraction of the data's mean variance means the model fits the data exactly
@@ -100,9 +102,12 @@ class _Batches:
 
 
 #: Optimiser names :func:`fit` understands (a torch optimiser class or factory works too).
-OPTIMIZERS = ("auto", "lbfgs", "svi")
+OPTIMIZERS = ("auto", "lbfgs", "svi", "rowwise")
 #: The SVI route's default Adam learning rate.
 DEFAULT_LR = 0.05
+#: The row-wise route's defaults: Adam's learning rate (rows and dictionary) and updates of each
+#: batch's posteriors per step (chosen by benchmarks/minibatch_route.py; README, "Minibatch routes").
+ROWWISE_LR, ROWWISE_INNER_STEPS = 0.4, 4
 #: Steps of the torch route when neither steps nor epochs is given: an upper bound, as it stops on convergence.
 DEFAULT_MAX_STEPS = 5000
 #: The torch route's default convergence test (see the README's "Choosing the defaults").
@@ -120,7 +125,7 @@ class FitOptions:
     loss: object
     batches: "_Batches"
     total_steps: int
-    route: str  #: "svi" or "torch"
+    route: str  #: "svi", "torch" or "rowwise"
     optim: object  #: the PyroOptim of the SVI route
     optimizer: object  #: the torch optimiser factory of the torch route
     lr: float
@@ -138,6 +143,7 @@ class FitOptions:
     window: int
     n_init: int
     frozen: tuple
+    inner_steps: int
 
     @property
     def elbo_kind(self):
@@ -157,6 +163,9 @@ class FitOptions:
         """The route's stepper (builds the torch optimiser on the objective's parameters)."""
         if self.route == "svi":
             return SVIStep(model, guide, self.loss, self.optim, x)
+        if self.route == "rowwise":
+            first = torch.arange(min(self.batches.batch_size, x.size(0)), device=x.device)
+            return RowwiseStep(model, guide, self.loss, x, first, self.lr, self.frozen, self.inner_steps)
         return TorchStep(model, guide, self.loss, x, self.optimizer, self.frozen)
 
 
@@ -164,7 +173,7 @@ def check_fit_options(model, guide, x, loss=None, *, optimizer="auto", steps=Non
                       lr=None, lr_schedule=None, optim=None, seed=0, record_every=1, eval_every=None,
                       trace_elbo_every=None, trace_elbo_particles=16, checkpoint=None, checkpoint_every=None,
                       resume=None, annealing=None, tol="auto", gtol="auto", window=DEFAULT_WINDOW, n_init=1,
-                      train_dictionary=True):
+                      train_dictionary=True, inner_steps=None):
     """Validate :func:`fit`'s arguments once, before anything trains; return :class:`FitOptions`.
 
     Raises a ValueError naming the argument. Sets ``annealing`` on the loss only
@@ -181,13 +190,15 @@ def check_fit_options(model, guide, x, loss=None, *, optimizer="auto", steps=Non
                        int(seed))
     # Settings that only the SVI route reads say which route the user has in mind.
     svi_settings = optim is not None or lr is not None or lr_schedule is not None
-    route, factory = _check_optimizer(optimizer, loss, batches, optim, svi_settings)
+    route, factory = _check_optimizer(optimizer, loss, batches, optim, svi_settings, guide)
     if steps is None and epochs is None and route == "torch":
         steps = DEFAULT_MAX_STEPS
     total_steps = _total_steps(steps, epochs, batches.steps_per_epoch)
-    annealing = _check_annealing(annealing, loss, total_steps)
+    annealing = _check_annealing(annealing, loss, total_steps, batches.steps_per_epoch)
     _check_subsampling(guide, loss, batches)
-    lr = DEFAULT_LR if lr is None else check_positive(lr, "lr")
+    if lr is None:
+        lr = ROWWISE_LR if route == "rowwise" else DEFAULT_LR
+    lr = check_positive(lr, "lr")
     schedule = _default_lr_schedule(lr_schedule)
     if route == "torch" and lr_schedule is not None:
         raise ValueError("lr_schedule applies to the SVI route (optimizer='svi'); a torch optimiser takes its "
@@ -196,9 +207,11 @@ def check_fit_options(model, guide, x, loss=None, *, optimizer="auto", steps=Non
         optim = pyro.optim.Adam({"lr": lr})
     elif route == "svi" and not isinstance(optim, pyro.optim.PyroOptim):
         raise ValueError(f"optim must be a pyro.optim.PyroOptim, got {optim!r}")
-    # fit sets the SVI learning rate when it owns the optimiser or a schedule asks for it.
-    manage_lr = route == "svi" and (lr_schedule is not None or optim.pt_optim_args == {"lr": lr})
-    if manage_lr and not isinstance(optim.pt_optim_args, dict):
+    # fit sets the SVI learning rate when it owns the optimiser or a schedule asks for it; the row-wise
+    # route's optimisers are always fit's own.
+    manage_lr = route == "rowwise" or (route == "svi" and (lr_schedule is not None
+                                                          or optim.pt_optim_args == {"lr": lr}))
+    if route == "svi" and manage_lr and not isinstance(optim.pt_optim_args, dict):
         raise ValueError("lr_schedule needs an optim built from a dict of arguments, e.g. Adam({'lr': 0.05})")
     record_every = check_int(record_every, "record_every")
     if eval_every is None and not batches.full:
@@ -224,17 +237,23 @@ def check_fit_options(model, guide, x, loss=None, *, optimizer="auto", steps=Non
         check_restartable(model, guide)
     frozen = ()
     if not train_dictionary:
-        if route != "torch":
-            raise ValueError("train_dictionary=False needs the torch route (optimizer='lbfgs' or a torch optimiser)")
+        if route == "svi":
+            raise ValueError("train_dictionary=False needs the torch or row-wise route (optimizer='lbfgs', "
+                             "'rowwise' or a torch optimiser)")
         frozen = ("raw_dictionary",)
+    if inner_steps is None:
+        inner_steps = ROWWISE_INNER_STEPS if route == "rowwise" else 1
+    inner_steps = check_int(inner_steps, "inner_steps")
+    if inner_steps > 1 and route != "rowwise":
+        raise ValueError("inner_steps applies to the row-wise route (minibatches with a per-point guide)")
     if annealing is not None:
         loss.annealing = annealing
     return FitOptions(loss, batches, total_steps, route, optim, factory, lr, schedule, manage_lr, record_every,
                       eval_every, trace_elbo_every, trace_elbo_particles, checkpoint, checkpoint_every, data_variance,
-                      tol, gtol, window, n_init, frozen)
+                      tol, gtol, window, n_init, frozen, inner_steps)
 
 
-def _check_optimizer(optimizer, loss, batches, optim, svi_settings):
+def _check_optimizer(optimizer, loss, batches, optim, svi_settings, guide):
     # Returns (route, torch optimiser factory or None).
     closed_form = isinstance(loss, (EntropyELBO, AnalyticELBO))
     if isinstance(optimizer, str):
@@ -242,9 +261,29 @@ def _check_optimizer(optimizer, loss, batches, optim, svi_settings):
             raise ValueError(f"optimizer must be one of {OPTIMIZERS} or a torch.optim optimiser class "
                              f"(or factory params -> optimiser), got {optimizer!r}")
         if optimizer == "auto":
-            optimizer = "lbfgs" if closed_form and batches.full and not svi_settings else "svi"
+            if closed_form and batches.full and not svi_settings:
+                optimizer = "lbfgs"
+            elif closed_form and not batches.full and optim is None and offers_row_access(guide):
+                optimizer = "rowwise"
+            else:
+                optimizer = "svi"
         if optimizer == "svi":
             return "svi", None
+        if optimizer == "rowwise":
+            if batches.full:
+                raise ValueError("optimizer='rowwise' takes minibatches (batch_size < N); for the full data "
+                                 "use optimizer='lbfgs'")
+            if not closed_form:
+                raise ValueError(f"optimizer='rowwise' needs a closed-form objective (EntropyELBO or "
+                                 f"AnalyticELBO); {type(loss).__name__} samples: use optimizer='svi'")
+            if not offers_row_access(guide):
+                raise ValueError(f"optimizer='rowwise' needs a per-point guide read row by row "
+                                 f"(LocalMultivariateNormal, AutoNormal); {type(guide).__name__} is not one: "
+                                 f"use optimizer='svi'")
+            if optim is not None:
+                raise ValueError("optim (a pyro.optim optimiser) is for the SVI route; the row-wise route uses "
+                                 "its own Adam with lr")
+            return "rowwise", None
         if not batches.full:
             raise ValueError("optimizer='lbfgs' needs the full data set (batch_size=None): its line search "
                              "compares exact objective values, which a minibatch does not give")
@@ -263,15 +302,17 @@ def _check_optimizer(optimizer, loss, batches, optim, svi_settings):
     return "torch", factory
 
 
-def _check_annealing(annealing, loss, total_steps):
+def _check_annealing(annealing, loss, total_steps, steps_per_epoch):
     if annealing is None:
         return None
     if not isinstance(loss, EntropyELBO):
         raise ValueError(f"annealing weights the entropy terms of EntropyELBO; {type(loss).__name__} has none")
     if isinstance(annealing, str) and annealing == "default":
         annealing = Annealing.default(max(1, total_steps // 2))
+    elif isinstance(annealing, str) and annealing == "authors":
+        annealing = Annealing.authors(steps_per_epoch)
     if not isinstance(annealing, Annealing):
-        raise ValueError(f"annealing must be an Annealing, 'default' or None, got {annealing!r}")
+        raise ValueError(f"annealing must be an Annealing, 'default', 'authors' or None, got {annealing!r}")
     if loss.annealing is not None and loss.annealing is not annealing:
         raise ValueError(f"annealing: the loss already anneals with {loss.annealing!r} (from "
                          f"EntropyELBO(annealing=...) or an earlier fit); pass one schedule, in one place")
@@ -282,10 +323,10 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
         lr_schedule=None, optim=None, tol="auto", gtol="auto", window=DEFAULT_WINDOW, n_init=1, seed=0,
         device=None, dtype=None, progress=True, record_every=1, eval_every=None, trace_elbo_every=None,
         trace_elbo_particles=16, checkpoint=None, checkpoint_every=None, resume=None, callback=None,
-        annealing=None, train_dictionary=True):
+        annealing=None, train_dictionary=True, inner_steps=None):
     """Train ``model`` and ``guide`` on ``data``; return a :class:`~pyro_esc.History`.
 
-    **Two routes**, chosen by ``optimizer`` (``History.route`` says which ran):
+    **Three routes**, chosen by ``optimizer`` (``History.route`` says which ran):
 
     - ``"lbfgs"``: torch's L-BFGS with a strong-Wolfe line search on the exact,
       full-batch objective, one L-BFGS iteration per step, until the convergence
@@ -299,14 +340,24 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
       sampled objectives such as ``Trace_ELBO``. Minibatches are indices passed
       to model and guide as ``subsample=...`` (Pyro's idiom), a fresh random
       permutation per epoch.
+    - ``"rowwise"``: minibatch steps that cost O(batch) for a closed-form
+      objective and a per-point guide (:class:`~pyro_esc.rowwise.RowwiseStep`):
+      only the batch's rows of the guide's per-point parameters are read and
+      updated, by Adam with its state kept per row (a point's posterior moves
+      only when its point is in the batch), the global parameters by Adam
+      (``lr``, ``lr_schedule``); ``inner_steps`` > 1 updates the batch's rows
+      that many times per step, all but the last with the dictionary fixed.
     - ``"auto"`` (default): ``"lbfgs"`` for a closed-form objective on the full
       data, unless an SVI setting (``optim``, ``lr`` or ``lr_schedule``) is
-      given; else ``"svi"``.
+      given; ``"rowwise"`` for a closed-form objective on minibatches with a
+      per-point guide (LocalMultivariateNormal, AutoNormal) unless ``optim``
+      is given; else ``"svi"``.
 
     With :class:`~pyro_esc.EntropyELBO` (the default loss) each step is
     followed by ``loss.update(...)``, which writes lambda*, sigma^2* of the
     parameters after the step into the model and keeps minibatch statistics
-    current.
+    current (on the row-wise route, ``loss.update_scales``: the step itself
+    stored the batch's statistics, as evaluated before its update).
 
     **Convergence**: with ``tol`` the run stops once the exact objective per
     data point changed by at most ``tol`` (relative) over the last ``window``
@@ -334,18 +385,19 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
     :param data: the data, (N, D): a tensor (keeps its dtype) or an array (converted to ``dtype``).
         Constant data (every point the same) is rejected: its ELBO is unbounded.
     :param loss: a ``pyro.infer.ELBO``; default ``EntropyELBO()``.
-    :param optimizer: ``"auto"``, ``"lbfgs"``, ``"svi"``, or a torch optimiser class or factory.
+    :param optimizer: ``"auto"``, ``"lbfgs"``, ``"svi"``, ``"rowwise"``, or a torch optimiser class or factory.
     :param int steps: the step limit (default: 5000 on the torch route, which stops on convergence;
         1000 on the SVI route).
     :param int epochs: alternatively, passes over the data (ceil(N / batch_size) steps each).
     :param int batch_size: minibatch size; None for full batch.
-    :param float lr: the SVI route's Adam learning rate (default 0.05).
-    :param lr_schedule: SVI route: None/'constant', 'cosine' (to 0.1 lr), 'exponential' (to 0.1 lr)
-        or a callable f(progress in [0, 1]) -> factor on ``lr``.
+    :param float lr: Adam's learning rate on the SVI route (default 0.05) and the row-wise route
+        (default 0.4, rows and dictionary alike).
+    :param lr_schedule: SVI and row-wise routes: None/'constant', 'cosine' (to 0.1 lr), 'exponential'
+        (to 0.1 lr) or a callable f(progress in [0, 1]) -> factor on ``lr``.
     :param optim: SVI route: a ``pyro.optim.PyroOptim`` to use instead of Adam(lr) (then ``lr``
         only feeds the schedule, if any).
     :param float tol: relative change of the objective over ``window`` steps that counts as
-        converged; ``"auto"``: 1e-6 on the torch route, None (run every step) on the SVI route.
+        converged; ``"auto"``: 1e-6 on the torch route, None (run every step) on the SVI and row-wise routes.
     :param float gtol: bound on the per-point gradient norm for convergence (torch route); None
         for no gradient test.
     :param int window: steps over which the change is measured.
@@ -367,10 +419,13 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
     :param annealing: entropy annealing for an :class:`~pyro_esc.EntropyELBO` loss: an
         :class:`~pyro_esc.annealing.Annealing`, or ``"default"`` for
         :meth:`~pyro_esc.annealing.Annealing.default` over the first half of the steps (the true
-        objective after). Equivalent to ``loss=EntropyELBO(annealing=...)``; fit sets the weights
+        objective after), or ``"authors"`` for :meth:`~pyro_esc.annealing.Annealing.authors` (beta_p
+        10 -> 1 stepwise over the first five epochs). Equivalent to ``loss=EntropyELBO(annealing=...)``; fit sets the weights
         before every step (``EntropyELBO.set_annealing_step``) and records them in ``History.betas``.
-    :param bool train_dictionary: False keeps the dictionary fixed and fits only the guide (torch
-        route), as :func:`~pyro_esc.evaluation.reference_elbo` does.
+    :param bool train_dictionary: False keeps the dictionary fixed and fits only the guide (torch or
+        row-wise route), as :func:`~pyro_esc.evaluation.reference_elbo` does.
+    :param int inner_steps: row-wise route: updates of the batch's posterior rows per step (default
+        :data:`ROWWISE_INNER_STEPS`; README, "Minibatch routes").
     :raises NonFiniteObjectiveError: if the objective or a parameter becomes NaN or inf, or the
         noise variance collapses; the message says at which step and which term.
     """
@@ -380,7 +435,7 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
         lr_schedule=lr_schedule, optim=optim, seed=seed, record_every=record_every, eval_every=eval_every,
         trace_elbo_every=trace_elbo_every, trace_elbo_particles=trace_elbo_particles, checkpoint=checkpoint,
         checkpoint_every=checkpoint_every, resume=resume, annealing=annealing, tol=tol, gtol=gtol, window=window,
-        n_init=n_init, train_dictionary=train_dictionary)
+        n_init=n_init, train_dictionary=train_dictionary, inner_steps=inner_steps)
     for module in (model, guide):
         if isinstance(module, torch.nn.Module):
             module.to(x.device)
@@ -504,7 +559,9 @@ def training_step(stepper, model, guide, x, kwargs, step, options):
     try:
         value, grad_norm = stepper.step(x, kwargs)
         if isinstance(loss, EntropyELBO):
-            terms = loss.update(model, guide, x, **kwargs)
+            # The row-wise step stored the batch's rows itself (O(batch)); only the scales are left to write.
+            terms = (loss.update_scales(model, guide, x) if stepper.route == "rowwise"
+                     else loss.update(model, guide, x, **kwargs))
             value = float(-terms.num_data * terms.elbo)
             if float(terms.noise_var) < NOISE_COLLAPSE * options.data_variance:
                 raise NonFiniteObjectiveError(

@@ -111,3 +111,31 @@ def test_annealing_weights_apply_identically_through_svi_differentiable_loss_and
     elbo.loss_and_grads(model, guide, x)  # SVI's route
     for param, reference in zip(params, expected):
         assert torch.allclose(param.grad, reference, rtol=1e-10), "loss_and_grads"
+
+
+def test_the_authors_schedule_steps_the_prior_weight_down_once_an_epoch():
+    annealing = Annealing.authors(steps_per_epoch=4)
+    prior_weights = [annealing.betas(step)[1] for step in range(0, 24)]
+    assert prior_weights == [10.0] * 4 + [8.0] * 4 + [6.0] * 4 + [4.0] * 4 + [2.0] * 4 + [1.0] * 4
+    assert all(annealing.betas(step)[0] == annealing.betas(step)[2] == 1.0 for step in range(24))
+
+
+def test_fit_builds_the_authors_schedule_from_its_epochs():
+    from pyro_esc import fit
+
+    model, guide, x = _small_problem()
+    loss = EntropyELBO()
+    fit(model, guide, x, loss=loss, batch_size=10, steps=3, annealing="authors", progress=False)
+    assert loss.annealing.num_steps == 5 * 4  # 40 points in batches of 10: 4 steps an epoch
+    assert loss.annealing.prior(0.0) == 10.0
+
+
+def _small_problem():
+    from pyro.infer.autoguide import AutoNormal
+
+    from pyro_esc import SparseCoding
+    from pyro_esc.data import bars
+
+    x = bars(40, side=3, seed=0)[0]
+    model = SparseCoding(9, 6)
+    return model, AutoNormal(model, create_plates=model.create_plates), x

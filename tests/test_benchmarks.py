@@ -18,9 +18,25 @@ def load(name):
 def test_objective_speed_prints_both_ratios(capsys):
     median = load("objective_speed").main(["--n", "50", "--steps", "2", "--rounds", "1"])
     assert set(median) == {"EntropyELBO (SVI)", "Trace_ELBO (SVI, 1 particle)", "SVI floor (plain math in SVI)",
-                           "plain PyTorch loop"}
+                           "EntropyELBO (ELBOModule + Adam)", "plain PyTorch loop"}
     out = capsys.readouterr().out
     assert "ratio EntropyELBO / Trace_ELBO" in out and "ratio EntropyELBO / plain loop" in out
+    assert "ratio ELBOModule  / plain loop" in out
+
+
+def test_paper_scale_times_fit_the_floor_and_svi_in_subprocesses(capsys):
+    load("paper_scale").main(["--sizes", "1500", "3000", "--steps", "10", "--svi-up-to", "1500"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 1,500") or line.startswith("| 3,000")]
+    assert len(rows) == 2 and rows[1].split("|")[5].strip() == "-"  # no SVI line above --svi-up-to
+    assert "bytes per data point" in out
+
+
+def test_minibatch_route_tabulates_each_setting(capsys):
+    load("minibatch_route").main(["--patches", "600", "--epochs", "1", "--bars-epochs", "1",
+                                  "--only", "svi:1:0.05", "rowwise:2:0.2"])
+    out = capsys.readouterr().out
+    assert out.count("| rowwise | 2 | 0.2 | 1 |") == 2 and out.count("| svi | - | 0.05 | 1 |") == 2
 
 
 def test_estimators_measures_noise_speed_and_convergence(tmp_path):

@@ -55,6 +55,19 @@ def test_patches_writes_fields_and_metrics(tmp_path):
     assert (out / "patches_fields.png").stat().st_size > 0
 
 
+def test_patches_runs_in_epochs_with_the_authors_annealing_on_the_rowwise_route(tmp_path):
+    out = tmp_path / "paper"
+    assert main(["patches", "--n", "200", "--size", "6", "--latents", "8", "--epochs", "2", "--batch-size", "50",
+                 "--annealing", "authors", "--inner-steps", "2", "--out", str(out), "--quiet"]) == 0
+    metrics = json.loads((out / "patches_metrics.json").read_text())
+    assert metrics["route"] == "rowwise" and metrics["optimizer"] == "RowwiseAdam"
+    assert metrics["steps"] == 8 and metrics["epochs"] == 2
+    assert metrics["annealing"].startswith("Annealing(num_steps=20,") and "staircase(10, 5)" in metrics["annealing"]
+    assert (out / "patches_curves.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        main(["patches", "--anneal", "3", "--annealing", "authors", "--out", str(out), "--quiet"])
+
+
 def test_reproduce_writes_every_figure_and_the_metrics(tmp_path, monkeypatch):
     monkeypatch.setenv("PYRO_ESC_FAST", "1")
     out = tmp_path / "figures"

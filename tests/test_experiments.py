@@ -15,8 +15,9 @@ BARS_KEYS = ["guide", "objective", "n", "side", "noise", "steps", "lr", "batch_s
              "elbo_minus_reference", "restart_elbos", "bars_found", "all_bars_found", "cosines", "wall_time_s",
              "noise_var"]
 # The keys of patches_metrics.json and of each "patches" entry of metrics.json, in order.
-PATCHES_KEYS = ["guide", "objective", "annealing", "n", "size", "n_latents", "steps", "batch_size", "lr", "seed",
-                "elbo", "wall_time_s", "sparseness", "mean_field_spread_px", "median_field_spread_px"]
+PATCHES_KEYS = ["guide", "objective", "annealing", "n", "size", "n_latents", "steps", "epochs", "batch_size", "lr",
+                "seed", "route", "optimizer", "elbo", "wall_time_s", "sparseness", "mean_field_spread_px",
+                "median_field_spread_px"]
 
 
 def assert_plain_json(value):

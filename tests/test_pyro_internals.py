@@ -134,3 +134,14 @@ def test_param_fullname_and_module_name_are_the_param_store_names():
         assert before == param_fullname(model, "raw_dictionary") == expected
         assert expected in pyro.get_param_store()
     assert module_name(named) == "coder" and module_name(plain) == ""
+
+
+def test_param_constraint_is_the_constraint_the_store_keeps():
+    from pyro.distributions import constraints
+
+    from pyro_esc._pyro_internals import param_constraint
+
+    pyro.param("positive_thing", torch.ones(3), constraint=constraints.positive)
+    pyro.param("free_thing", torch.zeros(2))
+    assert param_constraint("positive_thing") is constraints.positive
+    assert param_constraint("free_thing") is constraints.real
