@@ -242,17 +242,30 @@ class EntropyELBO(ELBO):
         return table
 
     def _losses(self, model, guide, args, kwargs, training=False):
+        loss, optimised, _ = self._evaluate(model, guide, args, kwargs, training)
+        return loss, optimised
+
+    def _evaluate(self, model, guide, args, kwargs, training=False):
         terms = self._terms(model, guide, args, kwargs, training)
         loss = -terms.num_data * terms.elbo
         terms.check_finite(loss)
         betas = self.betas
         if betas == (1.0, 1.0, 1.0):
-            return loss, loss
-        return loss, -terms.num_data * terms.weighted_elbo(*betas)
+            return loss, loss, terms
+        return loss, -terms.num_data * terms.weighted_elbo(*betas), terms
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
         """The optimised loss as a differentiable tensor: -N L_H, or its annealed version (pure)."""
         return self._losses(model, guide, args, kwargs)[1]
+
+    def differentiable_loss_and_terms(self, model, guide, *args, **kwargs):
+        """:meth:`differentiable_loss` and the :class:`EntropyTerms` it was computed from, in one evaluation (pure).
+
+        For a stepper that evaluates the point it ends on anyway (L-BFGS's line search) and can
+        hand those terms to :meth:`update_scales` instead of evaluating again.
+        """
+        _, optimised, terms = self._evaluate(model, guide, args, kwargs)
+        return optimised, terms
 
     def loss(self, model, guide, *args, **kwargs):
         """-N L_H as a float (never annealed; pure)."""
@@ -315,18 +328,27 @@ class EntropyELBO(ELBO):
         return terms
 
     @torch.no_grad()
-    def update_scales(self, model, guide, x):
-        """Write lambda*, sigma^2* of the running table of ``(model, guide, x)`` into the model.
+    def update_scales(self, model, guide, x, terms=None):
+        """Write lambda*, sigma^2* into the model without evaluating again: :meth:`update` for steppers.
 
-        The O(H) form of :meth:`update` for a stepper whose own training
-        evaluation (:meth:`training_loss`) already stored the batch's rows: no
-        evaluation, the table's totals only.
+        - ``terms=None``: those of the running table of ``(model, guide, x)`` (O(H)), for a
+          stepper whose training evaluation (:meth:`training_loss`) already stored the batch's rows;
+        - ``terms``: the full-data :class:`EntropyTerms` of the current parameters, which the
+          stepper evaluated last (:meth:`differentiable_loss_and_terms`). If a running table
+          belongs to ``(model, guide, x)`` this is :meth:`update` instead, which also refreshes it.
 
-        :returns: the :class:`EntropyTerms` of the table (the running estimate).
-        :raises ValueError: if there is no running table for this model, guide and data tensor.
+        :returns: the :class:`EntropyTerms` written.
+        :raises ValueError: without ``terms``, if there is no running table for this model, guide and data.
         """
         table = self._tables.get((id(model), id(guide)))
-        if table is None or not table.belongs_to(model, guide, x):
+        has_table = table is not None and table.belongs_to(model, guide, x)
+        if terms is not None:
+            if has_table:
+                return self.update(model, guide, x)
+            terms = EntropyTerms(*(value.detach() if isinstance(value, torch.Tensor) else value for value in terms))
+            model.assign_scales(terms.prior_scale, terms.noise_var)
+            return terms
+        if not has_table:
             raise ValueError("update_scales needs the running statistics of this model, guide and data tensor, "
                              "which a minibatch training call (training_loss, loss_and_grads or update) builds")
         terms = entropy_terms(table.totals())

@@ -24,7 +24,7 @@ import torch
 from pyro import poutine
 
 from ._pyro_internals import param_fullname, param_site_unconstrained
-from .objectives import NonFiniteObjectiveError
+from .objectives import EntropyELBO, NonFiniteObjectiveError
 
 #: Objective evaluations one L-BFGS step may spend in its line search.
 LINE_SEARCH_EVALUATIONS = 25
@@ -171,6 +171,7 @@ class TorchStep:
         self.evaluations = 0
         self.grad_norm = math.nan
         self._last = None  # (parameters, annealing weights, value, gradients) of the last evaluation
+        self._last_terms = None  # EntropyELBO's terms of that evaluation (see current_terms)
 
     def step(self, x, kwargs):
         """Take one step; return the loss at the start of the step (Pyro's scale) and the gradient norm.
@@ -187,8 +188,13 @@ class TorchStep:
                 start.append(float(self._last[2]))
                 return self._last[2].clone()
             self.evaluations += 1
+            terms = None
             try:
-                value = self.loss.differentiable_loss(self.model, self.guide, x, **kwargs) * self.scale
+                if isinstance(self.loss, EntropyELBO):
+                    value, terms = self.loss.differentiable_loss_and_terms(self.model, self.guide, x, **kwargs)
+                    value = value * self.scale
+                else:
+                    value = self.loss.differentiable_loss(self.model, self.guide, x, **kwargs) * self.scale
                 value.backward()
                 grad_norm = self._grad_norm()
                 problem = None if bool(torch.isfinite(value)) and math.isfinite(grad_norm) else \
@@ -208,7 +214,7 @@ class TorchStep:
                 return torch.tensor(abs(start[0]) * 1e3 + 1e6)
             self.grad_norm = grad_norm
             if self._reuse and not kwargs:
-                self._remember(value)
+                self._remember(value, terms)
             return value
 
         value = self.optimizer.step(closure)
@@ -222,9 +228,25 @@ class TorchStep:
     def _flat_parameters(self):
         return torch.cat([p.detach().reshape(-1) for p in self.params])
 
-    def _remember(self, value):
+    def _remember(self, value, terms=None):
         grads = [None if p.grad is None else p.grad.detach().clone() for p in self.params]
         self._last = (self._flat_parameters(), getattr(self.loss, "betas", None), value.detach(), grads)
+        # Detached: remembering must not keep the evaluation's autograd graph alive.
+        self._last_terms = None if terms is None else type(terms)(
+            *(item.detach() if isinstance(item, torch.Tensor) else item for item in terms))
+
+    def current_terms(self):
+        """EntropyELBO's terms at the current parameters if the last evaluation was there, else None.
+
+        An L-BFGS step ends on the point its line search accepted, which (nearly always) it has just
+        evaluated: :func:`~pyro_esc.training.training_step` hands these terms to
+        ``EntropyELBO.update_scales`` instead of evaluating the same point again.
+        """
+        if self._last is None or self._last_terms is None:
+            return None
+        if not torch.equal(self._last[0], self._flat_parameters()):
+            return None
+        return self._last_terms
 
     def _repeat_last(self):
         # Whether the parameters (and annealing weights) are exactly those of the last evaluation;
@@ -252,7 +274,7 @@ class TorchStep:
     def reset(self):
         """Forget the optimiser's state (L-BFGS's curvature pairs, Adam's moments), keeping the parameters."""
         self.optimizer.state.clear()
-        self._last = None
+        self._last = self._last_terms = None
 
     def state_dict(self):
         return self.optimizer.state_dict()

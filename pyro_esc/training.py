@@ -559,9 +559,14 @@ def training_step(stepper, model, guide, x, kwargs, step, options):
     try:
         value, grad_norm = stepper.step(x, kwargs)
         if isinstance(loss, EntropyELBO):
-            # The row-wise step stored the batch's rows itself (O(batch)); only the scales are left to write.
-            terms = (loss.update_scales(model, guide, x) if stepper.route == "rowwise"
-                     else loss.update(model, guide, x, **kwargs))
+            if stepper.route == "rowwise":
+                # The row-wise step stored the batch's rows itself (O(batch)); only the scales are left to write.
+                terms = loss.update_scales(model, guide, x)
+            else:
+                # L-BFGS has (nearly always) just evaluated the point it stopped at: write those terms.
+                evaluated = stepper.current_terms() if stepper.route == "torch" and not kwargs else None
+                terms = (loss.update(model, guide, x, **kwargs) if evaluated is None
+                         else loss.update_scales(model, guide, x, terms=evaluated))
             value = float(-terms.num_data * terms.elbo)
             if float(terms.noise_var) < NOISE_COLLAPSE * options.data_variance:
                 raise NonFiniteObjectiveError(

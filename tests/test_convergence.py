@@ -184,3 +184,26 @@ def test_restarts_on_the_svi_route_and_with_an_amortised_guide():
     assert training_elbo(model, guide, x) == pytest.approx(max(history.restart_elbos), rel=1e-6)
     with pytest.raises(ValueError, match="cannot be combined with checkpoint"):
         fit(model, guide, x, steps=2, n_init=2, checkpoint="run.pt", progress=False)
+
+
+def test_lbfgs_steps_reuse_the_evaluation_they_end_on_for_the_scales(float64, monkeypatch):
+    """The post-step update reads the terms L-BFGS evaluated last instead of evaluating again, and the
+    scales it writes equal a fresh evaluation's."""
+    from pyro_esc import EntropyELBO, LocalMultivariateNormal, SparseCoding, fit
+    from pyro_esc.data import bars
+
+    x = bars(120, side=3, noise=0.3, seed=0)[0].double()
+    model = SparseCoding(9, 6)
+    guide = LocalMultivariateNormal(model)
+    fresh_updates = []
+    original = EntropyELBO.update
+    monkeypatch.setattr(EntropyELBO, "update",
+                        lambda self, *args, **kwargs: fresh_updates.append(1) or original(self, *args, **kwargs))
+    loss = EntropyELBO()
+    history = fit(model, guide, x, loss=loss, steps=40, tol=None, progress=False)
+    assert history.step[-1] == 40 and len(fresh_updates) < 10  # nearly every step reused its last evaluation
+    written = (model.prior_scale.detach().clone(), model.noise_var.detach().clone())
+    terms = loss.terms(model, guide, x)
+    assert torch.allclose(written[0], terms.prior_scale, rtol=1e-12) and torch.allclose(written[1], terms.noise_var,
+                                                                                         rtol=1e-12)
+    assert history.elbo[-1] == pytest.approx(float(terms.elbo), rel=1e-12)
