@@ -5,6 +5,7 @@ Fischer, Lücke; AISTATS 2024) on top of Pyro and PyTorch.
 """
 
 from . import kl  # noqa: F401 - registers the closed-form KL(Gaussian || Laplace) with torch
+from .encoding import encode
 from .evaluation import held_out_elbo, reference_elbo, training_elbo
 from .guides import AmortizedNormal, LocalMultivariateNormal
 from .likelihood import LogLikelihood, log_likelihood
@@ -26,6 +27,7 @@ __all__ = [
     "LogLikelihood",
     "NonFiniteObjectiveError",
     "SparseCoding",
+    "encode",
     "fit",
     "gaussian_posterior",
     "held_out_elbo",

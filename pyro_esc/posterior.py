@@ -227,6 +227,18 @@ class GaussianPosterior(abc.ABC):
         Not available for a joint posterior, whose entropy does not split over points.
         """
 
+    @abc.abstractmethod
+    def _arguments(self):
+        """The constructor's arguments that rebuild this summary (for :meth:`to` and :meth:`detach`)."""
+
+    def to(self, *args, **kwargs):
+        """The same summary with its tensors moved/cast by ``Tensor.to(*args, **kwargs)``."""
+        return type(self)(*(value.to(*args, **kwargs) for value in self._arguments()))
+
+    def detach(self):
+        """The same summary, cut from the autograd graph."""
+        return type(self)(*(value.detach() for value in self._arguments()))
+
 
 class DiagonalGaussianPosterior(GaussianPosterior):
     """Diagonal Gaussians, q^(n) = Normal(nu^(n), diag(tau^(n))^2).
@@ -262,6 +274,9 @@ class DiagonalGaussianPosterior(GaussianPosterior):
     def index_select(self, rows):
         return DiagonalGaussianPosterior(self.mean.index_select(0, rows), self.stddev.index_select(0, rows))
 
+    def _arguments(self):
+        return self.mean, self.stddev
+
 
 class FullGaussianPosterior(GaussianPosterior):
     """Full-covariance Gaussians, q^(n) = Normal(nu^(n), L^(n) L^(n)^T).
@@ -296,6 +311,9 @@ class FullGaussianPosterior(GaussianPosterior):
 
     def index_select(self, rows):
         return FullGaussianPosterior(self.mean.index_select(0, rows), self.scale_tril.index_select(0, rows))
+
+    def _arguments(self):
+        return self.mean, self.scale_tril
 
 
 class LowRankGaussianPosterior(GaussianPosterior):
@@ -338,6 +356,9 @@ class LowRankGaussianPosterior(GaussianPosterior):
     def index_select(self, rows):
         return LowRankGaussianPosterior(self.mean.index_select(0, rows), self.cov_factor.index_select(0, rows),
                                         self.cov_diag.index_select(0, rows))
+
+    def _arguments(self):
+        return self.mean, self.cov_factor, self.cov_diag
 
 
 class JointGaussianPosterior(GaussianPosterior):
@@ -394,6 +415,9 @@ class JointGaussianPosterior(GaussianPosterior):
     def index_select(self, rows):
         raise ValueError("a joint posterior cannot be restricted to some of its points: its joint entropy "
                          "does not split over points")
+
+    def _arguments(self):
+        return self.mean, self.variance, self.covariance_sum, self.entropy
 
 
 def _describe(value):
@@ -494,6 +518,15 @@ def _read_checking_registration(reader, guide, x, subsample):
             f"Make {name} a pyro.nn.PyroModule, or call pyro.module({name!r}, self) at the start of its "
             f"gaussian_posterior (and forward) method.")
     return posterior
+
+
+@gaussian_posterior.register(GaussianPosterior)
+def _posterior_as_guide(posterior, x, subsample=None):
+    # A summary (e.g. from pyro_esc.encode) stands for its own guide in the closed forms and in
+    # log_likelihood: held_out_elbo(model, encode(model, guide, x), x) needs no guide object.
+    if posterior.num_points != x.size(0):
+        raise ValueError(f"the GaussianPosterior describes {posterior.num_points} points, but x has {x.size(0)}")
+    return posterior if subsample is None else posterior.index_select(subsample)
 
 
 @gaussian_posterior.register(AutoDelta)

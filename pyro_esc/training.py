@@ -173,7 +173,7 @@ def check_fit_options(model, guide, x, loss=None, *, optimizer="auto", steps=Non
                       lr=None, lr_schedule=None, optim=None, seed=0, record_every=1, eval_every=None,
                       trace_elbo_every=None, trace_elbo_particles=16, checkpoint=None, checkpoint_every=None,
                       resume=None, annealing=None, tol="auto", gtol="auto", window=DEFAULT_WINDOW, n_init=1,
-                      train_dictionary=True, inner_steps=None):
+                      train_dictionary=True, inner_steps=None, train_model=True):
     """Validate :func:`fit`'s arguments once, before anything trains; return :class:`FitOptions`.
 
     Raises a ValueError naming the argument. Sets ``annealing`` on the loss only
@@ -236,11 +236,12 @@ def check_fit_options(model, guide, x, loss=None, *, optimizer="auto", steps=Non
             raise ValueError("n_init > 1 cannot be combined with checkpoint or resume; checkpoint single runs")
         check_restartable(model, guide)
     frozen = ()
-    if not train_dictionary:
+    if not train_dictionary or not train_model:
         if route == "svi":
-            raise ValueError("train_dictionary=False needs the torch or row-wise route (optimizer='lbfgs', "
-                             "'rowwise' or a torch optimiser)")
-        frozen = ("raw_dictionary",)
+            raise ValueError("train_dictionary=False and train_model=False need the torch or row-wise route "
+                             "(optimizer='lbfgs', 'rowwise' or a torch optimiser)")
+        # The scales matter only to objectives that train them (AnalyticELBO); EntropyELBO sets them.
+        frozen = ("raw_dictionary",) if train_model else ("raw_dictionary", "prior_scale", "noise_var")
     if inner_steps is None:
         inner_steps = ROWWISE_INNER_STEPS if route == "rowwise" else 1
     inner_steps = check_int(inner_steps, "inner_steps")
@@ -323,7 +324,7 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
         lr_schedule=None, optim=None, tol="auto", gtol="auto", window=DEFAULT_WINDOW, n_init=1, seed=0,
         device=None, dtype=None, progress=True, record_every=1, eval_every=None, trace_elbo_every=None,
         trace_elbo_particles=16, checkpoint=None, checkpoint_every=None, resume=None, callback=None,
-        annealing=None, train_dictionary=True, inner_steps=None):
+        annealing=None, train_dictionary=True, inner_steps=None, train_model=True):
     """Train ``model`` and ``guide`` on ``data``; return a :class:`~pyro_esc.History`.
 
     **Three routes**, chosen by ``optimizer`` (``History.route`` says which ran):
@@ -424,6 +425,9 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
         before every step (``EntropyELBO.set_annealing_step``) and records them in ``History.betas``.
     :param bool train_dictionary: False keeps the dictionary fixed and fits only the guide (torch or
         row-wise route), as :func:`~pyro_esc.evaluation.reference_elbo` does.
+    :param bool train_model: False keeps every model parameter fixed (dictionary, and lambda, sigma^2
+        for AnalyticELBO, which would otherwise learn them) and fits only the guide, as
+        :func:`~pyro_esc.encode` does for new data.
     :param int inner_steps: row-wise route: updates of the batch's posterior rows per step (default
         :data:`ROWWISE_INNER_STEPS`; README, "Minibatch routes").
     :raises NonFiniteObjectiveError: if the objective or a parameter becomes NaN or inf, or the
@@ -435,7 +439,7 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
         lr_schedule=lr_schedule, optim=optim, seed=seed, record_every=record_every, eval_every=eval_every,
         trace_elbo_every=trace_elbo_every, trace_elbo_particles=trace_elbo_particles, checkpoint=checkpoint,
         checkpoint_every=checkpoint_every, resume=resume, annealing=annealing, tol=tol, gtol=gtol, window=window,
-        n_init=n_init, train_dictionary=train_dictionary, inner_steps=inner_steps)
+        n_init=n_init, train_dictionary=train_dictionary, inner_steps=inner_steps, train_model=train_model)
     for module in (model, guide):
         if isinstance(module, torch.nn.Module):
             module.to(x.device)
