@@ -12,6 +12,7 @@ from .likelihood import LogLikelihood, log_likelihood
 from .model import SparseCoding
 from .objectives import AnalyticELBO, EntropyELBO, NonFiniteObjectiveError
 from .posterior import GaussianPosterior, gaussian_posterior
+from .saving import load, save
 from .history import History
 from .training import fit
 
@@ -32,6 +33,8 @@ __all__ = [
     "gaussian_posterior",
     "held_out_elbo",
     "log_likelihood",
+    "load",
     "reference_elbo",
+    "save",
     "training_elbo",
 ]

@@ -121,6 +121,16 @@ def _write_metrics(out, name, result):
     return path
 
 
+def _save_model(out, name, result, whitening):
+    # The model (and an amortised guide's encoder, and the whitening) beside the metrics, for
+    # pyro_esc.load; per-point posteriors describe only the training points and stay out.
+    from .guides import AmortizedNormal
+    from .saving import save
+
+    guide = result.guide_object if isinstance(result.guide_object, AmortizedNormal) else None
+    save(os.path.join(out, name), result.model, guide, whitening=whitening, metrics=result.metrics())
+
+
 def _bars(args):
     result = experiments.run_bars(args.guide, args.objective, n=args.n, side=args.side, noise=args.noise,
                                   steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
@@ -130,6 +140,7 @@ def _bars(args):
                                   tol="auto" if args.tol is None else args.tol, reference=not args.no_reference,
                                   dtype=getattr(torch, args.dtype))
     path = _write_metrics(args.out, "bars_metrics.json", result)
+    _save_model(args.out, "bars_model.pt", result, whitening=None)
     print(f"{experiments.GUIDE_LABELS[args.guide]}, {args.objective}, {result.optimizer}: ELBO per data point "
           f"{result.elbo:.4f}; {result.bars_found} of {2 * args.side} bars found (cosine > 0.95) in "
           f"{result.wall_time_s:.1f} s")
@@ -139,7 +150,8 @@ def _bars(args):
     if result.n_init > 1:
         print("restarts: final ELBO " + ", ".join(f"{value:.4f}" for value in result.restart_elbos))
     print(f"{result.steps} steps; {result.stop_reason}")
-    print(f"figures and metrics in {args.out}/ ({os.path.basename(path)})")
+    print(f"figures and metrics in {args.out}/ ({os.path.basename(path)}); the model in bars_model.pt "
+          f"(pyro_esc.load)")
 
 
 def _patches(args):
@@ -163,10 +175,11 @@ def _patches(args):
                                                  title="Natural patches: entropy-ELBO per data point"),
                       os.path.join(args.out, "patches_curves.png"))
     _write_metrics(args.out, "patches_metrics.json", result)
+    _save_model(args.out, "patches_model.pt", result, whitening=whitening)
     print(f"ELBO per data point {result.elbo:.4f}; code kurtosis {result.sparseness['kurtosis']:.2f}; "
           f"mean field spread {result.mean_field_spread_px:.2f} px; {result.steps} steps ({result.route}, "
           f"{result.optimizer}) in {result.wall_time_s:.1f} s")
-    print(f"figures and metrics in {args.out}/")
+    print(f"figures and metrics in {args.out}/; the model and whitening in patches_model.pt (pyro_esc.load)")
 
 
 def _reproduce(args):

@@ -161,9 +161,12 @@ class BarsResult:
     dictionary: torch.Tensor = field(repr=False, metadata=_NOT_METRICS)
     #: The training :class:`~pyro_esc.training.History` (not JSON).
     history: History = field(repr=False, metadata=_NOT_METRICS)
+    #: The trained model and guide (not JSON; :func:`pyro_esc.save` keeps them).
+    model: object = field(default=None, repr=False, metadata=_NOT_METRICS)
+    guide_object: object = field(default=None, repr=False, metadata=_NOT_METRICS)
 
     def metrics(self):
-        """The JSON-ready fields as a new dict (everything but ``dictionary`` and ``history``)."""
+        """The JSON-ready fields as a new dict (everything but ``dictionary``, ``history``, ``model``, ``guide_object``)."""
         return _metrics(self)
 
 
@@ -205,6 +208,9 @@ class PatchesResult:
     history: History = field(repr=False, metadata=_NOT_METRICS)
     #: Dictionary at each requested snapshot step, columns in the order of ``dictionary`` (not JSON).
     snapshots: Dict[int, torch.Tensor] = field(repr=False, metadata=_NOT_METRICS)
+    #: The trained model and guide (not JSON; :func:`pyro_esc.save` keeps them).
+    model: object = field(default=None, repr=False, metadata=_NOT_METRICS)
+    guide_object: object = field(default=None, repr=False, metadata=_NOT_METRICS)
 
     def metrics(self):
         """The JSON-ready fields as a new dict (everything but ``dictionary``, ``history``, ``snapshots``)."""
@@ -293,7 +299,7 @@ def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3,
         restart_elbos=history.restart_elbos, bars_found=recovery.num_found, all_bars_found=recovery.all_found,
         cosines=[round(float(c), 4) for c in recovery.cosines], wall_time_s=round(wall_time, 2),
         noise_var=history.noise_var[-1],
-        dictionary=dictionary[:, recovery.matching], history=history,
+        dictionary=dictionary[:, recovery.matching], history=history, model=model, guide_object=guide_object,
     )
     if out is not None:
         label = name or f"bars_fields_{guide}"
@@ -387,7 +393,7 @@ def run_patches(x, whitening, size, guide="amortized-diag", objective="entropy",
         sparseness=code_sparseness(codes),
         mean_field_spread_px=float(spreads.mean()), median_field_spread_px=float(spreads.median()),
         dictionary=dictionary[:, order], history=history,
-        snapshots={step: value[:, order] for step, value in kept.items()},
+        snapshots={step: value[:, order] for step, value in kept.items()}, model=model, guide_object=guide_object,
     )
 
 

@@ -34,6 +34,14 @@ def test_bars_writes_fields_and_metrics(tmp_path, capsys):
     assert (out / "bars_fields_local-full.png").stat().st_size > 0
     assert "of 6 bars found" in capsys.readouterr().out
     assert metrics["annealing"] is None
+    import pyro
+
+    from pyro_esc import load
+
+    pyro.clear_param_store()
+    saved = load(out / "bars_model.pt")
+    assert saved.model.data_dim == 9 and saved.guide is None  # per-point posteriors stay out
+    assert saved.metadata["metrics"]["bars_found"] == metrics["bars_found"]
     assert main(["bars", "--n", "60", "--steps", "4", "--side", "3", "--anneal", "2", "--out", str(out), "--quiet"]) == 0
     metrics = json.loads((out / "bars_metrics.json").read_text())
     assert metrics["annealing"].startswith("Annealing(num_steps=2, posterior=linear(2)")
@@ -64,6 +72,14 @@ def test_patches_runs_in_epochs_with_the_authors_annealing_on_the_rowwise_route(
     assert metrics["steps"] == 8 and metrics["epochs"] == 2
     assert metrics["annealing"].startswith("Annealing(num_steps=20,") and "staircase(10, 5)" in metrics["annealing"]
     assert (out / "patches_curves.png").stat().st_size > 0
+    import pyro
+
+    from pyro_esc import load
+
+    pyro.clear_param_store()
+    loaded = load(out / "patches_model.pt")
+    assert loaded.model.n_latents == 8 and loaded.whitening is not None and loaded.guide is None
+    assert loaded.metadata["metrics"]["route"] == "rowwise"
     with pytest.raises(SystemExit):
         main(["patches", "--anneal", "3", "--annealing", "authors", "--out", str(out), "--quiet"])
 

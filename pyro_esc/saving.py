@@ -1,0 +1,233 @@
+"""Save and load a trained model: :func:`save`, :func:`load`.
+
+A file holds the model (dictionary W, lambda, sigma^2), optionally its guide
+(an amortised encoder; per-point posteriors only when asked for), the whitening
+the data went through, and JSON-like metadata. It is written with
+``torch.save`` from plain tensors, numbers, strings, lists and dicts, and read
+with ``torch.load(weights_only=True)``, which executes no code: a file from
+elsewhere cannot run anything on load. It carries a format version.
+
+Unlike a training checkpoint (:mod:`pyro_esc.checkpoint`, which resumes a run
+bit-for-bit), this is for using the model: encoding new data
+(:func:`~pyro_esc.encode`), held-out ELBOs, denoising.
+"""
+
+import numbers
+from typing import NamedTuple, Optional
+
+import torch
+from pyro.distributions import constraints
+from pyro.infer.autoguide import AutoNormal
+from pyro.infer.autoguide.utils import deep_setattr
+from pyro.nn import PyroParam
+
+import pyro
+
+from ._pyro_internals import module_name, param_fullname
+from .data.whitening import Whitening
+from .guides import AmortizedNormal, LocalMultivariateNormal
+from .model import SparseCoding
+
+__all__ = ["MODEL_FORMAT", "Loaded", "load", "save"]
+
+#: The format tag every file carries; :func:`load` refuses others.
+MODEL_FORMAT = "pyro_esc.model/1"
+
+
+class Loaded(NamedTuple):
+    """What :func:`load` returns."""
+
+    model: SparseCoding  #: the trained model, W, lambda and sigma^2 set
+    guide: Optional[object]  #: the guide, if one was saved, else None
+    whitening: Optional[Whitening]  #: the whitening, if one was saved, else None
+    metadata: dict  #: what was passed to :func:`save` as keyword arguments
+
+
+def save(path, model, guide=None, whitening=None, per_point=False, **metadata):
+    """Save a trained model (and optionally its guide and whitening) to ``path``.
+
+    :param model: a :class:`~pyro_esc.SparseCoding`.
+    :param guide: optional: an :class:`~pyro_esc.AmortizedNormal` (its encoder is saved), or, with
+        ``per_point=True``, a :class:`~pyro_esc.LocalMultivariateNormal` or ``AutoNormal`` (its N
+        posteriors, which describe the training points only).
+    :param whitening: optional :class:`~pyro_esc.data.Whitening` the data were transformed with.
+    :param bool per_point: allow saving a per-point guide's N posteriors.
+    :param metadata: JSON-like values (numbers, strings, bools, None, lists and dicts of them).
+    :raises ValueError: for anything that cannot be saved faithfully (it is never dropped silently).
+    """
+    if not isinstance(model, SparseCoding):
+        raise ValueError(f"model must be a pyro_esc.SparseCoding, got {type(model).__name__}")
+    if whitening is not None and not isinstance(whitening, Whitening):
+        raise ValueError(f"whitening must be a pyro_esc.data.Whitening or None, got {type(whitening).__name__}")
+    for key, value in metadata.items():
+        _check_plain(value, f"metadata[{key!r}]")
+    payload = {
+        "format": MODEL_FORMAT,
+        "model": _model_state(model),
+        "guide": None if guide is None else _guide_state(guide, per_point),
+        "whitening": None if whitening is None else _plain_state(whitening.state_dict()),
+        "metadata": dict(metadata),
+    }
+    torch.save(payload, path)
+
+
+def load(path, map_location=None):
+    """Load what :func:`save` wrote; returns :class:`Loaded` ``(model, guide, whitening, metadata)``.
+
+    Reads with ``torch.load(weights_only=True)`` (no code runs). The objects'
+    parameters enter Pyro's param store under their names when first used, as
+    any PyroModule's do: if the store already holds parameters under those
+    names (e.g. another SparseCoding in this process), that is a ValueError
+    rather than a silent merge; clear the store (``pyro.clear_param_store()``)
+    or load inside ``pyro.get_param_store().scope()``.
+
+    :param map_location: as for ``torch.load``, e.g. ``"cpu"`` or ``"cuda"``.
+    :raises ValueError: for a file that is not a pyro_esc model file of a known format.
+    """
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any failure to read means: not our file
+        raise ValueError(f"{path!s} could not be read as a pyro_esc model file: "
+                         f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"{path!s} is not a pyro_esc model file of format {MODEL_FORMAT!r} (found {found!r}); "
+                         f"training checkpoints load with pyro_esc.checkpoint.load_checkpoint")
+    try:
+        model = _build_model(payload["model"])
+        guide = None if payload["guide"] is None else _build_guide(payload["guide"], model)
+        whitening = None if payload["whitening"] is None else Whitening.from_state_dict(payload["whitening"])
+        metadata = dict(payload["metadata"])
+    except (KeyError, TypeError, RuntimeError) as error:
+        raise ValueError(f"{path!s} is a damaged pyro_esc model file: {error}") from None
+    return Loaded(model, guide, whitening, metadata)
+
+
+# ---------------------------------------------------------------------- the model
+
+
+def _model_state(model):
+    with torch.no_grad():
+        return {"data_dim": model.data_dim, "n_latents": model.n_latents, "name": module_name(model),
+                "dictionary": model.dictionary.detach().clone(), "prior_scale": model.prior_scale.detach().clone(),
+                "noise_var": model.noise_var.detach().clone()}
+
+
+def _build_model(state):
+    model = SparseCoding(state["data_dim"], state["n_latents"], name=state["name"])
+    _check_store_free([param_fullname(model, name) for name in ("raw_dictionary", "prior_scale", "noise_var")])
+    like = {"dtype": state["dictionary"].dtype, "device": state["dictionary"].device}
+    model.to(**like)
+    model.set_dictionary(state["dictionary"])
+    model.set_scales(state["prior_scale"], state["noise_var"])
+    return model
+
+
+def _check_store_free(names):
+    taken = [name for name in names if name in pyro.get_param_store()]
+    if taken:
+        raise ValueError(f"Pyro's param store already holds {taken}: loading would merge the loaded parameters "
+                         f"with those. Call pyro.clear_param_store() first, or load inside "
+                         f"pyro.get_param_store().scope()")
+
+
+# ---------------------------------------------------------------------- guides
+
+
+def _guide_state(guide, per_point):
+    if isinstance(guide, AmortizedNormal):
+        config = {"data_dim": guide.data_dim, "n_latents": guide.n_latents, "hidden": list(guide.hidden),
+                  "covariance": guide.covariance, "init_scale": guide._init_scale, "out_init": guide._out_init}
+        state = {key: value.detach().clone() for key, value in guide.state_dict().items()}
+        return {"kind": "amortized", "name": module_name(guide), "config": config, "state": state}
+    per_point_kinds = {LocalMultivariateNormal: "local-full", AutoNormal: "local-diag"}
+    kind = per_point_kinds.get(type(guide))
+    if kind is None:
+        raise ValueError(f"save stores AmortizedNormal guides, and LocalMultivariateNormal or AutoNormal with "
+                         f"per_point=True; got {type(guide).__name__}")
+    if not per_point:
+        raise ValueError(f"{type(guide).__name__} holds one posterior per training point, which describes only "
+                         f"those points; pass per_point=True to save them (encode new data with "
+                         f"pyro_esc.encode instead)")
+    if guide.prototype_trace is None:
+        raise ValueError(f"the {type(guide).__name__} has not run yet: it has no posteriors to save")
+    with torch.no_grad():
+        if kind == "local-full":
+            values = {"locs": guide.locs.z, "scale_diags": guide.scale_diags.z,
+                      "scale_offdiags": guide.scale_offdiags.z}
+        else:
+            values = {"locs": guide.locs.z, "scales": guide.scales.z}
+        values = {key: value.detach().clone() for key, value in values.items()}
+    return {"kind": kind, "name": module_name(guide), "values": values}
+
+
+def _build_guide(state, model):
+    kind = state["kind"]
+    if kind == "amortized":
+        config = state["config"]
+        guide = AmortizedNormal(config["data_dim"], config["n_latents"], hidden=tuple(config["hidden"]),
+                                covariance=config["covariance"], init_scale=config["init_scale"],
+                                out_init=config["out_init"])
+        prefix = module_name(guide) + "."
+        _check_store_free([name for name in pyro.get_param_store().keys() if name.startswith(prefix)])
+        guide.load_state_dict(state["state"])
+        return guide
+    values = state["values"]
+    num_data = values["locs"].size(0)
+    dummy = torch.zeros(num_data, model.data_dim, dtype=values["locs"].dtype, device=values["locs"].device)
+    if kind == "local-full":
+        guide = LocalMultivariateNormal(model)
+        guide._setup_prototype(dummy)
+        names = {"locs": constraints.real, "scale_diags": constraints.softplus_positive,
+                 "scale_offdiags": constraints.real}
+    elif kind == "local-diag":
+        guide = AutoNormal(model, create_plates=model.create_plates)
+        guide._setup_prototype(dummy)
+        names = {"locs": constraints.real, "scales": guide.scale_constraint}
+    else:
+        raise ValueError(f"unknown guide kind {kind!r}")
+    _check_store_free([param_fullname(getattr(guide, attribute), "z") for attribute in names])
+    for attribute, constraint in names.items():
+        deep_setattr(getattr(guide, attribute), "z", PyroParam(values[attribute], constraint, event_dim=1))
+    return guide
+
+
+# ---------------------------------------------------------------------- plain values
+
+
+def _check_plain(value, where):
+    """JSON-like values only: what weights_only loading accepts, and what a reader can trust."""
+    if value is None or isinstance(value, (str, bool, numbers.Real)) and not isinstance(value, torch.Tensor):
+        return
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_plain(item, f"{where}[{index}]")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{where} must have string keys, got {key!r}")
+            _check_plain(item, f"{where}[{key!r}]")
+        return
+    raise ValueError(f"{where} must be a number, string, bool, None, or a list or dict of those; "
+                     f"got {type(value).__name__}")
+
+
+def _plain_state(state):
+    # numpy scalars and arrays become Python numbers and tensors (weights_only loads neither numpy type).
+    import numpy as np
+
+    def convert(value):
+        if isinstance(value, np.ndarray):
+            return torch.from_numpy(value.copy())
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, dict):
+            return {key: convert(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [convert(item) for item in value]
+        return value
+
+    return convert(state)
