@@ -15,6 +15,8 @@ import time
 
 import torch
 
+import pyro
+
 from . import experiments
 from .annealing import Annealing
 
@@ -45,7 +47,7 @@ def _threads(parser):
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="pyro-esc", description="Probabilistic sparse coding learned with the entropy-based ELBO.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{bars,patches,reproduce}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{bars,patches,denoise,reproduce}")
 
     bars = commands.add_parser("bars", help="learn the bars test and draw the learned fields",
                                description="Learn the bars test (side x side images, 2 side bars) and report "
@@ -97,6 +99,24 @@ def build_parser():
     patches.add_argument("--inner-steps", type=int, default=None,
                          help="row-wise route: updates of each batch's posteriors per step (default 4)")
     patches.set_defaults(run=_patches)
+
+    denoise = commands.add_parser("denoise", help="denoise a grey-scale image; the noise level is learned",
+                                  description="Denoise an image with a learned sparse code: posterior means of "
+                                              "its overlapping patches, averaged. The noise level is learned "
+                                              "(sigma^2*), never given.")
+    denoise.add_argument("input", help="the noisy image (any format Pillow reads; colour is converted to grey)")
+    denoise.add_argument("output", help="where to write the denoised image (PNG, 8 bit)")
+    denoise.add_argument("--noise-image", default=None, metavar="PATH",
+                         help="also write the removed noise (input - output), scaled to [0, 1] around mid-grey")
+    denoise.add_argument("--dictionary", default=None, metavar="MODEL.pt",
+                         help="a saved model (pyro_esc.save) whose dictionary to use; default: learn one from "
+                              "the noisy image itself")
+    denoise.add_argument("--patch-size", type=int, default=7, help="patch side in pixels (default 7)")
+    denoise.add_argument("--latents", type=int, default=50, help="dictionary size when learning one (default 50)")
+    denoise.add_argument("--steps", type=int, default=500, help="L-BFGS step limit of each fit (default 500)")
+    denoise.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    _threads(denoise)
+    denoise.set_defaults(run=_denoise)
 
     reproduce = commands.add_parser("reproduce", help="regenerate the paper's figures and metrics",
                                     description="Run the bars and natural-patch experiments and write every "
@@ -180,6 +200,31 @@ def _patches(args):
           f"mean field spread {result.mean_field_spread_px:.2f} px; {result.steps} steps ({result.route}, "
           f"{result.optimizer}) in {result.wall_time_s:.1f} s")
     print(f"figures and metrics in {args.out}/; the model and whitening in patches_model.pt (pyro_esc.load)")
+
+
+def _denoise(args):
+    import numpy as np
+    from PIL import Image
+
+    from .data.images import read_image
+    from .denoising import denoise
+    from .saving import load
+
+    model = None
+    if args.dictionary is not None:
+        with pyro.get_param_store().scope():
+            model = load(args.dictionary).model
+    image = read_image(args.input)
+    result = denoise(image, args.patch_size, model=model, n_latents=args.latents, seed=args.seed, steps=args.steps)
+
+    def write(path, array):
+        Image.fromarray(np.round(np.clip(array, 0, 1) * 255).astype(np.uint8)).save(path)
+
+    write(args.output, result.image)
+    if args.noise_image is not None:
+        write(args.noise_image, 0.5 + (image - result.image))
+    print(f"denoised {args.input} ({image.shape[0]}x{image.shape[1]}) into {args.output}; learned noise "
+          f"standard deviation {result.noise_std:.4f} (patch means removed)")
 
 
 def _reproduce(args):

@@ -23,7 +23,7 @@ def test_help_of_every_sub_command(command, capsys):
 def test_console_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "pyro_esc.cli", "--help"], capture_output=True, text=True,
                             check=True)
-    assert "{bars,patches,reproduce}" in result.stdout
+    assert "{bars,patches,denoise,reproduce}" in result.stdout
 
 
 def test_bars_writes_fields_and_metrics(tmp_path, capsys):
