@@ -5,7 +5,7 @@ The protocol of scikit-learn's image-denoising example: a grey image in [0, 1]
 removed) of the clean left half, Gaussian noise added to the right half, which
 is reconstructed from its overlapping patches. Lines:
 
-- ``pyro_esc``: :func:`pyro_esc.denoising.learn_dictionary` on the clean half, then
+- ``pyro_esc``: :func:`pyro_esc.denoising.learn_dictionary` (100 latents) on the clean half, then
   :func:`pyro_esc.denoise` of the noisy half (posterior means; lambda and sigma^2 fitted
   to the noisy patches, so the noise level is learned, never given);
 - ``pyro_esc, blind``: the dictionary learned on the noisy half itself;
@@ -17,7 +17,7 @@ is reconstructed from its overlapping patches. Lines:
 
 PSNR and SSIM (data range 1) of the right half, one core. Run:
 
-    python benchmarks/denoising.py [--image camera] [--sigmas 0.05 0.1 0.2] [--steps 500]
+    python benchmarks/denoising.py [--image camera] [--sigmas 0.05 0.1 0.2] [--steps 300] [--latents 100]
 """
 
 import argparse
@@ -68,7 +68,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image", default="camera", help="bundled grey image (default camera)")
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.05, 0.1, 0.2])
-    parser.add_argument("--steps", type=int, default=500, help="L-BFGS step limit of each pyro_esc fit")
+    parser.add_argument("--steps", type=int, default=300, help="L-BFGS step limit of each pyro_esc fit")
+    parser.add_argument("--latents", type=int, default=100, help="pyro_esc's dictionary size (default 100)")
     parser.add_argument("--max-patches", type=int, default=10000, help="patches to learn a dictionary from")
     parser.add_argument("--downsample", type=int, default=2)
     parser.add_argument("--no-blind", action="store_true", help="skip the blind pyro_esc line")
@@ -80,7 +81,7 @@ def main(argv=None):
     width = image.shape[1]
     clean_half, right = image[:, :width // 2], image[:, width // 2:]
     start = time.perf_counter()
-    model = learn_dictionary(clean_half, 7, 50, max_patches=args.max_patches, steps=args.steps)
+    model = learn_dictionary(clean_half, 7, args.latents, max_patches=args.max_patches, steps=args.steps)
     learn_time = time.perf_counter() - start
     rows = {}
     for sigma in args.sigmas:
@@ -91,7 +92,7 @@ def main(argv=None):
         lines["pyro_esc"] = (ours.image, ours.noise_std, time.perf_counter() - start + learn_time)
         if not args.no_blind:
             start = time.perf_counter()
-            blind = denoise(noisy, 7, max_patches=args.max_patches, steps=args.steps)
+            blind = denoise(noisy, 7, n_latents=args.latents, max_patches=args.max_patches, steps=args.steps)
             lines["pyro_esc, blind"] = (blind.image, blind.noise_std, time.perf_counter() - start)
         start = time.perf_counter()
         for name, estimate in sklearn_lines(clean_half, noisy, 0).items():

@@ -112,7 +112,7 @@ def build_parser():
                          help="a saved model (pyro_esc.save) whose dictionary to use; default: learn one from "
                               "the noisy image itself")
     denoise.add_argument("--patch-size", type=int, default=7, help="patch side in pixels (default 7)")
-    denoise.add_argument("--latents", type=int, default=50, help="dictionary size when learning one (default 50)")
+    denoise.add_argument("--latents", type=int, default=100, help="dictionary size when learning one (default 100)")
     denoise.add_argument("--steps", type=int, default=500, help="L-BFGS step limit of each fit (default 500)")
     denoise.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     _threads(denoise)

@@ -60,7 +60,7 @@ def _patches(image, size, max_patches=None, seed=0):
     return torch.from_numpy(patches - means), means
 
 
-def learn_dictionary(image, patch_size=7, n_latents=50, max_patches=10000, seed=0, **fit_options):
+def learn_dictionary(image, patch_size=7, n_latents=100, max_patches=10000, seed=0, **fit_options):
     """Learn a :class:`~pyro_esc.SparseCoding` model of an image's patches (means removed).
 
     Per-point diagonal posteriors (AutoNormal) on up to ``max_patches`` random patches, trained
@@ -87,7 +87,7 @@ def learn_dictionary(image, patch_size=7, n_latents=50, max_patches=10000, seed=
     return model
 
 
-def denoise(image, patch_size=7, model=None, n_latents=50, max_patches=10000, seed=0, steps=None, **fit_options):
+def denoise(image, patch_size=7, model=None, n_latents=100, max_patches=10000, seed=0, steps=None, **fit_options):
     r"""Denoise a grey-scale image: posterior means of its overlapping patches, averaged.
 
     :param image: the noisy image (H, W), any range (e.g. [0, 1]).
@@ -95,7 +95,8 @@ def denoise(image, patch_size=7, model=None, n_latents=50, max_patches=10000, se
     :param model: a trained :class:`~pyro_esc.SparseCoding` with ``data_dim = patch_size**2``
         whose dictionary to use (e.g. from :func:`learn_dictionary` on clean data); None: learn
         one from the noisy image itself (``n_latents``, ``max_patches``, ``seed``).
-    :param int steps: step limit of the posterior fit (L-BFGS; default: fit's).
+    :param int steps: step limit of each fit (the dictionary's, when learned here, and the posteriors';
+        L-BFGS; default: fit's).
     :param fit_options: further arguments of :func:`~pyro_esc.fit` for the posterior fit.
     :returns: :class:`Denoised` ``(image, noise_std, model)``; the model returned is a copy with the
         given dictionary and lambda*, sigma^2* of the noisy patches.
@@ -107,7 +108,8 @@ def denoise(image, patch_size=7, model=None, n_latents=50, max_patches=10000, se
     image = _image(image)
     size = check_int(patch_size, "patch_size")
     if model is None:
-        model = learn_dictionary(image, size, n_latents, max_patches, seed)
+        model = learn_dictionary(image, size, n_latents, max_patches, seed,
+                                 **({} if steps is None else {"steps": steps}))
     elif not isinstance(model, SparseCoding):
         raise ValueError(f"model must be a pyro_esc.SparseCoding or None, got {type(model).__name__}")
     if model.data_dim != size * size:

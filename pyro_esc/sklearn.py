@@ -32,12 +32,21 @@ from .model import SparseCoding
 from .training import ConvergenceWarning as FitConvergenceWarning
 from .training import fit as _fit
 
-__all__ = ["SparseCodingEstimator"]
+__all__ = ["LOCAL_GUIDE_EXPECTED_FAILED_CHECKS", "SparseCodingEstimator"]
 
 #: The guide names :class:`SparseCodingEstimator` understands.
 GUIDES = ("local-full", "local-diag", "amortized", "amortized-full")
 #: Solvers: "lbfgs" (the exact full-data objective, to convergence) or "adam" (the bars recipe).
 SOLVERS = ("auto", "lbfgs", "adam")
+#: The scikit-learn estimator checks that fail for the local guides, and why (see the class docstring):
+#: pass as ``check_estimator(..., expected_failed_checks=...)`` for ``guide="local-full"`` or ``"local-diag"``.
+LOCAL_GUIDE_EXPECTED_FAILED_CHECKS = {
+    "check_methods_subset_invariance": "a local guide's transform fits the points' posteriors by L-BFGS, which "
+                                       "stops at a tolerance: a subset's codes agree only to that tolerance",
+    "check_methods_sample_order_invariance": "a local guide's transform fits the points' posteriors by L-BFGS, "
+                                             "which stops at a tolerance: a permutation's codes agree only to "
+                                             "that tolerance",
+}
 #: Steps of the Adam recipe when ``max_iter`` is None (as :func:`~pyro_esc.experiments.run_bars`).
 ADAM_DEFAULT_STEPS = 2000
 
@@ -85,7 +94,8 @@ class SparseCodingEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
     ``transform`` returns posterior means (``return_std=True`` adds the posterior standard
     deviations) of any data under the trained model: an amortised guide runs its encoder; a
     local (per-point) guide gets fresh posteriors fitted to the new points with the model held
-    fixed (:func:`~pyro_esc.encode`, L-BFGS to convergence). ``inverse_transform`` maps codes
+    fixed (:func:`~pyro_esc.encode`, L-BFGS to convergence; also for the training data, so
+    ``fit_transform(X)`` equals ``fit(X).transform(X)``). ``inverse_transform`` maps codes
     back to data space (W z), ``score`` is the held-out ELBO per sample
     (:func:`~pyro_esc.held_out_elbo` at the trained lambda, sigma^2: higher is better, so
     ``GridSearchCV`` can select ``n_components`` with it).
@@ -117,6 +127,7 @@ class SparseCodingEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
     :param tuple hidden: the hidden layer sizes of an amortised guide's encoder.
     :param int transform_max_iter: the step limit when fitting posteriors for new data with a
         local guide (None: :func:`~pyro_esc.fit`'s 5000, stopping on convergence at tol 1e-9).
+    :param float transform_tol: the convergence tolerance of that fit (relative change of the ELBO).
     :param random_state: None, an int or a ``numpy.random.RandomState``: seeds the
         initialisation (the seed of :func:`~pyro_esc.fit`); an int gives reproducible fits.
 
@@ -126,18 +137,21 @@ class SparseCodingEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
     ``converged_``; ``n_components_``; ``n_features_in_`` (and ``feature_names_in_`` for
     data frames); ``guide_state_`` (an amortised guide's encoder weights, else None).
 
-    **scikit-learn's estimator checks** (``check_estimator``) pass, with these exceptions,
-    all for local guides only (amortised guides pass every check):
+    **scikit-learn's estimator checks** (``check_estimator``) pass, with two exceptions for
+    the local guides only (amortised guides pass every check), listed in
+    :data:`LOCAL_GUIDE_EXPECTED_FAILED_CHECKS` (pass it as ``expected_failed_checks``):
 
     - ``check_methods_subset_invariance`` and ``check_methods_sample_order_invariance``: a
       local guide has no encoder, so ``transform`` fits the new points' posteriors by L-BFGS,
-      jointly for the points given; each point's optimum is its own, but the optimiser stops
-      at a tolerance, so results on subsets or permutations agree only to about 1e-6, not the
-      checks' 1e-7.
+      jointly for the points given. Each point's optimum is its own, but the optimiser stops
+      at a tolerance (``transform_tol``), so the means for a subset or a permutation of the
+      points agree with those for all of them only to about 1e-7 to 1e-3 (depending on the
+      tolerance, the step limit and the data), not to the checks' 1e-7 relative / 1e-9 absolute.
     """
 
     def __init__(self, n_components=None, *, guide="local-full", solver="auto", max_iter=None, tol=1e-6,
-                 n_init=1, learning_rate=0.2, hidden=(100,), transform_max_iter=None, random_state=None):
+                 n_init=1, learning_rate=0.2, hidden=(100,), transform_max_iter=None, transform_tol=1e-9,
+                 random_state=None):
         self.n_components = n_components
         self.guide = guide
         self.solver = solver
@@ -147,6 +161,7 @@ class SparseCodingEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         self.learning_rate = learning_rate
         self.hidden = hidden
         self.transform_max_iter = transform_max_iter
+        self.transform_tol = transform_tol
         self.random_state = random_state
 
     # ------------------------------------------------------------ tags and names
@@ -184,7 +199,7 @@ class SparseCodingEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         if (isinstance(self.n_init, bool) or not isinstance(self.n_init, numbers.Integral)
                 or self.n_init < 1):
             raise ValueError(f"n_init must be an integer >= 1, got {self.n_init!r}")
-        for name in ("tol", "learning_rate"):
+        for name in ("tol", "learning_rate", "transform_tol"):
             value = getattr(self, name)
             if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value)
                     or value <= 0):
@@ -289,22 +304,15 @@ class SparseCodingEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         return torch.tensor(X, dtype=torch.float64)
 
     def _encode(self, model, x):
-        """encode() under the fitted model, for any number of points (also one, or all equal)."""
+        """encode() under the fitted model (any number of points: one, or all equal, too)."""
         guide = self._fitted_guide(model)
         if self.guide_state_ is not None:
             return encode(model, guide, x)
-        options = {} if self.transform_max_iter is None else {"steps": int(self.transform_max_iter)}
-        # fit() rejects data whose points are all equal (e.g. a single point): its objective for
-        # the model is unbounded. Here the model is fixed and every point has a posterior of its
-        # own, so a distinct extra point changes nothing for the others; it is dropped after.
-        padded = x.size(0) < 2 or bool((x == x[:1]).all())
-        if padded:
-            x = torch.cat([x, x[:1] + 1.0])
+        options = {"tol": float(self.transform_tol)}
+        if self.transform_max_iter is not None:
+            options["steps"] = int(self.transform_max_iter)
         with _sklearn_convergence_warnings():
-            posterior = encode(model, guide, x, seed=0, **options)
-        if padded:
-            posterior = posterior.index_select(torch.arange(x.size(0) - 1))
-        return posterior
+            return encode(model, guide, x, seed=0, **options)
 
     def posterior(self, X):
         """The Gaussian posteriors q(z | x) of ``X`` under the fitted model.

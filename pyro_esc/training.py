@@ -183,7 +183,8 @@ def check_fit_options(model, guide, x, loss=None, *, optimizer="auto", steps=Non
     if not isinstance(loss, pyro.infer.ELBO):
         raise ValueError(f"loss must be a pyro.infer.ELBO (e.g. EntropyELBO()), got {loss!r}")
     data_variance = float(x.var(0, unbiased=False).mean()) if x.size(0) > 1 else 0.0
-    if not data_variance > 0:
+    if not data_variance > 0 and train_model:
+        # With the model fixed (train_model=False, e.g. encoding one new point) the ELBO is bounded.
         raise ValueError("data must vary: every data point is the same, so the model explains it exactly, "
                          "sigma^2 tends to 0 and the ELBO grows without bound")
     batches = _Batches(x.size(0), x.size(0) if batch_size is None else check_int(batch_size, "batch_size"),

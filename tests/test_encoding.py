@@ -144,3 +144,13 @@ def test_bad_input_is_a_clear_error():
         encode(model, AutoDelta(model), x)
     with pytest.raises(ValueError, match="describes 40 points"):
         held_out_elbo(model, encode(model, guide, x), x[:10])
+
+
+def test_one_point_or_identical_points_can_be_encoded():
+    # fit rejects constant data when it trains the model (the ELBO is unbounded); with the model fixed it is not.
+    model, guide, _ = trained(LocalMultivariateNormal, n=60)
+    point = bars(1, side=3, noise=0.3, seed=11)[0].double()
+    alone = encode(model, guide, point)
+    twice = encode(model, guide, torch.cat([point, point]))
+    assert alone.num_points == 1 and torch.allclose(twice.mean[0], twice.mean[1], atol=1e-6)
+    assert torch.allclose(alone.mean[0], twice.mean[0], atol=1e-4)
