@@ -109,3 +109,19 @@ def test_minibatch_bias_measures_batch_and_running_estimates(capsys):
     assert math.isfinite(row["bias"]) and row["standard_error"] > 0
     assert abs(row["running_minus_exact"]) < 1e-9  # a fresh table is exact
     assert "| 5 |" in capsys.readouterr().out
+
+
+def test_restart_screening_summarises_runs(tmp_path, capsys):
+    import json
+
+    runs = tmp_path / "runs.jsonl"
+    rows = [{"seed": 0, "restart": 0, "final": -9.0, "bars": 7, "steps": 10, "time": 1.0,
+             "traj": {"200": -9.5, "400": -9.2}},
+            {"seed": 0, "restart": 1, "final": -8.8, "bars": 10, "steps": 10, "time": 2.0,
+             "traj": {"200": -9.6, "400": -9.1}}]
+    runs.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    load("restart_screening").main(["--summary", str(runs), "--restarts", "2"])
+    out = capsys.readouterr().out
+    assert "| 1 | 0 of 1 | 1.0 |" in out and "| 2 | 1 of 1 | 3.0 |" in out
+    assert "after 200 steps names the best final run in 0 of 1" in out
+    assert "after 400 steps names the best final run in 1 of 1" in out
