@@ -21,11 +21,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-import pyro
 from pyro.infer.autoguide import AutoNormal
-from pyro.util import get_rng_state, set_rng_state
 
 from ._checks import check_int
+from ._isolation import isolated
+from .encoding import fixed_copy
 from .model import SparseCoding
 
 __all__ = ["Denoised", "denoise", "learn_dictionary"]
@@ -77,13 +77,9 @@ def learn_dictionary(image, patch_size=7, n_latents=100, max_patches=10000, seed
     size = check_int(patch_size, "patch_size")
     x, _ = _patches(image, size, check_int(max_patches, "max_patches"), seed)
     fit_options.setdefault("progress", False)
-    rng = get_rng_state()
-    try:
-        with pyro.get_param_store().scope():
-            model = SparseCoding(size * size, check_int(n_latents, "n_latents")).double()
-            fit(model, AutoNormal(model, create_plates=model.create_plates), x, seed=seed, **fit_options)
-    finally:
-        set_rng_state(rng)
+    with isolated():
+        model = SparseCoding(size * size, check_int(n_latents, "n_latents")).double()
+        fit(model, AutoNormal(model, create_plates=model.create_plates), x, seed=seed, **fit_options)
     return model
 
 
@@ -117,19 +113,14 @@ def denoise(image, patch_size=7, model=None, n_latents=100, max_patches=10000, s
     x, means = _patches(image, size)
     fit_options.setdefault("progress", False)
     fit_options.setdefault("tol", 1e-7)
-    rng = get_rng_state()
-    try:
-        with pyro.get_param_store().scope():
-            fixed = SparseCoding(model.data_dim, model.n_latents).double()
-            fixed.set_dictionary(model.dictionary.detach().double())
-            guide = AutoNormal(fixed, create_plates=fixed.create_plates)
-            # lambda and sigma^2 at their optimum for the noisy patches (Theorem 2): the noise is learned.
-            fit(fixed, guide, x, train_dictionary=False, seed=seed, steps=steps, **fit_options)
-            with torch.no_grad():
-                codes = guide.median(x)["z"]
-                reconstruction = codes @ fixed.dictionary.T
-    finally:
-        set_rng_state(rng)
+    with isolated():
+        fixed = fixed_copy(model, torch.float64, x.device)
+        guide = AutoNormal(fixed, create_plates=fixed.create_plates)
+        # lambda and sigma^2 at their optimum for the noisy patches (Theorem 2): the noise is learned.
+        fit(fixed, guide, x, train_dictionary=False, seed=seed, steps=steps, **fit_options)
+        with torch.no_grad():
+            codes = guide.median(x)["z"]
+            reconstruction = codes @ fixed.dictionary.T
     patches = (reconstruction.numpy() + means).reshape(-1, size, size)
     denoised = reconstruct_from_patches_2d(patches, image.shape)
     return Denoised(denoised, float(fixed.noise_var.detach().sqrt()), fixed)

@@ -8,7 +8,6 @@ all points) gets a new joint Gaussian over the new points the same way.
 
 import torch
 
-import pyro
 from pyro.infer.autoguide import (
     AutoDiagonalNormal,
     AutoGuide,
@@ -16,9 +15,8 @@ from pyro.infer.autoguide import (
     AutoMultivariateNormal,
     AutoNormal,
 )
-from pyro.util import get_rng_state, set_rng_state
-
 from ._checks import check_data
+from ._isolation import isolated
 from .guides import LocalMultivariateNormal
 from .model import SparseCoding
 from .objectives import AnalyticELBO
@@ -73,17 +71,13 @@ def encode(model, guide, x, seed=0, **fit_options):
     make_guide = _fresh_guide(guide)
     fit_options.setdefault("tol", 1e-9)
     fit_options.setdefault("progress", False)
-    rng = get_rng_state()
-    try:
-        with pyro.get_param_store().scope():
-            fixed = _fixed_copy(model, torch.float64, x.device)
-            new_guide = make_guide(fixed)
-            x64 = x.to(torch.float64)
-            _fit(fixed, new_guide, x64, seed, fit_options)
-            with torch.no_grad():
-                posterior = gaussian_posterior(new_guide, x64).detach()
-    finally:
-        set_rng_state(rng)
+    with isolated():
+        fixed = fixed_copy(model, torch.float64, x.device)
+        new_guide = make_guide(fixed)
+        x64 = x.to(torch.float64)
+        _fit(fixed, new_guide, x64, seed, fit_options)
+        with torch.no_grad():
+            posterior = gaussian_posterior(new_guide, x64).detach()
     return posterior.to(x.dtype)
 
 
@@ -93,8 +87,8 @@ def _fit(model, guide, x, seed, fit_options):
     return fit(model, guide, x, loss=AnalyticELBO(), optimizer="lbfgs", train_model=False, seed=seed, **fit_options)
 
 
-def _fixed_copy(model, dtype, device):
-    # A separate model with the trained values, so that nothing the fit does can touch the original.
+def fixed_copy(model, dtype, device):
+    """A separate SparseCoding with ``model``'s W, lambda, sigma^2: nothing a fit does to it touches ``model``."""
     with torch.no_grad():
         copy = SparseCoding(model.data_dim, model.n_latents).to(dtype=dtype, device=device)
         copy.set_dictionary(model.dictionary.detach().to(dtype=dtype, device=device))

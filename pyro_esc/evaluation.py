@@ -20,9 +20,7 @@ training data's lambda*, sigma^2*, so on the training data the two agree.
 
 import torch
 
-import pyro
-from pyro.util import get_rng_state, set_rng_state
-
+from ._isolation import isolated
 from .objectives import AnalyticELBO, EntropyELBO
 
 
@@ -93,15 +91,11 @@ def reference_elbo(x, dictionary, guide="local-full", seed=0, **fit_options):
     if not callable(guide) and guide not in factories:
         raise ValueError(f"guide must be one of {sorted(factories)} or a callable model -> guide, got {guide!r}")
     make_guide = factories.get(guide, guide)
-    rng = get_rng_state()
-    try:
-        with pyro.get_param_store().scope():
-            model = SparseCoding(x.size(1), dictionary.size(1)).to(dtype=x.dtype, device=x.device)
-            model.set_dictionary(dictionary)
-            fit_options.setdefault("progress", False)
-            fit_options.setdefault("tol", 1e-9)
-            history = fit(model, make_guide(model), x, optimizer="lbfgs", train_dictionary=False, seed=seed,
-                          **fit_options)
-    finally:
-        set_rng_state(rng)
+    with isolated():
+        model = SparseCoding(x.size(1), dictionary.size(1)).to(dtype=x.dtype, device=x.device)
+        model.set_dictionary(dictionary)
+        fit_options.setdefault("progress", False)
+        fit_options.setdefault("tol", 1e-9)
+        history = fit(model, make_guide(model), x, optimizer="lbfgs", train_dictionary=False, seed=seed,
+                      **fit_options)
     return history.final_elbo

@@ -21,10 +21,9 @@ from sklearn.exceptions import ConvergenceWarning as SklearnConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
-import pyro
 from pyro.infer.autoguide import AutoNormal
-from pyro.util import get_rng_state, set_rng_state
 
+from ._isolation import isolated
 from .encoding import encode
 from .evaluation import held_out_elbo
 from .guides import AmortizedNormal, LocalMultivariateNormal
@@ -49,21 +48,6 @@ LOCAL_GUIDE_EXPECTED_FAILED_CHECKS = {
 }
 #: Steps of the Adam recipe when ``max_iter`` is None (as :func:`~pyro_esc.experiments.run_bars`).
 ADAM_DEFAULT_STEPS = 2000
-
-
-@contextlib.contextmanager
-def _isolated():
-    """A param-store scope of its own and the caller's RNG restored afterwards.
-
-    Everything the estimator builds (model, guide, their Pyro params) lives only
-    inside; nothing leaks into, or is read from, the global param store.
-    """
-    rng = get_rng_state()
-    try:
-        with pyro.get_param_store().scope():
-            yield
-    finally:
-        set_rng_state(rng)
 
 
 @contextlib.contextmanager
@@ -248,7 +232,7 @@ class SparseCodingEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
             solver = "adam" if self._amortized else "lbfgs"
         seed = self._seed()
         x = torch.tensor(X, dtype=torch.float64)
-        with _isolated(), _sklearn_convergence_warnings():
+        with isolated(), _sklearn_convergence_warnings():
             model = SparseCoding(x.size(1), n_components)
             guide = self._make_guide(model)
             if solver == "lbfgs":
@@ -321,7 +305,7 @@ class SparseCodingEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
             (n_samples, n_components), ``covariance_matrices()`` and more.
         """
         x = self._check_input(X)
-        with _isolated():
+        with isolated():
             return self._encode(self._fitted_model(), x)
 
     def transform(self, X, return_std=False):
@@ -361,7 +345,7 @@ class SparseCodingEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         :rtype: float
         """
         x = self._check_input(X)
-        with _isolated():
+        with isolated():
             model = self._fitted_model()
             posterior = self._encode(model, x)
             return float(held_out_elbo(model, posterior, x))
