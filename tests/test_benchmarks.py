@@ -125,3 +125,11 @@ def test_restart_screening_summarises_runs(tmp_path, capsys):
     assert "| 1 | 0 of 1 | 1.0 |" in out and "| 2 | 1 of 1 | 3.0 |" in out
     assert "after 200 steps names the best final run in 0 of 1" in out
     assert "after 400 steps names the best final run in 1 of 1" in out
+
+
+def test_denoising_tabulates_every_method(capsys):
+    rows = load("denoising").main(["--downsample", "8", "--sigmas", "0.1", "--steps", "5", "--max-patches", "200",
+                                   "--latents", "8"])
+    names = set(rows[0.1])
+    assert {"noisy", "pyro_esc", "pyro_esc, blind", "scikit-learn OMP, 2 atoms"} <= names
+    assert "| pyro_esc |" in capsys.readouterr().out
