@@ -6,8 +6,8 @@ imports it. It follows Pyro's ``examples/svi_lightning.py``: the objective is an
 Trainer builds the optimiser, and a LightningModule turns it into training steps.
 
 **Why DDP needs more than averaging gradients.** The entropy-based objective
-(PAPER.md s.5) is not a sum over data points: it depends on the guide and the
-dictionary through three whole-data sums::
+(Theorems 1-2 of Velychko et al., AISTATS 2024) is not a sum over data points: it
+depends on the guide and the dictionary through three whole-data sums::
 
     S_H   = sum_n H[q^(n)]          S_|z| = sum_n E_q|z^(n)|  (H,)
     S_sq  = sum_n E_q||x^(n) - W z||^2
