@@ -34,7 +34,8 @@ from pyro.infer.autoguide import AutoNormal
 
 from ._pyro_internals import param_constraint, param_fullname
 
-__all__ = ["PerPointParameter", "autonormal_row_names", "batch_rows", "offers_row_access", "parameter_name", "per_point_parameters", "substituted_rows"]
+__all__ = ["PerPointParameter", "autonormal_row_names", "batch_rows", "offers_row_access", "parameter_name",
+           "per_point_parameters", "substituted_rows"]
 
 
 class PerPointParameter(NamedTuple):
@@ -76,7 +77,7 @@ def autonormal_row_names(guide):
     that overrides ``_get_loc_and_scale`` (e.g. to share scales) gets None and
     goes through the param store.
     """
-    if type(guide)._get_loc_and_scale is not AutoNormal._get_loc_and_scale or guide.prototype_trace is None:
+    if not _reads_autonormal_rows(guide) or guide.prototype_trace is None:
         return None
     if [name for name, _ in guide.prototype_trace.iter_stochastic_nodes()] != ["z"]:
         return None
@@ -86,10 +87,15 @@ def autonormal_row_names(guide):
 per_point_parameters.register(AutoNormal)(autonormal_row_names)
 
 
+def _reads_autonormal_rows(guide):
+    # AutoNormal's own reader, not a subclass's override, reads exactly locs.z and scales.z.
+    return type(guide)._get_loc_and_scale is AutoNormal._get_loc_and_scale
+
+
 def offers_row_access(guide):
     """Whether ``guide``'s reader can take its per-point parameters as batch rows (decidable before it runs)."""
     if isinstance(guide, AutoNormal):
-        return type(guide)._get_loc_and_scale is AutoNormal._get_loc_and_scale
+        return _reads_autonormal_rows(guide)
     return (callable(getattr(guide, "per_point_parameters", None))
             or _declared.dispatch(type(guide)) is not _declared.dispatch(object))
 

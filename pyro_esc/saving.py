@@ -65,7 +65,7 @@ def save(path, model, guide=None, whitening=None, per_point=False, **metadata):
         "format": MODEL_FORMAT,
         "model": _model_state(model),
         "guide": None if guide is None else _guide_state(guide, per_point),
-        "whitening": None if whitening is None else _plain_state(whitening.state_dict()),
+        "whitening": None if whitening is None else whitening.state_dict(),
         "metadata": dict(metadata),
     }
     torch.save(payload, path)
@@ -213,21 +213,3 @@ def _check_plain(value, where):
         return
     raise ValueError(f"{where} must be a number, string, bool, None, or a list or dict of those; "
                      f"got {type(value).__name__}")
-
-
-def _plain_state(state):
-    # numpy scalars and arrays become Python numbers and tensors (weights_only loads neither numpy type).
-    import numpy as np
-
-    def convert(value):
-        if isinstance(value, np.ndarray):
-            return torch.from_numpy(value.copy())
-        if isinstance(value, np.generic):
-            return value.item()
-        if isinstance(value, dict):
-            return {key: convert(item) for key, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [convert(item) for item in value]
-        return value
-
-    return convert(state)

@@ -106,7 +106,7 @@ OPTIMIZERS = ("auto", "lbfgs", "svi", "rowwise")
 #: The SVI route's default Adam learning rate.
 DEFAULT_LR = 0.05
 #: The row-wise route's defaults: Adam's learning rate (rows and dictionary) and updates of each
-#: batch's posteriors per step (chosen by benchmarks/minibatch_route.py; README, "Minibatch routes").
+#: batch's posteriors per step (chosen by benchmarks/minibatch_route.py; README, "Paper scale").
 ROWWISE_LR, ROWWISE_INNER_STEPS = 0.4, 4
 #: Steps of the torch route when neither steps nor epochs is given: an upper bound, as it stops on convergence.
 DEFAULT_MAX_STEPS = 5000
@@ -430,7 +430,7 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
         for AnalyticELBO, which would otherwise learn them) and fits only the guide, as
         :func:`~pyro_esc.encode` does for new data.
     :param int inner_steps: row-wise route: updates of the batch's posterior rows per step (default
-        :data:`ROWWISE_INNER_STEPS`; README, "Minibatch routes").
+        :data:`ROWWISE_INNER_STEPS`; README, "Paper scale").
     :raises NonFiniteObjectiveError: if the objective or a parameter becomes NaN or inf, or the
         noise variance collapses; the message says at which step and which term.
     """
