@@ -1,4 +1,4 @@
-"""Bars recovery over seeds: which guides and objectives find every bar (PAPER.md s.6, s.9).
+"""Bars recovery over seeds: which guides and objectives find every bar (docs/theory.md, Gaussian posteriors).
 
 The standard bars test (5x5 pixels, H = 10 bars, N = 1000, noise sigma = 0.3, Laplace
 amplitudes with scale 1; ``pyro_esc.data.bars(1000, seed=s)``). For every configuration and
@@ -43,12 +43,13 @@ pyro 1.9.2; 10 seeds; ``python benchmarks/bars_recovery.py``, 43 min):
 On a quiet machine LocalMultivariateNormal + EntropyELBO takes about 10-11 s per run.
 
 Reading it: per-point full covariances find every bar; diagonal ones stall at 5-6 bars and a
-lower ELBO (PAPER.md s.6). The amortised encoder (one hidden layer of 100) stalls like the
-diagonal guides, for want of capacity rather than of steps (seed 0): with the true dictionary
-held fixed, the encoder levels off 0.46 nats per point below the local guide (-27.03 vs
--26.57 after 1200 steps; 256 x 256 hidden units: -26.72, twice as slow), and trained
-jointly from the true dictionary (encoder warmed up first) it keeps all 10 bars at ELBO/N
--26.70, no better than the 5-6-bar solutions it reaches from scratch (-26.65 to -26.69).
+lower ELBO (factorised posteriors cannot explain away: docs/theory.md, Gaussian posteriors).
+The amortised encoder (one hidden layer of 100) stalls like the diagonal guides, for want of
+capacity rather than of steps (seed 0): with the true dictionary held fixed, the encoder levels
+off 0.46 nats per point below the local guide (-27.03 vs -26.57 after 1200 steps; 256 x 256
+hidden units: -26.72, twice as slow), and trained jointly from the true dictionary (encoder
+warmed up first) it keeps all 10 bars at ELBO/N -26.70, no better than the 5-6-bar solutions it
+reaches from scratch (-26.65 to -26.69).
 N = 100 points are too few for any guide: the learned ELBO per point exceeds the true
 dictionary's on the same points by about 1.5 (seeds 0-2: overfitting); there the joint
 AutoMultivariateNormal and the per-point guide reach about the same ELBO (the exact

@@ -131,9 +131,9 @@ def values_and_gradient_noise(setup, x, repeats):
         EntropyELBO().update(setup.model, setup.guide, x)
         trained = [value for name, value in sorted(setup.store.named_parameters())
                    if name not in ("prior_scale", "noise_var")]
-        # Every estimator is unbiased for the same gradient (PAPER.md s.5): the closed form's is
-        # the reference norm. (The norm of the sampled estimators' mean would itself carry
-        # their noise, Var / repeats.)
+        # Every estimator is unbiased for the same gradient (docs/theory.md, The entropy-based
+        # objective: the envelope argument): the closed form's is the reference norm. (The norm
+        # of the sampled estimators' mean would itself carry their noise, Var / repeats.)
         exact = torch.cat([g.reshape(-1) for g in torch.autograd.grad(
             AnalyticELBO().differentiable_loss(setup.model, setup.guide, x), trained)])
         for name, make in ESTIMATORS.items():

@@ -1,4 +1,6 @@
-"""Entropy annealing: weights on the three entropy terms of L_H (PAPER.md s.7).
+"""Entropy annealing: weights on the three entropy terms of L_H (docs/theory.md, Annealing).
+
+::
 
     L_beta = beta_q 1/N sum_n H[q^(n)] - beta_p H[p(z)] - beta_x H[p(x|z)]
 
@@ -13,7 +15,7 @@ Each weight follows a schedule over training progress t in [0, 1] that reaches
 - beta_x weights the reconstruction entropy (the noise level).
 
 The default, :meth:`Annealing.default`, anneals only beta_q linearly from 2 to
-1 over the annealing period: the temperature reading of PAPER.md s.7, with
+1 over the annealing period: the temperature reading of docs/theory.md (Annealing), with
 the other two terms untouched. Why only beta_q: with beta_p > beta_q (beta_p > 1 or beta_q < 1)
 a latent switched off (q's scale s_h -> 0, hence lambda_h* ~ s_h -> 0) adds
 (beta_q - beta_p) log s_h + const to the weighted objective, which grows without

@@ -1,5 +1,7 @@
 """The ``pyro-esc`` command line: learn bars, learn natural image patches, reproduce the figures.
 
+::
+
     pyro-esc bars       [--guide local-full] [--objective entropy] [--steps 3000] ...
     pyro-esc patches    [--size 12] [--latents 100] [--guide amortized-diag] ...
     pyro-esc reproduce  [--quick] [--out figures]

@@ -3,7 +3,7 @@
 A deterministic objective can tell when training is done. :class:`Convergence`
 watches the exact ELBO per data point f_t after each step (and, where known,
 the norm of the gradient of the per-point loss) and declares convergence when,
-over the last ``window`` steps,
+over the last ``window`` steps::
 
     |f_t - f_{t - window}| <= tol * max(1, |f_t|)      and      ||grad||_2 <= gtol
 

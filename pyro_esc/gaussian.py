@@ -1,5 +1,5 @@
 """Closed-form Gaussian quantities: the one place where entropies, E|z| and
-expected reconstruction errors are computed (PAPER.md s.6).
+expected reconstruction errors are computed (docs/theory.md, Gaussian posteriors).
 
 Everything else in the package calls these functions; nothing recomputes an
 entropy or a folded-normal mean on its own.
@@ -29,6 +29,8 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 def entropy_from_scale(scale):
     """Entropy of diagonal Gaussians, summed over the last dimension.
 
+    ::
+
         H[q] = H/2 log(2 pi e) + sum_h log tau_h
 
     :param torch.Tensor scale: standard deviations tau, shape (..., H).
@@ -39,6 +41,8 @@ def entropy_from_scale(scale):
 
 def entropy_from_scale_tril(scale_tril):
     """Entropy of Gaussians given a Cholesky factor of the covariance.
+
+    ::
 
         H[q] = 1/2 log det(2 pi e T) = H/2 log(2 pi e) + sum_h log |L_hh|
 
@@ -54,6 +58,8 @@ def entropy_from_scale_tril(scale_tril):
 
 def low_rank_log_det(cov_factor, cov_diag):
     """log det(F F^T + diag(d)) by the matrix determinant lemma.
+
+    ::
 
         log det(F F^T + D) = sum log d + log det(I_R + F^T D^-1 F)
 
@@ -101,6 +107,8 @@ def isotropic_normal_entropy(variance, dim):
 def normal_log_normalizer(variance, dim):
     """Log of the normalising constant of an isotropic Gaussian Normal(mu, sigma^2 I_D).
 
+    ::
+
         log Normal(x; mu, sigma^2 I_D) = normal_log_normalizer(sigma^2, D) - ||x - mu||^2 / (2 sigma^2)
         normal_log_normalizer(sigma^2, D) = -D/2 log(2 pi sigma^2)
 
@@ -115,7 +123,7 @@ class _FoldedNormalMean(torch.autograd.Function):
     """E|z| for z ~ Normal(nu, tau^2) with exact, everywhere-finite gradients.
 
     Autograd through the textbook formula produces 0 * inf = NaN once
-    nu / tau^2 overflows (tiny tau); the analytic derivatives do not:
+    nu / tau^2 overflows (tiny tau); the analytic derivatives do not::
 
         d E|z| / d nu  = erf(nu / (sqrt(2) tau))
         d E|z| / d tau = sqrt(2/pi) exp(-nu^2 / (2 tau^2))
@@ -143,12 +151,14 @@ class _FoldedNormalMean(torch.autograd.Function):
 
 
 def folded_normal_mean(loc, scale):
-    """Mean of |z| for z ~ Normal(loc, scale^2) (the folded-normal mean).
+    """Mean of ``|z|`` for z ~ Normal(loc, scale^2) (the folded-normal mean).
+
+    ::
 
         E|z| = tau sqrt(2/pi) exp(-nu^2 / (2 tau^2)) + nu erf(nu / (sqrt(2) tau))
 
-    It tends to |nu| as tau -> 0 and equals tau sqrt(2/pi) at nu = 0. The value is
-    exact for scale = 0 and for |nu|/tau up to overflow; gradients are finite
+    It tends to ``|nu|`` as tau -> 0 and equals tau sqrt(2/pi) at nu = 0. The value is
+    exact for scale = 0 and for ``|nu| / tau`` up to overflow; gradients are finite
     everywhere, including nu = 0 and tiny tau.
 
     :param torch.Tensor loc: nu (broadcastable with ``scale``).
@@ -162,6 +172,8 @@ def folded_normal_mean(loc, scale):
 
 def laplace_cross_entropy_from_abs_mean(abs_mean, prior_scale):
     """Cross-entropy of any q against independent Laplace(0, lambda_h) latents, given E_q|z_h|.
+
+    ::
 
         E_q[-log prod_h Laplace(z_h; 0, lambda_h)] = sum_h [ log(2 lambda_h) + E_q|z_h| / lambda_h ]
 
@@ -178,6 +190,8 @@ def laplace_cross_entropy_from_abs_mean(abs_mean, prior_scale):
 
 def laplace_cross_entropy(loc, scale, prior_scale, prior_loc=None):
     """Cross-entropy of Gaussian marginals against independent Laplace latents.
+
+    ::
 
         E_q[-log prod_h Laplace(z_h; m_h, lambda_h)] = sum_h [ log(2 lambda_h) + E|z_h - m_h| / lambda_h ],
         z_h ~ Normal(nu_h, tau_h^2)
@@ -214,6 +228,8 @@ def expected_squared_errors(x, dictionary, mean, trace_terms):
 
 def expected_squared_error(x, dictionary, mean, trace_term):
     """Sum over data points of E_q||x - W z||^2.
+
+    ::
 
         sum_n E||x_n - W z||^2 = sum_n ||x_n - W nu_n||^2 + sum_n tr(W T_n W^T)
 

@@ -10,7 +10,7 @@ p = prod_h Laplace(m_h, b_h)::
     KL(q || p) = -H[q] - E_q[log p(z)]
                = -H[q] + sum_h [ log(2 b_h) + E_q|z_h - m_h| / b_h ]
 
-with the folded-normal mean E|z_h - m_h| of PAPER.md s.6
+with the folded-normal mean E|z_h - m_h| (docs/theory.md, Gaussian posteriors)
 (:func:`~pyro_esc.gaussian.laplace_cross_entropy`); only the marginal
 variances T_hh enter the second term, so the same formula serves diagonal,
 full and low-rank covariances.
@@ -54,6 +54,8 @@ from .gaussian import entropy_from_low_rank, entropy_from_scale, entropy_from_sc
 def kl_normal_laplace(q, p):
     """KL(q || p) for q = Normal(nu, tau^2) and p = Laplace(m, b), elementwise (batch shape broadcast).
 
+    ::
+
         KL = -H[q] + log(2 b) + E_q|z - m| / b
            = log(b / tau) - 1/2 log(2 pi e) + log 2 + E_q|z - m| / b
 
@@ -93,6 +95,8 @@ def _kl_gaussian_independent_laplace(q, p, entropy):
 def kl_mvn_independent_laplace(q, p):
     """KL(q || p) for q = MultivariateNormal(nu, T) and p = Independent(Laplace(m, b), 1), per batch element.
 
+    ::
+
         KL = -1/2 log det(2 pi e T) + sum_h [ log(2 b_h) + E|z_h - m_h| / b_h ],  z_h ~ Normal(nu_h, T_hh)
 
     :raises NotImplementedError: if p is not Independent(Laplace, 1) over q's event shape.
@@ -103,6 +107,8 @@ def kl_mvn_independent_laplace(q, p):
 
 def kl_low_rank_independent_laplace(q, p):
     """KL(q || p) for q = LowRankMultivariateNormal(nu, F, d) and p = Independent(Laplace(m, b), 1).
+
+    ::
 
         KL = -1/2 log det(2 pi e (F F^T + diag d)) + sum_h [ log(2 b_h) + E|z_h - m_h| / b_h ]
 

@@ -53,6 +53,8 @@ def log_likelihood(model, guide, x, num_samples=1000, subsample=None, batch_size
                    seed=None, progress=True):
     """Estimate log p(x^(n)) per data point by importance sampling with the guide as proposal.
 
+    ::
+
         log p(x_n) ~= logsumexp_k [log p(x_n, z_k) - log q(z_k | x_n)] - log K,   z_k ~ q(z | x_n)
 
     The proposal is the guide's per-point Gaussian read through

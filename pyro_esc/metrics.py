@@ -10,9 +10,9 @@ from scipy.optimize import linear_sum_assignment
 class Recovery(NamedTuple):
     """How well a learned dictionary recovers a true one."""
 
-    cosines: torch.Tensor  #: |cos| between each true column and its matched learned column, shape (H_true,)
+    cosines: torch.Tensor  #: ``|cos|`` between each true column and its matched learned column, shape (H_true,)
     matching: torch.Tensor  #: index of the learned column matched to each true column, shape (H_true,)
-    num_found: int  #: true columns whose matched |cos| exceeds the threshold
+    num_found: int  #: true columns whose matched ``|cos|`` exceeds the threshold
     all_found: bool  #: every true column found
 
 
@@ -39,7 +39,7 @@ def bars_recovery(learned, true, threshold=0.95):
 
     :param learned: learned dictionary, shape (D, H) with H >= H_true.
     :param true: true dictionary, shape (D, H_true).
-    :param float threshold: a true column counts as found when its matched |cos| exceeds this.
+    :param float threshold: a true column counts as found when its matched ``|cos|`` exceeds this.
     :rtype: Recovery
     """
     if not 0 < threshold <= 1:

@@ -1,4 +1,4 @@
-"""The Laplace-prior / Gaussian-noise sparse coding model as a Pyro model (PAPER.md s.1)."""
+"""The Laplace-prior / Gaussian-noise sparse coding model as a Pyro model (docs/theory.md, The model)."""
 
 import warnings
 

@@ -4,10 +4,10 @@ Both objectives follow Pyro's convention: the loss is minus the sum over data
 points of the per-point ELBO, i.e. -N F, so values are directly comparable
 with :class:`pyro.infer.Trace_ELBO` on the same model and guide.
 
-- :class:`EntropyELBO` is the entropy-based objective L_H of PAPER.md s.5, in
+- :class:`EntropyELBO` is the entropy-based objective L_H (docs/theory.md, The entropy-based objective), in
   which lambda and sigma^2 are eliminated at their optimum (Theorem 2).
 - :class:`AnalyticELBO` is the standard ELBO F in closed form at the model's
-  current lambda and sigma^2 (PAPER.md s.2 and s.6).
+  current lambda and sigma^2 (docs/theory.md, The ELBO and Gaussian posteriors).
 
 Neither draws a sample; both read the guide through the protocol of
 :mod:`pyro_esc.posterior`.
@@ -60,7 +60,7 @@ class EntropyTerms(NamedTuple):
         return self.posterior_entropy - self.prior_entropy - self.likelihood_entropy
 
     def weighted_elbo(self, beta_q=1.0, beta_p=1.0, beta_x=1.0):
-        """beta_q H[q] - beta_p H[p(z)] - beta_x H[p(x|z)] (PAPER.md s.7; all ones give ``elbo``)."""
+        """beta_q H[q] - beta_p H[p(z)] - beta_x H[p(x|z)] (docs/theory.md, Annealing; all ones give ``elbo``)."""
         return beta_q * self.posterior_entropy - beta_p * self.prior_entropy - beta_x * self.likelihood_entropy
 
     def check_finite(self, value=None):
@@ -104,9 +104,9 @@ class EntropyELBO(ELBO):
 
         L_H = 1/N sum_n H[q^(n)] - sum_h log(2 e lambda_h*) - D/2 log(2 pi e sigma^2*)
 
-    For Gaussian guides every term is analytic (PAPER.md s.6), so the objective
-    and its gradients are deterministic. By the envelope argument (PAPER.md
-    s.5) the gradients with respect to the guide and the dictionary equal those
+    For Gaussian guides every term is analytic (docs/theory.md, Gaussian posteriors), so
+    the objective and its gradients are deterministic. By the envelope argument
+    (docs/theory.md, The entropy-based objective) the gradients with respect to the guide and the dictionary equal those
     of the standard ELBO at lambda*, sigma^2*, so maximising L_H maximises the
     ELBO with the scales always at their optimum.
 
@@ -149,7 +149,7 @@ class EntropyELBO(ELBO):
     more so the smaller the batch (README, "Minibatch statistics", has the
     measurement).
 
-    **Annealing** (PAPER.md s.7): with ``annealing``, an
+    **Annealing** (docs/theory.md, Annealing): with ``annealing``, an
     :class:`~pyro_esc.annealing.Annealing`, the optimised objective is
     beta_q H[q] - beta_p H[p(z)] - beta_x H[p(x|z)] with the weights after the
     training step set by :meth:`set_annealing_step` (whoever owns the step
@@ -379,7 +379,7 @@ class EntropyELBO(ELBO):
 class AnalyticELBO(ELBO):
     r"""The standard ELBO in closed form, at the model's current lambda and sigma^2.
 
-    For Gaussian q^(n) (PAPER.md s.2, s.6), summing over data points::
+    For Gaussian q^(n) (docs/theory.md, The ELBO and Gaussian posteriors), summing over data points::
 
         F_n = E_q[log p(x^(n)|z)] + E_q[log p(z)] + H[q^(n)]
             = - D/2 log(2 pi sigma^2) - E||x^(n) - W z||^2 / (2 sigma^2)

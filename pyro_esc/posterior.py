@@ -204,6 +204,8 @@ class GaussianPosterior(abc.ABC):
     def per_point_distribution(self):
         """The B per-point Gaussians q^(n) as one distribution: batch shape (B,), event shape (H,).
 
+        ::
+
             q^(n)(z) = Normal(z; nu^(n), T^(n)),   independent over n
 
         Diagonal posteriors give ``Normal(nu, tau).to_event(1)``, full ones

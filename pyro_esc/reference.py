@@ -49,6 +49,8 @@ def nuts_posterior(model, x, points, num_samples=500, warmup_steps=500, num_chai
                    target_accept_prob=0.8, max_tree_depth=10, full_mass=True, progress=True):
     """Sample p(z | x^(n)) for the chosen points with NUTS, model parameters fixed; return InferenceData.
 
+    ::
+
         U(z) = -sum_{n in points} [ sum_h log Laplace(z_nh; 0, lambda_h) + log Normal(x_n; W z_n, sigma^2 I) ]
              = sum_{n in points} [ sum_h |z_nh| / lambda_h + ||x_n - W z_n||^2 / (2 sigma^2) ] + const
 

@@ -66,7 +66,7 @@ def _sklearn_convergence_warnings():
 class SparseCodingEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     r"""Probabilistic sparse coding as a scikit-learn transformer, learned with the entropy-based ELBO.
 
-    The model (:class:`~pyro_esc.SparseCoding`) is
+    The model (:class:`~pyro_esc.SparseCoding`) is::
 
         p(z) = prod_h Laplace(z_h; 0, lambda_h),   p(x | z) = Normal(x; W z, sigma^2 I),
 

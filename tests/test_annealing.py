@@ -1,4 +1,4 @@
-"""Entropy annealing: schedules, and EntropyELBO's weighted objective (PAPER.md s.7)."""
+"""Entropy annealing: schedules, and EntropyELBO's weighted objective (docs/theory.md, Annealing)."""
 
 import math
 

@@ -133,3 +133,25 @@ def test_denoising_tabulates_every_method(capsys):
     names = set(rows[0.1])
     assert {"noisy", "pyro_esc", "pyro_esc, blind", "scikit-learn OMP, 2 atoms"} <= names
     assert "| pyro_esc |" in capsys.readouterr().out
+
+
+def test_entropy_vs_analytic_trains_both_objectives_from_the_same_start(capsys):
+    rows = load("entropy_vs_analytic").main(["--seeds", "0", "1", "--noise", "0.3", "--n", "60", "--steps", "5",
+                                              "--side", "3"])
+    assert [(r["optimizer"], r["objective"]) for r in rows] == [("lbfgs", "entropy"), ("lbfgs", "analytic"),
+                                                               ("svi", "entropy"), ("svi", "analytic")]
+    assert all(r["steps"] <= 5 and math.isfinite(r["elbo"]) for r in rows)
+    out = capsys.readouterr().out
+    assert "| 0.3 | lbfgs | analytic | " in out and "| 0.3 | svi | entropy | " in out
+
+
+def test_field_frequencies_measures_gratings_and_the_committed_figure():
+    import numpy as np
+
+    module = load("field_frequencies")
+    checkerboard = np.indices((12, 12)).sum(0) % 2 * 2.0 - 1
+    assert abs(module.mean_frequency(checkerboard) - math.sqrt(0.5)) < 1e-12  # (1/2, 1/2) cycles per pixel
+    stripes = np.cos(2 * np.pi * np.arange(12) / 4)[:, None] * np.ones((1, 12))
+    assert abs(module.mean_frequency(stripes) - 0.25) < 1e-12
+    by_row = module.main([])  # the committed figure: 12 rows of 12 fields
+    assert len(by_row) == 12 and by_row[-1] > by_row[0]

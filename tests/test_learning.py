@@ -1,7 +1,8 @@
-"""Learning the standard bars with full-covariance posteriors (PAPER.md s.6, s.9; issue 3).
+"""Learning the standard bars with full-covariance posteriors (docs/theory.md, Gaussian posteriors; issue 3).
 
 The recipe is the one of benchmarks/bars_recovery.py, which measures it over 10 seeds
-(with the diagonal and amortised guides and Trace_ELBO beside it); here one fixed seed.
+(with the diagonal and amortised guides and Trace_ELBO beside it; this guide found every bar
+on 10 of 10 seeds, diagonal posteriors on none); here one fixed seed.
 """
 
 import time

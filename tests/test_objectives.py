@@ -1,4 +1,4 @@
-"""EntropyELBO and AnalyticELBO against Trace_ELBO, autograd and each other (PAPER.md s.3-s.6)."""
+"""EntropyELBO and AnalyticELBO against Trace_ELBO, autograd and each other (docs/theory.md, Theorem 1 to Gaussian posteriors)."""
 
 import pytest
 import torch

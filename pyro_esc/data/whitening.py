@@ -12,7 +12,7 @@ class Whitening:
     """Decorrelate data and scale every kept direction to unit variance: PCA or ZCA whitening.
 
     With the data mean m and covariance C = 1/N sum_n (x_n - m)(x_n - m)^T = U diag(l) U^T
-    (eigenvalues l decreasing; U_k the first k eigenvectors as columns):
+    (eigenvalues l decreasing; U_k the first k eigenvectors as columns)::
 
         PCA:  y = diag(l_k + e)^(-1/2) U_k^T (x - m)       k numbers per data point
         ZCA:  y = U_k diag(l_k + e)^(-1/2) U_k^T (x - m)   D numbers per data point

@@ -1,0 +1,97 @@
+"""Sphinx configuration for the pyro_esc documentation.
+
+Build (no network needed): ``sphinx-build -b html docs docs/_build/html`` (see docs/README.md).
+"""
+
+import importlib
+import os
+import re
+import sys
+
+# Document the working tree's package, also when it is not installed.
+sys.path.insert(0, os.path.abspath(".."))
+
+project = "pyro_esc"
+author = "pyro_esc contributors"
+copyright = "pyro_esc contributors"
+
+from pyro_esc import __version__ as release  # noqa: E402
+
+version = release
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.mathjax",
+    "sphinx.ext.viewcode",
+    "myst_parser",
+]
+
+source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
+root_doc = "index"
+exclude_patterns = ["_build", "README.md", "Thumbs.db", ".DS_Store"]
+
+# MyST: $...$ and $$...$$ math (as GitHub renders it), ```math blocks, and anchors for
+# the headings of docs/theory.md and docs/lightning.md, so that "theory.md#theorem-2" links work.
+myst_enable_extensions = ["dollarmath", "amsmath"]
+myst_heading_anchors = 3
+myst_fence_as_directive = ["math"]
+
+# Lightning is an optional extra: mock it, so the API pages build with or without it
+# (and without the seconds that importing it takes).
+autodoc_mock_imports = ["lightning"]
+autodoc_default_options = {"members": True, "show-inheritance": True}
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
+autoclass_content = "both"
+
+html_theme = "alabaster"
+html_title = "pyro_esc"
+html_static_path = []
+
+
+def _resolve_reexport(app, env, node, contnode):
+    """Resolve a reference to a re-exported name (``pyro_esc.fit``) to where it is documented
+    (``pyro_esc.training.fit``), so that the docstrings' short cross-references link."""
+    if node.get("refdomain") != "py":
+        return None
+    target = node.get("reftarget", "")
+    if not target.startswith("pyro_esc."):
+        return None
+    parts = target.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        try:
+            for attribute in parts[split:]:
+                obj = getattr(obj, attribute)
+        except AttributeError:
+            return None
+        break
+    else:
+        return None
+    module = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", None)
+    if module is None or qualname is None or not module.startswith("pyro_esc"):
+        return None
+    canonical = f"{module}.{qualname}"
+    if canonical == target:
+        return None
+    domain = env.get_domain("py")
+    node = node.deepcopy()
+    node["reftarget"] = canonical
+    return domain.resolve_xref(env, node.get("refdoc"), app.builder, node.get("reftype"), canonical, node, contnode)
+
+
+def _skip_generated(app, what, name, obj, skip, options):
+    """Skip the ``set_*_request`` methods that scikit-learn's metadata routing generates on
+    estimator classes: their docstrings are scikit-learn's and link into its own glossary."""
+    if re.fullmatch(r"set_\w+_request", name):
+        return True
+    return None
+
+
+def setup(app):
+    app.connect("missing-reference", _resolve_reexport)
+    app.connect("autodoc-skip-member", _skip_generated)
