@@ -20,8 +20,8 @@ the run (``lrd``), 2000 steps. The encoder of AmortizedNormal takes a smaller ra
     python benchmarks/bars_recovery.py                        # every configuration, 10 seeds
     python benchmarks/bars_recovery.py --configs local autonormal --seeds 3
 
-Targets (issue 3): full covariance (local or amortised) finds all bars in >= 9 of 10 seeds,
-in under a minute per run on this machine. The whole run takes 30-45 minutes on 2 CPU
+What it was written to check: that full covariances (per point or amortised) find all bars in
+>= 9 of 10 seeds, in under a minute per run. The whole run takes 30-45 minutes on 2 CPU
 cores, a third to a half of it AutoMultivariateNormal (90-180 s per run even on N = 100).
 
 Measured (2 CPU cores shared with other jobs, so times are inflated; 1 thread, torch 2.13 CPU,

@@ -1,4 +1,4 @@
-"""Learning the standard bars with full-covariance posteriors (docs/theory.md, Gaussian posteriors; issue 3).
+"""Learning the standard bars with full-covariance posteriors (docs/theory.md, Gaussian posteriors).
 
 The recipe is the one of benchmarks/bars_recovery.py, which measures it over 10 seeds
 (with the diagonal and amortised guides and Trace_ELBO beside it; this guide found every bar
