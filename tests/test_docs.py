@@ -50,11 +50,13 @@ def test_no_pointer_to_a_file_outside_the_repository():
     # The method's notes once lived in a file beside the repository; docs/theory.md replaces it.
     outside = "PAPER" + ".md"
     hits = []
-    for folder in ("pyro_esc", "tests", "benchmarks", "docs"):
-        for path in (ROOT / folder).rglob("*"):
-            if path.suffix in (".py", ".md", ".rst") and "_build" not in path.parts:
-                if outside in path.read_text(encoding="utf-8"):
-                    hits.append(str(path.relative_to(ROOT)))
+    paths = [ROOT / "README.md", ROOT / "BENCHMARKS.md"]
+    for folder in ("pyro_esc", "tests", "benchmarks", "docs", "notebooks"):
+        paths += [path for path in (ROOT / folder).rglob("*") if "_build" not in path.parts
+                  and path.suffix in (".py", ".md", ".rst", ".ipynb")]
+    for path in paths:
+        if outside in path.read_text(encoding="utf-8"):
+            hits.append(str(path.relative_to(ROOT)))
     assert not hits, f"point to docs/theory.md instead of {outside} in {hits}"
 
 

@@ -1,4 +1,4 @@
-"""Every notebook in notebooks/ runs top to bottom without a cell error (issue 5, item 3).
+"""Every notebook in notebooks/ runs top to bottom without a cell error.
 
 The notebooks run in fast mode (``PYRO_ESC_FAST=1`` shrinks every size) on a copy in a
 temporary folder, so the committed, executed notebooks are never overwritten. The kernel is
@@ -20,7 +20,7 @@ pytest.importorskip("ipykernel")
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 EXPECTED = ("01_bars.ipynb", "02_natural_image_patches.ipynb", "03_compare_estimators.ipynb",
-            "04_custom_guide.ipynb", "05_denoising.ipynb")
+            "04_custom_guide.ipynb", "05_denoising.ipynb", "06_your_own_images.ipynb")
 #: Seconds one notebook may take in fast mode, all cells together (they take well under a minute).
 NOTEBOOK_TIMEOUT = 300
 KERNEL_NAME = "python3"
