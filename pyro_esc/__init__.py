@@ -12,6 +12,7 @@ from .likelihood import LogLikelihood, log_likelihood
 from .model import SparseCoding
 from .objectives import AnalyticELBO, EntropyELBO, NonFiniteObjectiveError
 from .posterior import GaussianPosterior, gaussian_posterior
+from .refinement import SemiAmortized
 from .saving import load, save
 from .history import History
 from .training import fit
@@ -27,6 +28,7 @@ __all__ = [
     "LocalMultivariateNormal",
     "LogLikelihood",
     "NonFiniteObjectiveError",
+    "SemiAmortized",
     "SparseCoding",
     "encode",
     "fit",

@@ -3,8 +3,9 @@
 - :class:`LocalMultivariateNormal`: one full-covariance Gaussian per data point,
   q(z^(n)) = Normal(nu^(n), L^(n) L^(n)^T), created lazily from the model like
   Pyro's ``AutoNormal`` and subsampled through the model's ``"data"`` plate.
-- :class:`AmortizedNormal`: an MLP encoder x -> (nu, L) (or diagonal scales),
-  which also encodes data it has never seen.
+- :class:`AmortizedNormal`: an MLP encoder x -> (nu, covariance) with a diagonal,
+  low-rank-plus-diagonal or full covariance head, configurable depth, width,
+  residual blocks and activation, which also encodes data it has never seen.
 
 Both are ordinary Pyro guides (``Trace_ELBO``, ``TraceMeanField_ELBO`` and
 ``Predictive`` run them) and both implement the guide protocol
@@ -17,6 +18,7 @@ section "Adding a Gaussian guide".
 
 import functools
 import math
+import numbers
 from contextlib import ExitStack
 from operator import attrgetter
 
@@ -37,7 +39,7 @@ from ._pyro_internals import param_fullname
 from .posterior import GaussianPosterior
 from .rows import substituted_rows
 
-__all__ = ["AmortizedNormal", "LocalMultivariateNormal", "scale_tril_from_packed"]
+__all__ = ["ACTIVATIONS", "AmortizedNormal", "LocalMultivariateNormal", "scale_tril_from_packed"]
 
 
 def _inverse_softplus(value):
@@ -238,52 +240,145 @@ class LocalMultivariateNormal(AutoGuide):
         return attrgetter(name)(self.locs)
 
 
+#: Activations of :class:`AmortizedNormal` by name (an ``nn.Module`` class, built without arguments).
+ACTIVATIONS = {
+    "elu": nn.ELU,
+    "relu": nn.ReLU,
+    "relu6": nn.ReLU6,
+    "leaky_relu": nn.LeakyReLU,
+    "tanh": nn.Tanh,
+    "softplus": nn.Softplus,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+}
+#: Covariance heads of :class:`AmortizedNormal`.
+COVARIANCES = ("diag", "lowrank", "full")
+#: The low-rank head's default rank (capped at H), as in the authors' encoders.
+DEFAULT_RANK = 5
+#: The low-rank head's default floor on the diagonal scales s (the authors add 1e-3 too): without
+#: one, a line search can drive s to 0 and the determinant lemma's R x R capacitance overflows.
+DEFAULT_LOWRANK_MIN_SCALE = 1e-3
+
+
+def _check_activation(activation):
+    # Returns (name or None, module class).
+    if isinstance(activation, str):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)} or an nn.Module class, "
+                             f"got {activation!r}")
+        return activation, ACTIVATIONS[activation]
+    if isinstance(activation, type) and issubclass(activation, nn.Module):
+        names = [name for name, cls in ACTIVATIONS.items() if cls is activation]
+        return (names[0] if names else None), activation
+    raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)} or an nn.Module class, got {activation!r}")
+
+
+class _ResidualBlock(PyroModule):
+    """h -> h + B act(A h + a) + b: one residual block of the encoder's trunk."""
+
+    def __init__(self, width, inner, activation):
+        super().__init__()
+        # PyroModule layers, so that their parameters enter Pyro's param store (and SVI trains them).
+        self.inner = PyroModule[nn.Linear](width, inner)
+        self.outer = PyroModule[nn.Linear](inner, width)
+        self.activation = activation()
+
+    def forward(self, features):
+        return features + self.outer(self.activation(self.inner(features)))
+
+    def reset_parameters(self):
+        self.inner.reset_parameters()
+        self.outer.reset_parameters()
+
+
 class AmortizedNormal(PyroModule):
     r"""An amortised Gaussian guide: an MLP encoder x -> q(z | x).
 
     For a data point x (shape (D,))::
 
-        h   = MLP(x)                  (Linear + ELU layers of sizes ``hidden``; ELU is smooth
-                                       and has no dead units, so every unit learns from the start)
-        nu  = A h + a                 (mean, shape (H,))
-        diag:  q(z | x) = Normal(nu, diag(softplus(B h + b))^2)
-        full:  q(z | x) = Normal(nu, L L^T),  L_hh = softplus(.), L_ij (i > j) from
-               C h + c packed row by row (H (H - 1) / 2 outputs)
+        h   = trunk(x)                (Linear + activation layers of sizes ``hidden``, then
+                                       ``blocks`` residual blocks h <- h + B act(A h + a) + b
+                                       of inner width ``block_width``)
+        nu  = M h + m                 (mean, shape (H,))
+        diag:     q(z | x) = Normal(nu, diag(s)^2),             s = softplus(S h + c) + min_scale
+        lowrank:  q(z | x) = Normal(nu, F F^T + diag(s)^2),     F = (R h + r) as (H, rank)
+        full:     q(z | x) = Normal(nu, L L^T),  L_hh = s_h, L_ij (i > j) from
+                  C h + c' packed row by row (H (H - 1) / 2 outputs)
+
+    The default activation is ELU: smooth and without dead units, so every unit
+    learns from the start. The authors' encoders (Velychko et al. 2024) are, in
+    these terms, ``hidden=(10 D, 10 D), activation="relu6", covariance="lowrank",
+    rank=5`` (they use separate networks per head; here the heads share the trunk)
+    and ``hidden=(2 D,), blocks=2, block_width=3 D`` (residual).
 
     Initialisation, so that training starts from the same useful posteriors
     as the local guides (nu = 0, L = ``init_scale`` * I) for every input: the
     output layers start with weights ``out_init`` times their default and
-    biases 0, except the diagonal's bias, softplus^-1(init_scale). The hidden
-    layers keep PyTorch's default initialisation.
+    biases 0, except the scales' bias, softplus^-1(init_scale); the low-rank
+    factor F then starts small (entries of order ``out_init``), but not exactly
+    0, which would be a stationary point of the ELBO in F. Residual blocks start
+    with their second layer scaled by ``out_init`` too, so at the start a block is
+    nearly the identity. The other hidden layers keep PyTorch's default initialisation.
 
     It has the model's call signature, ``guide(x, subsample=None,
     subsample_size=None)``, with x all N points, and encodes only x[subsample]
     inside a plate ``"data"`` (dim -1), so minibatches work as for the model.
     :meth:`encode` encodes any x (e.g. held-out data); :meth:`gaussian_posterior`
-    is the protocol of :mod:`pyro_esc.posterior` (no sampling).
+    is the protocol of :mod:`pyro_esc.posterior` (no sampling), for the low-rank
+    head a :class:`~pyro_esc.posterior.LowRankGaussianPosterior` (entropy by the
+    matrix determinant lemma, an R x R Cholesky factor per point).
 
     Parameters follow the data's dtype and device: on the first call the
     module is moved to x's (its parameters keep their identity).
 
     :param int data_dim: D.
     :param int n_latents: H.
-    :param tuple hidden: sizes of the hidden layers; default (100,). Empty: a linear encoder.
-    :param str covariance: ``"diag"`` (default) or ``"full"``.
+    :param tuple hidden: sizes of the hidden layers; default (100,). Empty: a linear encoder
+        (or, with ``blocks``, residual blocks of width D).
+    :param str covariance: ``"diag"`` (default), ``"lowrank"`` or ``"full"``.
     :param float init_scale: initial posterior standard deviation; default 0.1.
     :param float out_init: factor on the output layers' initial weights; default 0.01.
+    :param activation: the hidden layers' nonlinearity: a name of :data:`ACTIVATIONS`
+        (default ``"elu"``) or an ``nn.Module`` class built without arguments (and without parameters).
+    :param int blocks: residual blocks after the hidden layers; default 0.
+    :param int block_width: inner width of the residual blocks; default 3/2 of their width
+        (the last hidden size, or D), as the authors' 2 D -> 3 D -> 2 D blocks.
+    :param int rank: rank R of the low-rank head (``covariance="lowrank"`` only); default min(5, H).
+    :param float min_scale: a floor added to the scales, s = softplus(.) + min_scale; default
+        :data:`DEFAULT_LOWRANK_MIN_SCALE` for ``"lowrank"``, else 0.
     """
 
-    def __init__(self, data_dim, n_latents, hidden=(100,), covariance="diag", init_scale=0.1, out_init=0.01):
+    def __init__(self, data_dim, n_latents, hidden=(100,), covariance="diag", init_scale=0.1, out_init=0.01, *,
+                 activation="elu", blocks=0, block_width=None, rank=None, min_scale=None):
         super().__init__(name=type(self).__name__)
         self.data_dim = check_int(data_dim, "data_dim")
         self.n_latents = check_int(n_latents, "n_latents")
-        if isinstance(hidden, int) or not all(isinstance(size, int) for size in hidden):
+        if isinstance(hidden, (int, str)) or not all(isinstance(size, int) for size in hidden):
             raise ValueError(f"hidden must be a tuple of layer sizes (integers >= 1), got {hidden!r}")
         self.hidden = tuple(check_int(size, "hidden") for size in hidden)
-        if covariance not in ("diag", "full"):
-            raise ValueError(f"covariance must be 'diag' or 'full', got {covariance!r}")
+        if covariance not in COVARIANCES:
+            raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
         self.covariance = covariance
+        if covariance == "lowrank":
+            self.rank = min(DEFAULT_RANK, self.n_latents) if rank is None else check_int(rank, "rank")
+        elif rank is not None:
+            raise ValueError(f"rank applies to covariance='lowrank', not {covariance!r}")
+        else:
+            self.rank = None
+        self.activation_name, self._activation = _check_activation(activation)
+        self.blocks = check_int(blocks, "blocks", minimum=0)
+        width = self.hidden[-1] if self.hidden else self.data_dim
+        self.block_width = (max(1, round(1.5 * width)) if block_width is None
+                            else check_int(block_width, "block_width"))
+        if block_width is not None and not self.blocks:
+            raise ValueError("block_width applies to residual blocks (blocks >= 1)")
         init_scale = check_positive(init_scale, "init_scale")
+        if min_scale is None:
+            min_scale = DEFAULT_LOWRANK_MIN_SCALE if covariance == "lowrank" else 0.0
+        if isinstance(min_scale, bool) or not isinstance(min_scale, numbers.Real) or not 0 <= min_scale < init_scale:
+            raise ValueError(f"min_scale must be a number >= 0 and below init_scale = {init_scale:g}, "
+                             f"got {min_scale!r}")
+        self.min_scale = float(min_scale)
         out_init = float(out_init)
         if not out_init >= 0:
             raise ValueError(f"out_init must be >= 0, got {out_init!r}")
@@ -291,10 +386,19 @@ class AmortizedNormal(PyroModule):
         sizes = (self.data_dim,) + self.hidden
         self.layers = PyroModule[nn.ModuleList](
             [PyroModule[nn.Linear](a, b) for a, b in zip(sizes[:-1], sizes[1:])])
-        self.loc_layer = PyroModule[nn.Linear](sizes[-1], self.n_latents)
-        self.scale_layer = PyroModule[nn.Linear](sizes[-1], self.n_latents)
-        num_off = self.n_latents * (self.n_latents - 1) // 2 if covariance == "full" else 0
-        self.off_diagonal_layer = PyroModule[nn.Linear](sizes[-1], num_off) if num_off else None
+        self.residual_blocks = PyroModule[nn.ModuleList](
+            [_ResidualBlock(width, self.block_width, self._activation) for _ in range(self.blocks)])
+        self.nonlinearity = self._activation()
+        self.loc_layer = PyroModule[nn.Linear](width, self.n_latents)
+        self.scale_layer = PyroModule[nn.Linear](width, self.n_latents)
+        if covariance == "full":
+            num_off = self.n_latents * (self.n_latents - 1) // 2
+        elif covariance == "lowrank":
+            num_off = self.n_latents * self.rank
+        else:
+            num_off = 0
+        # "off_diagonal_layer" holds L's strictly lower entries (full) or the factor F (lowrank).
+        self.off_diagonal_layer = PyroModule[nn.Linear](width, num_off) if num_off else None
         self._init_scale, self._out_init = init_scale, out_init
         self._initialize_outputs()
         # A buffer, so a checkpoint remembers that the parameters were matched to data.
@@ -306,7 +410,10 @@ class AmortizedNormal(PyroModule):
             if layer is not None:
                 layer.weight.mul_(self._out_init)
                 layer.bias.zero_()
-        self.scale_layer.bias.fill_(_inverse_softplus(self._init_scale))
+        self.scale_layer.bias.fill_(_inverse_softplus(self._init_scale - self.min_scale))
+        for block in self.residual_blocks:
+            block.outer.weight.mul_(self._out_init)
+            block.outer.bias.zero_()
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -315,14 +422,37 @@ class AmortizedNormal(PyroModule):
         The parameters keep their identity, so the param store stays attached;
         :func:`~pyro_esc.fit` calls it for each restart (``n_init``).
         """
-        for layer in list(self.layers) + [self.loc_layer, self.scale_layer, self.off_diagonal_layer]:
+        for layer in list(self.layers) + list(self.residual_blocks) + [self.loc_layer, self.scale_layer,
+                                                                        self.off_diagonal_layer]:
             if layer is not None:
                 layer.reset_parameters()
         self._initialize_outputs()
 
+    def config(self):
+        """The constructor's arguments as plain values: ``AmortizedNormal(**guide.config())`` rebuilds it.
+
+        :raises ValueError: if the activation is a class not named in :data:`ACTIVATIONS`.
+        """
+        if self.activation_name is None:
+            raise ValueError(f"the activation {self._activation.__name__} has no name in "
+                             f"pyro_esc.guides.ACTIVATIONS: only named activations can be stored as plain values")
+        config = {"data_dim": self.data_dim, "n_latents": self.n_latents, "hidden": list(self.hidden),
+                  "covariance": self.covariance, "init_scale": self._init_scale, "out_init": self._out_init,
+                  "activation": self.activation_name, "blocks": self.blocks, "min_scale": self.min_scale}
+        if self.blocks:
+            config["block_width"] = self.block_width
+        if self.rank is not None:
+            config["rank"] = self.rank
+        return config
+
     def extra_repr(self):
-        return (f"data_dim={self.data_dim}, n_latents={self.n_latents}, hidden={self.hidden}, "
-                f"covariance={self.covariance!r}")
+        text = f"data_dim={self.data_dim}, n_latents={self.n_latents}, hidden={self.hidden}, " \
+               f"covariance={self.covariance!r}"
+        if self.rank is not None:
+            text += f", rank={self.rank}"
+        if self.blocks:
+            text += f", blocks={self.blocks}, block_width={self.block_width}"
+        return text + f", activation={self.activation_name or self._activation.__name__!r}"
 
     def _match(self, x):
         # Follow the first data's dtype and device (nn.Module.to keeps parameter identity);
@@ -337,11 +467,13 @@ class AmortizedNormal(PyroModule):
 
     @pyro_method
     def encode(self, x):
-        """Encode data points: the posterior means and scales for each row of x.
+        """Encode data points: the posterior means and covariance parameters for each row of x.
 
         :param torch.Tensor x: data, shape (B, D) (any points, seen in training or not).
         :returns: ``(loc, scale)``: loc (B, H); scale (B, H) standard deviations for
-            ``covariance="diag"``, or (B, H, H) Cholesky factors for ``"full"``.
+            ``covariance="diag"``, (B, H, H) Cholesky factors for ``"full"``, or for
+            ``"lowrank"`` the pair ``(cov_factor, cov_diag)``, F (B, H, R) and the
+            variances diag(s)^2 (B, H), as ``LowRankMultivariateNormal`` takes them.
         """
         x = check_data_cached(x, "x", self.data_dim)
         self._match(x)
@@ -349,11 +481,18 @@ class AmortizedNormal(PyroModule):
             self.matched.fill_(True)
         features = x
         for layer in self.layers:
-            features = nn.functional.elu(layer(features))
+            features = self.nonlinearity(layer(features))
+        for block in self.residual_blocks:
+            features = block(features)
         loc = self.loc_layer(features)
         diagonal = nn.functional.softplus(self.scale_layer(features))
+        if self.min_scale:
+            diagonal = diagonal + self.min_scale
         if self.covariance == "diag":
             return loc, diagonal
+        if self.covariance == "lowrank":
+            factor = self.off_diagonal_layer(features).reshape(features.shape[:-1] + (self.n_latents, self.rank))
+            return loc, (factor, diagonal.square())
         # With H = 1 there is no off-diagonal entry (and no layer for it).
         off_diagonal = (diagonal[..., :0] if self.off_diagonal_layer is None
                         else self.off_diagonal_layer(features))
@@ -372,6 +511,8 @@ class AmortizedNormal(PyroModule):
             loc, scale = self.encode(x_batch)
             if self.covariance == "diag":
                 return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+            if self.covariance == "lowrank":
+                return pyro.sample("z", dist.LowRankMultivariateNormal(loc, *scale))
             return pyro.sample("z", dist.MultivariateNormal(loc, scale_tril=scale))
 
     @pyro_method
@@ -387,4 +528,6 @@ class AmortizedNormal(PyroModule):
         loc, scale = self.encode(x if subsample is None else x.index_select(0, subsample))
         if self.covariance == "diag":
             return GaussianPosterior.from_scale(loc, scale)
+        if self.covariance == "lowrank":
+            return GaussianPosterior.from_low_rank(loc, *scale)
         return GaussianPosterior.from_scale_tril(loc, scale)

@@ -138,8 +138,7 @@ def _check_store_free(names):
 
 def _guide_state(guide, per_point):
     if isinstance(guide, AmortizedNormal):
-        config = {"data_dim": guide.data_dim, "n_latents": guide.n_latents, "hidden": list(guide.hidden),
-                  "covariance": guide.covariance, "init_scale": guide._init_scale, "out_init": guide._out_init}
+        config = guide.config()  # plain values; a ValueError for an activation that has no name
         state = {key: value.detach().clone() for key, value in guide.state_dict().items()}
         return {"kind": "amortized", "name": module_name(guide), "config": config, "state": state}
     per_point_kinds = {LocalMultivariateNormal: "local-full", AutoNormal: "local-diag"}
@@ -167,9 +166,8 @@ def _build_guide(state, model):
     kind = state["kind"]
     if kind == "amortized":
         config = state["config"]
-        guide = AmortizedNormal(config["data_dim"], config["n_latents"], hidden=tuple(config["hidden"]),
-                                covariance=config["covariance"], init_scale=config["init_scale"],
-                                out_init=config["out_init"])
+        # Files written before the encoder options existed lack them: the defaults then apply.
+        guide = AmortizedNormal(**dict(config, hidden=tuple(config["hidden"])))
         prefix = module_name(guide) + "."
         _check_store_free([name for name in pyro.get_param_store().keys() if name.startswith(prefix)])
         guide.load_state_dict(state["state"])

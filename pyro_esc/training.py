@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-from tqdm.auto import tqdm
+# The text bar, also in notebooks: it is saved with an executed notebook as its final line and renders on
+# GitHub, where tqdm.auto's widget would be saved at 0%.
+from tqdm.std import tqdm
 
 import pyro
 from pyro import poutine
@@ -258,12 +260,14 @@ def check_fit_options(model, guide, x, loss=None, *, optimizer="auto", steps=Non
 def _check_optimizer(optimizer, loss, batches, optim, svi_settings, guide):
     # Returns (route, torch optimiser factory or None).
     closed_form = isinstance(loss, (EntropyELBO, AnalyticELBO))
+    # A guide whose gradient is not its value's (pyro_esc.refinement.SemiAmortized) needs a first-order route.
+    line_search_ok = getattr(guide, "lbfgs_compatible", True)
     if isinstance(optimizer, str):
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS} or a torch.optim optimiser class "
                              f"(or factory params -> optimiser), got {optimizer!r}")
         if optimizer == "auto":
-            if closed_form and batches.full and not svi_settings:
+            if closed_form and batches.full and not svi_settings and line_search_ok:
                 optimizer = "lbfgs"
             elif closed_form and not batches.full and optim is None and offers_row_access(guide):
                 optimizer = "rowwise"
@@ -286,6 +290,9 @@ def _check_optimizer(optimizer, loss, batches, optim, svi_settings, guide):
                 raise ValueError("optim (a pyro.optim optimiser) is for the SVI route; the row-wise route uses "
                                  "its own Adam with lr")
             return "rowwise", None
+        if not line_search_ok:
+            raise ValueError(f"optimizer='lbfgs' cannot train a {type(guide).__name__}: its gradient is not the "
+                             f"gradient of its objective's value, which a line search compares; use optimizer='svi'")
         if not batches.full:
             raise ValueError("optimizer='lbfgs' needs the full data set (batch_size=None): its line search "
                              "compares exact objective values, which a minibatch does not give")

@@ -276,6 +276,8 @@ GUIDES = {
     "LocalMultivariateNormal": _local,
     "AmortizedNormal-diag": _amortized(hidden=(8, 7)),
     "AmortizedNormal-full": _amortized(hidden=(8,), covariance="full"),
+    "AmortizedNormal-lowrank": _amortized(hidden=(8, 7), covariance="lowrank", rank=2, activation="relu6"),
+    "AmortizedNormal-residual": _amortized(hidden=(), blocks=2, covariance="full", activation="tanh"),
     # a user's guide as the README writes it, with its protocol method and without (traced)
     "README-LowRankNormal": lambda model, x: readme_guide_class()(x.size(0), model.n_latents),
     "README-LowRankNormal-traced": lambda model, x: TracedLowRank(x.size(0), model.n_latents),
@@ -284,12 +286,15 @@ GUIDES = {
 #: Pyro's autoguides (read through the registered fast adapters).
 AUTOGUIDES = ("AutoNormal", "AutoDiagonalNormal", "AutoMultivariateNormal", "AutoLowRankMultivariateNormal")
 #: Everything but the autoguides: pyro_esc's guides and the README's user guide (with and without protocol).
-PACKAGE_GUIDES = ("LocalMultivariateNormal", "AmortizedNormal-diag", "AmortizedNormal-full", "README-LowRankNormal",
+PACKAGE_GUIDES = ("LocalMultivariateNormal", "AmortizedNormal-diag", "AmortizedNormal-full", "AmortizedNormal-lowrank",
+                  "AmortizedNormal-residual", "README-LowRankNormal",
                   "README-LowRankNormal-traced")
 #: The PACKAGE_GUIDES that state their own summary (a gaussian_posterior method): all but the traced one.
-PROTOCOL_GUIDES = ("LocalMultivariateNormal", "AmortizedNormal-diag", "AmortizedNormal-full", "README-LowRankNormal")
+PROTOCOL_GUIDES = ("LocalMultivariateNormal", "AmortizedNormal-diag", "AmortizedNormal-full", "AmortizedNormal-lowrank",
+                   "AmortizedNormal-residual", "README-LowRankNormal")
 #: The PROTOCOL_GUIDES with correlated posteriors (full or low-rank covariance).
-CORRELATED_GUIDES = ("LocalMultivariateNormal", "AmortizedNormal-full", "README-LowRankNormal")
+CORRELATED_GUIDES = ("LocalMultivariateNormal", "AmortizedNormal-full", "AmortizedNormal-lowrank",
+                     "AmortizedNormal-residual", "README-LowRankNormal")
 #: pyro_esc's full-covariance guides, one local and one amortised.
 FULL_COVARIANCE_GUIDES = ("LocalMultivariateNormal", "AmortizedNormal-full")
 

@@ -19,7 +19,8 @@ from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 from helpers import (CORRELATED_GUIDES, FULL_COVARIANCE_GUIDES, PACKAGE_GUIDES, PROTOCOL_GUIDES,
                      assert_analytic_elbo_matches_trace_elbo, assert_same_posterior, guide_parameters, guide_problem,
                      monte_carlo_check)
-from pyro_esc import AmortizedNormal, AnalyticELBO, EntropyELBO, LocalMultivariateNormal, SparseCoding
+from pyro_esc import (AmortizedNormal, AnalyticELBO, EntropyELBO, GaussianPosterior, LocalMultivariateNormal,
+                      SparseCoding, encode, held_out_elbo, load, save)
 from pyro_esc.data import bars
 from pyro_esc.guides import scale_tril_from_packed
 from pyro_esc.posterior import gaussian_posterior, posterior_from_trace
@@ -138,7 +139,7 @@ def test_scale_tril_from_packed_matches_tril_indices_order():
         scale_tril_from_packed(diagonal, off[:, :5])
 
 
-@pytest.mark.parametrize("guide_name", FULL_COVARIANCE_GUIDES)
+@pytest.mark.parametrize("guide_name", FULL_COVARIANCE_GUIDES + ("AmortizedNormal-lowrank",))
 def test_guide_samples_have_the_summarised_moments(float64, guide_name):
     # A Monte Carlo route to the summary: Predictive draws from the guide (and the model).
     model, guide, x = guide_problem(guide_name, num=5)
@@ -260,17 +261,128 @@ def test_amortized_encoder_is_the_documented_network(float64):
     assert torch.allclose(scale_tril[:, rows, columns], head("off_diagonal_layer"))
 
 
-@pytest.mark.parametrize("covariance", ["diag", "full"])
-def test_amortized_initialisation_starts_near_zero_means_and_init_scale(covariance):
+def test_amortized_lowrank_residual_encoder_is_the_documented_network(float64):
+    # helpers.GUIDES["AmortizedNormal-lowrank"]: hidden (8, 7), ReLU6, rank 2; "-residual": two residual
+    # blocks of width D = 9 (inner 14), tanh, full covariance.
+    model, guide, x = guide_problem("AmortizedNormal-lowrank")
+    params = dict(guide_parameters(guide))
+
+    def linear(name, inputs):
+        return inputs @ params[f"AmortizedNormal.{name}.weight"].T + params[f"AmortizedNormal.{name}.bias"]
+
+    features = F.relu6(linear("layers.1", F.relu6(linear("layers.0", x))))
+    loc, (factor, cov_diag) = guide.encode(x)
+    assert torch.allclose(loc, linear("loc_layer", features))
+    assert torch.allclose(cov_diag, (F.softplus(linear("scale_layer", features)) + 1e-3).square())
+    assert torch.allclose(factor, linear("off_diagonal_layer", features).reshape(-1, N_LATENTS, 2))
+
+    pyro.clear_param_store()
+    model, guide, x = guide_problem("AmortizedNormal-residual")
+    params = dict(guide_parameters(guide))
+    features = x
+    for block in range(2):
+        inner = torch.tanh(linear(f"residual_blocks.{block}.inner", features))
+        assert inner.size(-1) == 14  # 3/2 of the width
+        features = features + linear(f"residual_blocks.{block}.outer", inner)
+    loc, scale_tril = guide.encode(x)
+    assert torch.allclose(loc, linear("loc_layer", features))
+    assert torch.allclose(scale_tril.diagonal(dim1=-2, dim2=-1), F.softplus(linear("scale_layer", features)))
+
+
+class _DenseReference:
+    """A guide whose summary is the dense covariance F F^T + diag(d), built explicitly from the
+    low-rank guide's outputs and factorised by Cholesky: an independent route to every term."""
+
+    def __init__(self, guide):
+        self.guide = guide
+
+    def gaussian_posterior(self, x, subsample=None):
+        loc, (factor, cov_diag) = self.guide.encode(x if subsample is None else x[subsample])
+        dense = torch.einsum("bik,bjk->bij", factor, factor) + torch.diag_embed(cov_diag)
+        return GaussianPosterior.from_covariance(loc, dense)
+
+
+@pytest.mark.parametrize("subsample", [None, torch.tensor([7, 2, 29, 5])], ids=["all", "batch"])
+def test_amortized_lowrank_head_matches_a_dense_covariance(float64, subsample):
+    model, guide, x = guide_problem("AmortizedNormal-lowrank")
+    model.set_scales(prior_scale=torch.linspace(0.5, 1.5, N_LATENTS), noise_var=0.5)
+    reference = _DenseReference(guide)
+    posterior = gaussian_posterior(guide, x, subsample)
+    dense = reference.gaussian_posterior(x, subsample)
+    assert posterior.family == "low-rank"
+    dictionary = torch.randn(x.size(1), N_LATENTS)
+    # Entropy (determinant lemma vs Cholesky of the H x H matrix), trace term, marginal variances.
+    assert torch.allclose(posterior.point_entropies(), dense.point_entropies(), rtol=1e-10)
+    assert torch.allclose(posterior.trace_terms(dictionary), dense.trace_terms(dictionary), rtol=1e-10)
+    assert torch.allclose(posterior.variance, dense.variance, rtol=1e-10)
+    # Both closed-form objectives, values and gradients with respect to every parameter.
+    kwargs = {} if subsample is None else {"subsample": subsample}
+    for loss in (AnalyticELBO(), EntropyELBO()):
+        value = loss.differentiable_loss(model, guide, x, **kwargs)
+        expected = loss.differentiable_loss(model, reference, x, **kwargs)
+        params = all_parameters(guide)
+        grads = torch.autograd.grad(value, params)
+        expected_grads = torch.autograd.grad(expected, params)
+        assert torch.allclose(value, expected, rtol=1e-10)
+        for grad, expected_grad in zip(grads, expected_grads):
+            assert torch.allclose(grad, expected_grad, rtol=1e-8, atol=1e-10 * expected_grad.abs().max())
+
+
+@pytest.mark.parametrize("guide_name", ["AmortizedNormal-lowrank", "AmortizedNormal-residual"])
+def test_new_encoders_save_load_and_encode(tmp_path, float64, guide_name):
+    model, guide, x = guide_problem(guide_name)
+    EntropyELBO().update(model, guide, x)
+    path = tmp_path / "model.pt"
+    save(path, model, guide)
+    expected = gaussian_posterior(guide, x).detach()
+    held_out, _ = bars(12, side=SIDE, seed=11, dtype=torch.float64)
+    expected_held_out = held_out_elbo(model, guide, held_out)
+    with pyro.get_param_store().scope():
+        pyro.clear_param_store()
+        loaded = load(path)
+        assert loaded.guide.config() == guide.config()
+        got = gaussian_posterior(loaded.guide, x)
+        assert type(got) is type(expected)
+        for a, b in zip(got._arguments(), expected._arguments()):
+            assert torch.equal(a.detach(), b)
+        # encode runs the encoder; the held-out ELBO works on its result.
+        encoded = encode(loaded.model, loaded.guide, held_out)
+        assert encoded.family == ("low-rank" if guide_name.endswith("lowrank") else "full")
+        assert held_out_elbo(loaded.model, encoded, held_out) == pytest.approx(expected_held_out, rel=1e-12)
+
+
+def test_amortized_guide_with_an_unnamed_activation_is_not_saved(tmp_path):
+    class Cube(torch.nn.Module):
+        def forward(self, x):
+            return x ** 3
+
+    guide = AmortizedNormal(SIDE ** 2, N_LATENTS, hidden=(4,), activation=Cube)
+    assert guide.activation_name is None
+    x, _ = bars(10, side=SIDE)
+    assert guide.encode(x)[0].shape == (10, N_LATENTS)
+    with pytest.raises(ValueError, match="Cube"):
+        save(tmp_path / "model.pt", SparseCoding(SIDE ** 2, N_LATENTS), guide)
+
+
+@pytest.mark.parametrize("covariance", ["diag", "lowrank", "full"])
+@pytest.mark.parametrize("options", [{}, dict(blocks=2, activation="relu6"), dict(activation="tanh", blocks=1)],
+                         ids=["mlp", "residual-relu6", "residual-tanh"])
+def test_amortized_initialisation_starts_near_zero_means_and_init_scale(covariance, options):
     x, _ = bars(200, side=SIDE)
-    guide = AmortizedNormal(SIDE ** 2, N_LATENTS, hidden=(32, 32), covariance=covariance, init_scale=0.3)
+    options = dict(dict(hidden=(32, 32)), **options)
+    guide = AmortizedNormal(SIDE ** 2, N_LATENTS, covariance=covariance, init_scale=0.3, **options)
     loc, scale = guide.encode(x)
     # Means near 0 and scales near init_scale for every point, whatever its size (|x| up to ~10).
     assert loc.abs().max() < 0.05
-    if covariance == "full":
-        assert (scale - torch.diag_embed(scale.diagonal(dim1=-2, dim2=-1))).abs().max() < 0.1 * 0.3
-        scale = scale.diagonal(dim1=-2, dim2=-1)
-    assert torch.allclose(scale, torch.full_like(scale, 0.3), rtol=0.05)
+    posterior = guide.gaussian_posterior(x)
+    covariances = posterior.covariance_matrices()
+    off_diagonal = covariances - torch.diag_embed(covariances.diagonal(dim1=-2, dim2=-1))
+    assert off_diagonal.abs().max() < 0.1 * 0.3 ** 2
+    assert torch.allclose(posterior.stddev, torch.full_like(posterior.stddev, 0.3), rtol=0.05)
+    if covariance == "lowrank":
+        factor, _ = scale
+        # Small, but not 0: F = 0 is a stationary point of the ELBO in F.
+        assert 0 < factor.abs().max() < 0.05
 
 
 def test_amortized_guide_encodes_held_out_data_and_minibatches(float64):
@@ -303,6 +415,15 @@ def test_amortized_guide_follows_the_data_dtype():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(covariance="low-rank"), "covariance"),
+    (dict(covariance="diag", rank=2), "rank applies"),
+    (dict(covariance="lowrank", rank=0), "rank"),
+    (dict(activation="sigmoidish"), "activation"),
+    (dict(activation=torch.relu), "activation"),
+    (dict(blocks=-1), "blocks"),
+    (dict(block_width=4), "block_width applies"),
+    (dict(blocks=1, block_width=0), "block_width"),
+    (dict(min_scale=0.1), "min_scale"),
+    (dict(min_scale=-1e-3), "min_scale"),
     (dict(hidden=(8, 0)), "hidden"),
     (dict(hidden=8), "hidden"),
     (dict(init_scale=0.0), "init_scale"),
