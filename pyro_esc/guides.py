@@ -17,7 +17,6 @@ section "Adding a Gaussian guide".
 """
 
 import functools
-import math
 import numbers
 from contextlib import ExitStack
 from operator import attrgetter
@@ -42,9 +41,16 @@ from .rows import substituted_rows
 __all__ = ["ACTIVATIONS", "AmortizedNormal", "LocalMultivariateNormal", "scale_tril_from_packed"]
 
 
-def _inverse_softplus(value):
-    # softplus^-1(y) = log(expm1(y)), written stably for large y.
-    return value + math.log(-math.expm1(-value))
+def inverse_softplus(value):
+    """softplus^-1(y) = log(expm1(y)) = y + log(-expm1(-y)), stable for small and large y > 0.
+
+    Elementwise on a tensor (y <= 0, which softplus never gives, is clamped to the dtype's
+    smallest positive number), or on a Python float.
+    """
+    if not isinstance(value, torch.Tensor):
+        return float(inverse_softplus(torch.tensor(value, dtype=torch.float64)))
+    value = value.clamp_min(torch.finfo(value.dtype).tiny)
+    return value + torch.log(-torch.expm1(-value))
 
 
 def scale_tril_from_packed(diagonal, off_diagonal):
@@ -410,7 +416,7 @@ class AmortizedNormal(PyroModule):
             if layer is not None:
                 layer.weight.mul_(self._out_init)
                 layer.bias.zero_()
-        self.scale_layer.bias.fill_(_inverse_softplus(self._init_scale - self.min_scale))
+        self.scale_layer.bias.fill_(inverse_softplus(self._init_scale - self.min_scale))
         for block in self.residual_blocks:
             block.outer.weight.mul_(self._out_init)
             block.outer.bias.zero_()

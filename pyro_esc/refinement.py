@@ -16,7 +16,7 @@ import pyro
 from ._checks import check_data_cached, check_int, check_positive, check_subsample
 from .gaussian import expected_squared_errors, folded_normal_mean, laplace_cross_entropy_from_abs_mean
 from .gaussian import normal_log_normalizer
-from .guides import AmortizedNormal, scale_tril_from_packed
+from .guides import AmortizedNormal, inverse_softplus, scale_tril_from_packed
 from .posterior import GaussianPosterior
 
 __all__ = ["SemiAmortized", "point_elbos"]
@@ -42,12 +42,6 @@ def point_elbos(posterior, x, dictionary, prior_scale, noise_var):
     errors = expected_squared_errors(x, dictionary, posterior.mean, posterior.trace_terms(dictionary))
     return (posterior.point_entropies() - laplace_cross_entropy_from_abs_mean(abs_mean, prior_scale)
             + normal_log_normalizer(noise_var, x.size(1)) - errors / (2 * noise_var))
-
-
-def _inverse_softplus(value):
-    # softplus^-1(y) = y + log(-expm1(-y)), stable for small and large y (y = 0 would be -inf).
-    value = value.clamp_min(torch.finfo(value.dtype).tiny)
-    return value + torch.log(-torch.expm1(-value))
 
 
 class SemiAmortized:
@@ -137,13 +131,13 @@ class SemiAmortized:
         floor = self.encoder.min_scale
         covariance = self.encoder.covariance
         if covariance == "diag":
-            return [loc, _inverse_softplus(scale - floor)]
+            return [loc, inverse_softplus(scale - floor)]
         if covariance == "lowrank":
             factor, cov_diag = scale
-            return [loc, _inverse_softplus(cov_diag.sqrt() - floor), factor]
+            return [loc, inverse_softplus(cov_diag.sqrt() - floor), factor]
         rows, columns = torch.tril_indices(loc.size(-1), loc.size(-1), -1, device=loc.device)
         diagonal = scale.diagonal(dim1=-2, dim2=-1)
-        return [loc, _inverse_softplus(diagonal - floor), scale[..., rows, columns]]
+        return [loc, inverse_softplus(diagonal - floor), scale[..., rows, columns]]
 
     def _constrained(self, params):
         """``(loc, scale)`` in the encoder's :meth:`~pyro_esc.AmortizedNormal.encode` format."""
