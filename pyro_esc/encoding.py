@@ -31,8 +31,8 @@ def encode(model, guide, x, seed=0, **fit_options):
     - An amortised guide (one with an ``encode`` method, such as
       :class:`~pyro_esc.AmortizedNormal`) runs its encoder: nothing is fitted. A
       :class:`~pyro_esc.SemiAmortized` guide also refines the encoder's posteriors with the model
-      fixed (closing the amortisation gap: ``SemiAmortized(encoder, model, steps=20,
-      method="lbfgs")`` leaves about 2e-4 nats per point on bars, benchmarks/amortisation_gap.py).
+      fixed (``SemiAmortized(encoder, model, steps=20, method="lbfgs")`` closes most of the
+      amortisation gap; benchmarks/amortisation_gap.py measures it).
     - A per-point guide (:class:`~pyro_esc.LocalMultivariateNormal`, ``AutoNormal``) or a joint
       one (``AutoDiagonalNormal``, ``AutoMultivariateNormal``, ``AutoLowRankMultivariateNormal``)
       gets a fresh guide of its family for the points of ``x``, fitted with the model held
