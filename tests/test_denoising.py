@@ -8,7 +8,6 @@ from skimage.metrics import peak_signal_noise_ratio as psnr
 
 import pyro
 
-from pyro_esc import SparseCoding
 from pyro_esc.cli import main
 from pyro_esc.data.images import cached_image
 from pyro_esc.denoising import denoise, learn_dictionary
