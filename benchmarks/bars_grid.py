@@ -20,9 +20,11 @@ The reference ELBO of each data set is computed once, in float64, by a separate 
 table uses it wherever it exists (else the reference the run recorded).
 
 Every finished run is appended to a JSON-lines file at once (``--out``), so a long grid can be
-stopped and resumed (runs already in the file are skipped) and tabulated at any time::
+stopped and resumed (runs already in the file are skipped) and tabulated at any time. The
+full-covariance runs in ``bars_grid.jsonl`` were made before ``fit`` went on in float64 where
+float32 stalls (``--no-finish`` repeats them); those since are in ``bars_grid_finish.jsonl``::
 
-    python benchmarks/bars_grid.py                          # the whole grid, full covariances
+    python benchmarks/bars_grid.py --out benchmarks/results/bars_grid_finish.jsonl   # full covariances
     python benchmarks/bars_grid.py --families diag amortized --seeds 3
     python benchmarks/bars_grid.py --references             # reference ELBOs of every data set that ran
     python benchmarks/bars_grid.py --table                  # the table of what has run
@@ -52,10 +54,11 @@ def run_one(job):
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")  # an unconverged run is in its record (stop_reason)
-    family, side, noise, seed, init, n, steps, dtype = job
+    family, side, noise, seed, init, n, steps, dtype, finish = job
     started = time.perf_counter()
     result = run_bars(FAMILIES[family], n=n, side=side, noise=noise, seed=seed, steps=steps, progress=False,
-                      init_seed=seed + init, reference=False, n_init=1, dtype=getattr(torch, dtype))
+                      init_seed=seed + init, reference=False, n_init=1, dtype=getattr(torch, dtype),
+                      finish_in_float64=finish)
     record = {key: value for key, value in result.metrics().items() if key != "cosines"}
     record.update(family=family, total_time_s=round(time.perf_counter() - started, 2))
     return record
@@ -169,6 +172,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="step limit (default: fit's)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                         help="dtype of data, model and guide (default float32); use another --out per dtype")
+    parser.add_argument("--no-finish", action="store_true",
+                        help="stop L-BFGS where float32 stalls (fit's finish_in_float64=False), as runs did "
+                             "before the float64 finish; use another --out")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results", "bars_grid.jsonl"))
     parser.add_argument("--table", action="store_true", help="only print the table of the runs in --out")
     parser.add_argument("--references", action="store_true",
@@ -192,7 +198,7 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     done = {key(r) for r in read_records(args.out)}
     # Cheap settings first, so that a stopped grid has covered the most settings.
-    jobs = [(family, side, noise, seed, init, data_n(side, args.n), args.steps, args.dtype)
+    jobs = [(family, side, noise, seed, init, data_n(side, args.n), args.steps, args.dtype, not args.no_finish)
             for family in args.families for side in sorted(args.sides) for noise in args.noises
             for seed in range(args.seeds) for init in range(args.inits)]
     jobs = [job for job in jobs if job[:5] not in done]

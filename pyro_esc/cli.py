@@ -69,8 +69,8 @@ def build_parser():
     bars.add_argument("--tol", type=float, default=None,
                       help="convergence: relative change of the ELBO over 20 steps (default: fit's, 1e-6)")
     bars.add_argument("--dtype", choices=("float32", "float64"), default="float32",
-                      help="dtype of the data, model and guide (default float32; float64 keeps L-BFGS's line "
-                           "search from stalling early at low noise, at about twice the time)")
+                      help="dtype of the data, model and guide (default float32; an L-BFGS run that stalls on "
+                           "float32's resolution goes on in float64 either way, and ends in this dtype)")
     bars.add_argument("--no-reference", action="store_true",
                       help="skip fitting the posteriors at the generating dictionary (the reference ELBO)")
     _common(bars, steps=None, lr=0.2, out="runs/bars",

@@ -232,30 +232,36 @@ def bars_optimizer(guide_object, steps, lr=0.2):
 
 
 #: Guides for which `run_bars` trains with L-BFGS on the exact objective by default; the others keep
-#: the ClippedAdam recipe, which found better optima for them on bars (README, "Choosing the defaults").
+#: the ClippedAdam recipe, which found better optima for them on bars (BENCHMARKS.md, "Bars over
+#: sizes, noise levels and seeds").
 LBFGS_GUIDES = ("local-full",)
-#: Restarts `run_bars` uses with L-BFGS by default (README, "Choosing the defaults").
-BARS_N_INIT = 3
+#: Restarts `run_bars` uses with L-BFGS by default: one, since fit's float64 finish lets a run converge
+#: (BENCHMARKS.md, "Bars over sizes, noise levels and seeds").
+BARS_N_INIT = 1
 
 
 def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3, steps=None, lr=0.2,
              batch_size=None, seed=0, device=None, out=None, progress=True, name=None, annealing=None,
-             optimizer="auto", n_init=None, tol="auto", reference=True, init_seed=None, dtype=None):
+             optimizer="auto", n_init=None, tol="auto", reference=True, init_seed=None, dtype=None,
+             finish_in_float64=True):
     """Learn the bars test; return a :class:`BarsResult` and optionally draw the learned fields.
 
     Training, with ``optimizer="auto"``: for the guides in :data:`LBFGS_GUIDES` (per-point full
     covariances) and a closed-form objective on the full data, L-BFGS on the exact objective until
-    convergence, from :data:`BARS_N_INIT` initialisations with the best final ELBO kept; otherwise
-    the ClippedAdam recipe of :func:`bars_optimizer` (lr ``lr`` decaying to a fifth, ``steps``
-    steps), which finds better optima than L-BFGS for diagonal and amortised posteriors. The
-    README's "Choosing the defaults" has the measurements behind both choices.
+    convergence (in float64 from where float32 stalls), from :data:`BARS_N_INIT` initialisation(s)
+    with the best final ELBO kept; otherwise the ClippedAdam recipe of :func:`bars_optimizer` (lr
+    ``lr`` decaying to a fifth, ``steps`` steps), which finds better optima than L-BFGS for diagonal
+    and amortised posteriors. BENCHMARKS.md ("Bars over sizes, noise levels and seeds") has the
+    measurements behind both choices.
 
     :param optimizer: ``"auto"``, ``"lbfgs"`` or ``"svi"`` (the Adam recipe).
     :param int n_init: initialisations (default :data:`BARS_N_INIT` on the L-BFGS route, else 1).
     :param steps: the step limit (default: fit's, 5000 for L-BFGS; 2000 for the Adam recipe).
     :param int init_seed: seed of the initialisation (default ``seed``, which also draws the data).
-    :param dtype: dtype of the data, and so of the model and guide (default torch's default). In
-        float32 L-BFGS's line search can stall early at low noise (README, "Choosing the defaults").
+    :param dtype: dtype of the data, and so of the model and guide (default torch's default). A
+        float32 L-BFGS run that stalls on float32's resolution goes on in float64 and ends in float32.
+    :param bool finish_in_float64: ``fit``'s option of that name (L-BFGS route); False stops where
+        float32 stalls, as runs did before it existed.
     :param bool reference: also fit the posteriors with the generating dictionary held fixed
         (:func:`~pyro_esc.evaluation.reference_elbo`) and report the learned ELBO minus that one.
     :returns: :class:`BarsResult`: the final exact ELBO per data point, the reference ELBO and the
@@ -278,7 +284,7 @@ def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3,
         steps = 2000 if steps is None else steps
         options = dict(optimizer="svi", optim=bars_optimizer(guide_object, steps, lr))
     else:
-        options = dict(optimizer="lbfgs", tol=tol)
+        options = dict(optimizer="lbfgs", tol=tol, finish_in_float64=finish_in_float64)
     start = time.perf_counter()
     history = fit(model, guide_object, x, loss=loss, steps=steps, batch_size=batch_size,
                   seed=seed if init_seed is None else init_seed, device=device, progress=progress,

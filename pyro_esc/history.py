@@ -2,7 +2,7 @@
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import List
+from typing import List, Optional
 
 #: How ``History.elbo`` was obtained, by kind of objective and batch.
 EXACT = "exact"  #: closed form on the full data
@@ -37,7 +37,9 @@ class History:
     per-point loss at each recorded step, NaN where the route does not know it),
     ``wall_time`` (seconds since the start of the run). With restarts
     (``n_init``), ``restart_elbos`` holds every run's final exact ELBO and
-    ``best_restart`` the index of the run kept (this history's).
+    ``best_restart`` the index of the run kept (this history's). ``finish_step`` is the step
+    after which a run that had stalled in float32 went on in float64 (``fit(finish_in_float64=True)``),
+    or None.
 
     ``trace_elbo`` holds optional Monte Carlo checks with Pyro's ``Trace_ELBO``
     at ``trace_elbo_step``.
@@ -52,6 +54,7 @@ class History:
     stop_reason: str = ""
     evaluations: int = 0
     best_restart: int = 0
+    finish_step: Optional[int] = None
     restart_elbos: List[float] = field(default_factory=list)
     step: List[int] = field(default_factory=list)
     epoch: List[float] = field(default_factory=list)

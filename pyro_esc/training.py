@@ -112,8 +112,10 @@ DEFAULT_LR = 0.05
 ROWWISE_LR, ROWWISE_INNER_STEPS = 0.4, 4
 #: Steps of the torch route when neither steps nor epochs is given: an upper bound, as it stops on convergence.
 DEFAULT_MAX_STEPS = 5000
-#: The torch route's default convergence test (see the README's "Choosing the defaults").
+#: The torch route's default convergence test (BENCHMARKS.md, "Bars over sizes, noise levels and seeds").
 DEFAULT_TOL, DEFAULT_GTOL, DEFAULT_WINDOW = 1e-6, None, 20
+#: The dtype a torch-route run continues in when a lower precision stalls it (``fit(finish_in_float64=True)``).
+FINISH_DTYPE = torch.float64
 
 
 class ConvergenceWarning(UserWarning):
@@ -146,6 +148,7 @@ class FitOptions:
     n_init: int
     frozen: tuple
     inner_steps: int
+    finish_in_float64: bool = False
 
     @property
     def elbo_kind(self):
@@ -175,7 +178,7 @@ def check_fit_options(model, guide, x, loss=None, *, optimizer="auto", steps=Non
                       lr=None, lr_schedule=None, optim=None, seed=0, record_every=1, eval_every=None,
                       trace_elbo_every=None, trace_elbo_particles=16, checkpoint=None, checkpoint_every=None,
                       resume=None, annealing=None, tol="auto", gtol="auto", window=DEFAULT_WINDOW, n_init=1,
-                      train_dictionary=True, inner_steps=None, train_model=True):
+                      train_dictionary=True, inner_steps=None, train_model=True, finish_in_float64=True):
     """Validate :func:`fit`'s arguments once, before anything trains; return :class:`FitOptions`.
 
     Raises a ValueError naming the argument. Sets ``annealing`` on the loss only
@@ -250,11 +253,18 @@ def check_fit_options(model, guide, x, loss=None, *, optimizer="auto", steps=Non
     inner_steps = check_int(inner_steps, "inner_steps")
     if inner_steps > 1 and route != "rowwise":
         raise ValueError("inner_steps applies to the row-wise route (minibatches with a per-point guide)")
+    if not isinstance(finish_in_float64, bool):
+        raise ValueError(f"finish_in_float64 must be True or False, got {finish_in_float64!r}")
+    # Only a torch-route run can stall on the objective's precision, and only a module's parameters can be
+    # converted to float64 and back; a checkpoint must hold the dtype it is resumed in.
+    finish_in_float64 = (finish_in_float64 and route == "torch" and checkpoint is None
+                         and torch.finfo(x.dtype).eps > torch.finfo(FINISH_DTYPE).eps
+                         and all(isinstance(module, torch.nn.Module) for module in (model, guide)))
     if annealing is not None:
         loss.annealing = annealing
     return FitOptions(loss, batches, total_steps, route, optim, factory, lr, schedule, manage_lr, record_every,
                       eval_every, trace_elbo_every, trace_elbo_particles, checkpoint, checkpoint_every, data_variance,
-                      tol, gtol, window, n_init, frozen, inner_steps)
+                      tol, gtol, window, n_init, frozen, inner_steps, finish_in_float64)
 
 
 def _check_optimizer(optimizer, loss, batches, optim, svi_settings, guide):
@@ -332,7 +342,7 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
         lr_schedule=None, optim=None, tol="auto", gtol="auto", window=DEFAULT_WINDOW, n_init=1, seed=0,
         device=None, dtype=None, progress=True, record_every=1, eval_every=None, trace_elbo_every=None,
         trace_elbo_particles=16, checkpoint=None, checkpoint_every=None, resume=None, callback=None,
-        annealing=None, train_dictionary=True, inner_steps=None, train_model=True):
+        annealing=None, train_dictionary=True, inner_steps=None, train_model=True, finish_in_float64=True):
     """Train ``model`` and ``guide`` on ``data``; return a :class:`~pyro_esc.History`.
 
     **Three routes**, chosen by ``optimizer`` (``History.route`` says which ran):
@@ -438,6 +448,13 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
         :func:`~pyro_esc.encode` does for new data.
     :param int inner_steps: row-wise route: updates of the batch's posterior rows per step (default
         :data:`ROWWISE_INNER_STEPS`; README, "Paper scale").
+    :param bool finish_in_float64: torch route, data in a lower precision than float64 (float32): when
+        the line search stalls (no lower value twice in a row: the steps have reached the objective's
+        resolution, not the optimum), continue the run in float64 until the convergence test holds
+        or the steps run out, then return the model and guide in their own dtype
+        (``History.finish_step`` says where float64 took over). Needs model and guide to be
+        ``torch.nn.Module`` s (to convert them) and no ``checkpoint``; otherwise the run stops there,
+        as with False.
     :raises NonFiniteObjectiveError: if the objective or a parameter becomes NaN or inf, or the
         noise variance collapses; the message says at which step and which term.
     """
@@ -447,17 +464,18 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
         lr_schedule=lr_schedule, optim=optim, seed=seed, record_every=record_every, eval_every=eval_every,
         trace_elbo_every=trace_elbo_every, trace_elbo_particles=trace_elbo_particles, checkpoint=checkpoint,
         checkpoint_every=checkpoint_every, resume=resume, annealing=annealing, tol=tol, gtol=gtol, window=window,
-        n_init=n_init, train_dictionary=train_dictionary, inner_steps=inner_steps, train_model=train_model)
+        n_init=n_init, train_dictionary=train_dictionary, inner_steps=inner_steps, train_model=train_model,
+        finish_in_float64=finish_in_float64)
     for module in (model, guide):
         if isinstance(module, torch.nn.Module):
             module.to(x.device)
     if options.n_init == 1:
-        return _fit_once(model, guide, x, options, int(seed), progress, callback, resume)[0]
+        return _fit_run(model, guide, x, options, int(seed), progress, callback, resume)[0]
     best, best_state, elbos, names = None, None, [], None
     for restart in range(options.n_init):
         if restart > 0:
             reinitialize(model, guide, names, int(seed) + restart)
-        history, stepper = _fit_once(model, guide, x, options, int(seed) + restart, progress, callback, None)
+        history, stepper = _fit_run(model, guide, x, options, int(seed) + restart, progress, callback, None)
         names = stepper.names
         elbos.append(history.final_elbo)
         if best is None or history.final_elbo > best.final_elbo:
@@ -468,8 +486,48 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
     return best
 
 
-def _fit_once(model, guide, x, options, seed, progress, callback, resume):
-    """One training run (see :func:`fit`); returns its History and the route's stepper."""
+def _fit_run(model, guide, x, options, seed, progress, callback, resume):
+    """One run: :func:`_fit_once`, continued in float64 where a lower precision stalled it.
+
+    The torch route stalls when its line search finds no lower value twice in a row, which in
+    float32 happens once steps change the objective by less than its resolution (about 1e-7
+    relative), often long before the convergence test holds: the slow directions of the bars
+    problems are still being followed there. With ``options.finish_in_float64`` the model, guide
+    and data are then converted to float64, the run continues from the same parameters (its step
+    count, annealing schedule and History go on; the curvature memory starts afresh) until the
+    convergence test holds or the steps run out, and the model and guide are converted back, so
+    the caller's dtype is unchanged. ``History.finish_step`` records where float64 took over, and
+    the final ELBO is evaluated again at the returned parameters.
+    """
+    history, stepper = _fit_once(model, guide, x, options, seed, progress, callback, resume)
+    if not (options.finish_in_float64 and history.stop_reason.startswith("stalled")
+            and history.step and history.step[-1] < options.total_steps):
+        return history, stepper
+    dtype, stalled_at = x.dtype, history.step[-1]
+    model.to(FINISH_DTYPE)
+    guide.to(FINISH_DTYPE)
+    try:
+        history, stepper = _fit_once(model, guide, x.to(FINISH_DTYPE), options, seed, progress, callback, None,
+                                     continue_from=history)
+    finally:
+        model.to(dtype)
+        guide.to(dtype)
+    history.finish_step = stalled_at
+    history.stop_reason += f" (in float64 from step {stalled_at}, where {_dtype_name(dtype)} stalled)"
+    # The parameters returned are the float64 ones rounded to the caller's dtype: report their ELBO, and
+    # write the scales of exactly these parameters.
+    history.eval_elbo[-1], history.eval_kind = _exact_elbo(model, guide, x, options.loss)
+    if isinstance(options.loss, EntropyELBO):
+        options.loss.update(model, guide, x)
+    return history, stepper
+
+
+def _fit_once(model, guide, x, options, seed, progress, callback, resume, continue_from=None):
+    """One training run (see :func:`fit`); returns its History and the route's stepper.
+
+    :param History continue_from: the History of a run to go on with (its last step, wall time and
+        records), from the current parameters with a fresh optimiser; see :func:`_fit_run`.
+    """
     loss, batches, total_steps = options.loss, options.batches, options.total_steps
     history = History(num_data=x.size(0), elbo_kind=options.elbo_kind, route=options.route)
     batches.reset(seed)
@@ -477,6 +535,8 @@ def _fit_once(model, guide, x, options, seed, progress, callback, resume):
     if resume is not None:
         state = restore_checkpoint(resume, model, guide, loss, batches, x)
         start_step, elapsed, history = state["step"], state["wall_time"], History.from_dict(state["history"])
+    elif continue_from is not None:
+        start_step, elapsed, history = continue_from.step[-1], continue_from.wall_time[-1], continue_from
     else:
         pyro.set_rng_seed(seed)
     stepper = options.make_step(model, guide, x)
@@ -508,8 +568,8 @@ def _fit_once(model, guide, x, options, seed, progress, callback, resume):
                 stepper.reset()
                 if stalls >= 2:
                     stalled = (f"stalled: the line search found no decrease in two successive steps, the second "
-                               f"from steepest descent (gradient norm {grad_norm:.2g}; in float32 the objective "
-                               f"is resolved to about 1e-7 relative)")
+                               f"from steepest descent (gradient norm {grad_norm:.2g}; in {_dtype_name(x.dtype)} "
+                               f"the objective is resolved to about {torch.finfo(x.dtype).eps:.0e} relative)")
                     done = True
             else:
                 stalls = 0
@@ -601,6 +661,10 @@ def training_step(stepper, model, guide, x, kwargs, step, options):
             f"step {step}: {type(loss).__name__} loss is {value} (gradient norm {grad_norm}); "
             f"{_diagnose_non_finite(model, guide, x, kwargs)}")
     return value, grad_norm
+
+
+def _dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
 
 
 def _exact_elbo(model, guide, x, loss):
