@@ -22,9 +22,11 @@ table uses it wherever it exists (else the reference the run recorded).
 Every finished run is appended to a JSON-lines file at once (``--out``), so a long grid can be
 stopped and resumed (runs already in the file are skipped) and tabulated at any time. The
 full-covariance runs in ``bars_grid.jsonl`` were made before ``fit`` went on in float64 where
-float32 stalls (``--no-finish`` repeats them); those since are in ``bars_grid_finish.jsonl``::
+float32 stalls (``--no-finish`` repeats them); those in ``bars_grid_finish.jsonl`` with that finish
+but fit's earlier convergence test and step limit (``--tol 1e-6 --steps 5000``); those in
+``bars_grid_tol1e-7.jsonl`` with fit's defaults since (tol 1e-7, step limit 20000)::
 
-    python benchmarks/bars_grid.py --out benchmarks/results/bars_grid_finish.jsonl   # full covariances
+    python benchmarks/bars_grid.py --jobs 2 --out benchmarks/results/bars_grid_tol1e-7.jsonl   # full covariances
     python benchmarks/bars_grid.py --families diag amortized --seeds 3
     python benchmarks/bars_grid.py --references             # reference ELBOs of every data set that ran
     python benchmarks/bars_grid.py --table                  # the table of what has run
@@ -54,13 +56,13 @@ def run_one(job):
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")  # an unconverged run is in its record (stop_reason)
-    family, side, noise, seed, init, n, steps, dtype, finish = job
+    family, side, noise, seed, init, n, steps, dtype, finish, tol = job
     started = time.perf_counter()
     result = run_bars(FAMILIES[family], n=n, side=side, noise=noise, seed=seed, steps=steps, progress=False,
                       init_seed=seed + init, reference=False, n_init=1, dtype=getattr(torch, dtype),
-                      finish_in_float64=finish)
+                      finish_in_float64=finish, tol=tol)
     record = {key: value for key, value in result.metrics().items() if key != "cosines"}
-    record.update(family=family, total_time_s=round(time.perf_counter() - started, 2))
+    record.update(family=family, tol=tol, step_limit=steps, total_time_s=round(time.perf_counter() - started, 2))
     return record
 
 
@@ -170,6 +172,8 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=1, help="processes (default 1)")
     parser.add_argument("--n", type=int, default=None, help="data points (default 1000, 2000 for side 8)")
     parser.add_argument("--steps", type=int, default=None, help="step limit (default: fit's)")
+    parser.add_argument("--tol", type=float, default=None,
+                        help="fit's convergence tolerance on the L-BFGS route (default: fit's); use another --out")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                         help="dtype of data, model and guide (default float32); use another --out per dtype")
     parser.add_argument("--no-finish", action="store_true",
@@ -198,7 +202,8 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     done = {key(r) for r in read_records(args.out)}
     # Cheap settings first, so that a stopped grid has covered the most settings.
-    jobs = [(family, side, noise, seed, init, data_n(side, args.n), args.steps, args.dtype, not args.no_finish)
+    tol = "auto" if args.tol is None else args.tol
+    jobs = [(family, side, noise, seed, init, data_n(side, args.n), args.steps, args.dtype, not args.no_finish, tol)
             for family in args.families for side in sorted(args.sides) for noise in args.noises
             for seed in range(args.seeds) for init in range(args.inits)]
     jobs = [job for job in jobs if job[:5] not in done]

@@ -67,7 +67,7 @@ def build_parser():
                       help=f"initialisations (restarts); the best final ELBO is kept (default "
                            f"{experiments.BARS_N_INIT} with L-BFGS, 1 with SVI)")
     bars.add_argument("--tol", type=float, default=None,
-                      help="convergence: relative change of the ELBO over 20 steps (default: fit's, 1e-6)")
+                      help="convergence: relative change of the ELBO over 20 steps (default: fit's, 1e-7)")
     bars.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                       help="dtype of the data, model and guide (default float32; an L-BFGS run that stalls on "
                            "float32's resolution goes on in float64 either way, and ends in this dtype)")
@@ -75,7 +75,7 @@ def build_parser():
                       help="skip fitting the posteriors at the generating dictionary (the reference ELBO)")
     _common(bars, steps=None, lr=0.2, out="runs/bars",
             lr_help="SVI route: initial learning rate of ClippedAdam, decaying to 0.2x over the run",
-            steps_help="step limit (default: 5000 for L-BFGS, which stops on convergence; 2000 for SVI)")
+            steps_help="step limit (default: 20000 for L-BFGS, which stops on convergence; 2000 for SVI)")
     bars.set_defaults(run=_bars)
 
     patches = commands.add_parser("patches", help="learn sparse codes of whitened natural image patches",

@@ -256,7 +256,7 @@ def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3,
 
     :param optimizer: ``"auto"``, ``"lbfgs"`` or ``"svi"`` (the Adam recipe).
     :param int n_init: initialisations (default :data:`BARS_N_INIT` on the L-BFGS route, else 1).
-    :param steps: the step limit (default: fit's, 5000 for L-BFGS; 2000 for the Adam recipe).
+    :param steps: the step limit (default: fit's, 20000 for L-BFGS; 2000 for the Adam recipe).
     :param int init_seed: seed of the initialisation (default ``seed``, which also draws the data).
     :param dtype: dtype of the data, and so of the model and guide (default torch's default). A
         float32 L-BFGS run that stalls on float32's resolution goes on in float64 and ends in float32.

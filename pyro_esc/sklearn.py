@@ -103,14 +103,14 @@ class SparseCodingEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         ``learning_rate`` decaying to a fifth over ``max_iter`` steps, encoders at
         :data:`~pyro_esc.experiments.AMORTIZED_LR`) or ``"auto"`` (default: L-BFGS for local
         guides, Adam for amortised ones).
-    :param int max_iter: the step limit of training (None: 5000 for L-BFGS, which stops
+    :param int max_iter: the step limit of training (None: 20000 for L-BFGS, which stops
         on convergence; 2000 for Adam).
     :param float tol: L-BFGS's convergence test: the relative change of the ELBO over 20 steps.
     :param int n_init: initialisations; the one with the best final ELBO is kept.
     :param float learning_rate: Adam's initial learning rate (``solver="adam"``).
     :param tuple hidden: the hidden layer sizes of an amortised guide's encoder.
     :param int transform_max_iter: the step limit when fitting posteriors for new data with a
-        local guide (None: :func:`~pyro_esc.fit`'s 5000, stopping on convergence at tol 1e-9).
+        local guide (None: :func:`~pyro_esc.fit`'s 20000, stopping on convergence at tol 1e-9).
     :param float transform_tol: the convergence tolerance of that fit (relative change of the ELBO).
     :param random_state: None, an int or a ``numpy.random.RandomState``: seeds the
         initialisation (the seed of :func:`~pyro_esc.fit`); an int gives reproducible fits.
@@ -133,7 +133,7 @@ class SparseCodingEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
       tolerance, the step limit and the data), not to the checks' 1e-7 relative / 1e-9 absolute.
     """
 
-    def __init__(self, n_components=None, *, guide="local-full", solver="auto", max_iter=None, tol=1e-6,
+    def __init__(self, n_components=None, *, guide="local-full", solver="auto", max_iter=None, tol=1e-7,
                  n_init=1, learning_rate=0.2, hidden=(100,), transform_max_iter=None, transform_tol=1e-9,
                  random_state=None):
         self.n_components = n_components

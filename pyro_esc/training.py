@@ -111,9 +111,9 @@ DEFAULT_LR = 0.05
 #: batch's posteriors per step (chosen by benchmarks/minibatch_route.py; README, "Paper scale").
 ROWWISE_LR, ROWWISE_INNER_STEPS = 0.4, 4
 #: Steps of the torch route when neither steps nor epochs is given: an upper bound, as it stops on convergence.
-DEFAULT_MAX_STEPS = 5000
+DEFAULT_MAX_STEPS = 20000
 #: The torch route's default convergence test (BENCHMARKS.md, "Bars over sizes, noise levels and seeds").
-DEFAULT_TOL, DEFAULT_GTOL, DEFAULT_WINDOW = 1e-6, None, 20
+DEFAULT_TOL, DEFAULT_GTOL, DEFAULT_WINDOW = 1e-7, None, 20
 #: The dtype a torch-route run continues in when a lower precision stalls it (``fit(finish_in_float64=True)``).
 FINISH_DTYPE = torch.float64
 
@@ -405,7 +405,7 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
         Constant data (every point the same) is rejected: its ELBO is unbounded.
     :param loss: a ``pyro.infer.ELBO``; default ``EntropyELBO()``.
     :param optimizer: ``"auto"``, ``"lbfgs"``, ``"svi"``, ``"rowwise"``, or a torch optimiser class or factory.
-    :param int steps: the step limit (default: 5000 on the torch route, which stops on convergence;
+    :param int steps: the step limit (default: 20000 on the torch route, which stops on convergence;
         1000 on the SVI route).
     :param int epochs: alternatively, passes over the data (ceil(N / batch_size) steps each).
     :param int batch_size: minibatch size; None for full batch.
@@ -416,7 +416,7 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
     :param optim: SVI route: a ``pyro.optim.PyroOptim`` to use instead of Adam(lr) (then ``lr``
         only feeds the schedule, if any).
     :param float tol: relative change of the objective over ``window`` steps that counts as
-        converged; ``"auto"``: 1e-6 on the torch route, None (run every step) on the SVI and row-wise routes.
+        converged; ``"auto"``: 1e-7 on the torch route, None (run every step) on the SVI and row-wise routes.
     :param float gtol: bound on the per-point gradient norm for convergence (torch route); None
         for no gradient test.
     :param int window: steps over which the change is measured.
