@@ -31,8 +31,7 @@ Training recipes (``--recipe``):
   the gaps are the encoder's; ``semilK`` (e.g. ``semil10``) refines by L-BFGS (``method="lbfgs"``);
 - ``staged``: the dictionary learned first with per-point full-covariance posteriors
   (:class:`~pyro_esc.LocalMultivariateNormal`, fit's defaults), then the encoder alone at that
-  dictionary (``train_dictionary=False``, L-BFGS to fit's convergence test); ``stagedjoint`` then
-  trains dictionary and encoder together from there (L-BFGS);
+  dictionary (``train_dictionary=False``, L-BFGS to fit's convergence test or ``--steps``);
 - a recipe name ending in ``64`` (``lbfgs64``) runs it in float64 (data, model and encoder).
 
 Every finished run is appended to a JSON-lines file (``--out``), runs already there are
@@ -131,15 +130,12 @@ def run_one(config, data, seed, recipe, steps, refine, n=N):
         # tol 1e-6 and 5000 steps, fit's defaults when the table was measured (now 1e-7 and 20000).
         history = fit(model, guide, x, loss=EntropyELBO(), optimizer="lbfgs", steps=steps or 5000, tol=1e-6,
                       seed=seed, progress=False)
-    elif recipe in ("staged", "stagedjoint"):
+    elif recipe == "staged":
         # The dictionary from per-point full-covariance posteriors (fit's defaults), then the encoder
-        # alone at that dictionary; "stagedjoint" then trains both together from there.
+        # alone at that dictionary.
         fit(model, LocalMultivariateNormal(model), x, loss=EntropyELBO(), seed=seed, progress=False)
         history = fit(model, guide, x, loss=EntropyELBO(), optimizer="lbfgs", train_dictionary=False,
                       steps=steps, seed=seed, progress=False)
-        if recipe == "stagedjoint":
-            history = fit(model, guide, x, loss=EntropyELBO(), optimizer="lbfgs", steps=steps, seed=seed,
-                          progress=False)
     else:
         steps = steps or 2000
         history = fit(model, trained, x, loss=EntropyELBO(), optimizer="svi", steps=steps, seed=seed,
@@ -211,8 +207,8 @@ def main(argv=None):
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--recipe", default="lbfgs",
                         help="lbfgs, adam, semiK or semilK (the adam recipe training SemiAmortized(encoder, "
-                             "steps=K), refining by Adam or by L-BFGS), staged or stagedjoint (the dictionary "
-                             "from per-point posteriors first); a suffix 64 runs in float64")
+                             "steps=K), refining by Adam or by L-BFGS), staged (the dictionary from per-point "
+                             "posteriors first); a suffix 64 runs in float64")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--refine", type=int, default=0, help="also report the gap after K refinement steps")
     parser.add_argument("--n", type=int, default=N, help="training (and held-out) points")

@@ -27,7 +27,7 @@ but fit's earlier convergence test and step limit (``--tol 1e-6 --steps 5000``);
 ``bars_grid_tol1e-7.jsonl`` with fit's defaults since (tol 1e-7, step limit 20000)::
 
     python benchmarks/bars_grid.py --jobs 2 --out benchmarks/results/bars_grid_tol1e-7.jsonl   # full covariances
-    python benchmarks/bars_grid.py --families diag amortized --seeds 3
+    python benchmarks/bars_grid.py --families diag          # and --families amortized --seeds 3
     python benchmarks/bars_grid.py --references             # reference ELBOs of every data set that ran
     python benchmarks/bars_grid.py --table                  # the table of what has run
 
