@@ -16,8 +16,9 @@ With ``--inits K`` every data seed is also trained from K initialisations (init 
 the best final ELBO among the first k, and its time is the sum of their times.
 
 The reference ELBO of each data set is computed once, in float64, by a separate pass
-(``--references``; `pyro_esc.evaluation.reference_elbo`) into ``<out>.references.jsonl``; the
-table uses it wherever it exists (else the reference the run recorded).
+(``--references``; `pyro_esc.evaluation.reference_elbo`) into ``bars_grid.references.jsonl`` in
+the folder of ``--out``: it depends on the data set only, so every results file of that folder
+shares it. The table uses it wherever it exists (else the reference the run recorded).
 
 Every finished run is appended to a JSON-lines file at once (``--out``), so a long grid can be
 stopped and resumed (runs already in the file are skipped) and tabulated at any time. The
@@ -97,7 +98,8 @@ def reference_one(setting):
 
 
 def reference_path(out):
-    return os.path.splitext(out)[0] + ".references.jsonl"
+    """The references file beside ``out``, one per folder: a reference depends on the data set only."""
+    return os.path.join(os.path.dirname(os.path.abspath(out)), "bars_grid.references.jsonl")
 
 
 def references(path):
