@@ -29,6 +29,10 @@ Training recipes (``--recipe``):
   with K refinement steps per training step: the refined ELBO trains the dictionary, the encoder
   its own ELBO. "ELBO/N" is then the refined posteriors' (the encoder alone: ``encoder_elbo``), and
   the gaps are the encoder's; ``semilK`` (e.g. ``semil10``) refines by L-BFGS (``method="lbfgs"``);
+- ``warm``: :func:`pyro_esc.fit_amortized` at its defaults: the dictionary from per-point
+  full-covariance posteriors, the encoder alone at it, then encoder and dictionary together on the
+  amortised objective until fit's convergence test (``--steps``: each stage's step limit); ``warmK``
+  (e.g. ``warm0``) with K steps of the encoder-only stage instead of its default;
 - ``staged``: the dictionary learned first with per-point full-covariance posteriors
   (:class:`~pyro_esc.LocalMultivariateNormal`, fit's defaults), then the encoder alone at that
   dictionary (``train_dictionary=False``, L-BFGS to fit's convergence test or ``--steps``);
@@ -104,9 +108,10 @@ def n_latents(data):
 def run_one(config, data, seed, recipe, steps, refine, n=N):
     """Train one configuration; return its JSON record."""
     from pyro_esc import (AmortizedNormal, EntropyELBO, LocalMultivariateNormal, SparseCoding, encode, fit,
-                          held_out_elbo, training_elbo)
+                          fit_amortized, held_out_elbo, training_elbo)
     from pyro_esc.experiments import bars_optimizer
     from pyro_esc.metrics import bars_recovery
+    from pyro_esc.warm_start import DEFAULT_ENCODER_STEPS
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -130,6 +135,14 @@ def run_one(config, data, seed, recipe, steps, refine, n=N):
         # tol 1e-6 and 5000 steps, fit's defaults when the table was measured (now 1e-7 and 20000).
         history = fit(model, guide, x, loss=EntropyELBO(), optimizer="lbfgs", steps=steps or 5000, tol=1e-6,
                       seed=seed, progress=False)
+    elif recipe.startswith("warm"):
+        # pyro_esc.fit_amortized: per-point dictionary, encoder alone (warmK: K steps), then both jointly
+        # on the amortised objective until fit's convergence test (or --steps per stage).
+        encoder_steps = int(recipe[4:]) if recipe[4:] else DEFAULT_ENCODER_STEPS
+        stages = fit_amortized(model, guide, x, loss=EntropyELBO(), steps=steps, encoder_steps=encoder_steps,
+                               seed=seed, progress=False)
+        history = stages.joint
+        stage_steps = stages.steps
     elif recipe == "staged":
         # The dictionary from per-point full-covariance posteriors (fit's defaults), then the encoder
         # alone at that dictionary.
@@ -141,9 +154,13 @@ def run_one(config, data, seed, recipe, steps, refine, n=N):
         history = fit(model, trained, x, loss=EntropyELBO(), optimizer="svi", steps=steps, seed=seed,
                       optim=bars_optimizer(guide, steps), progress=False)
     seconds = time.perf_counter() - started
+    if not recipe.startswith("warm"):
+        stage_steps = None
     record = dict(config=config, data=data, seed=seed, recipe=name, n=x.size(0), steps=history.step[-1],
                   stop_reason=history.stop_reason, train_time_s=round(seconds, 2),
                   elbo=training_elbo(model, trained, x), encoder_elbo=training_elbo(model, guide, x))
+    if stage_steps is not None:
+        record["stage_steps"] = stage_steps
     if true_dictionary is not None:
         recovery = bars_recovery(model.dictionary.detach(), true_dictionary)
         record.update(bars_found=recovery.num_found, all_found=bool(recovery.all_found))
@@ -208,7 +225,8 @@ def main(argv=None):
     parser.add_argument("--recipe", default="lbfgs",
                         help="lbfgs, adam, semiK or semilK (the adam recipe training SemiAmortized(encoder, "
                              "steps=K), refining by Adam or by L-BFGS), staged (the dictionary from per-point "
-                             "posteriors first); a suffix 64 runs in float64")
+                             "posteriors first, then the encoder alone), warm or warmK (pyro_esc.fit_amortized, "
+                             "K encoder-only steps: staged, then both jointly); a suffix 64 runs in float64")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--refine", type=int, default=0, help="also report the gap after K refinement steps")
     parser.add_argument("--n", type=int, default=N, help="training (and held-out) points")

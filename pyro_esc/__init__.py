@@ -16,6 +16,7 @@ from .refinement import SemiAmortized
 from .saving import load, save
 from .history import History
 from .training import fit
+from .warm_start import fit_amortized
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,7 @@ __all__ = [
     "SparseCoding",
     "encode",
     "fit",
+    "fit_amortized",
     "gaussian_posterior",
     "held_out_elbo",
     "log_likelihood",

@@ -63,6 +63,10 @@ def build_parser():
                       help="auto (default): L-BFGS on the exact full-batch objective until convergence for "
                            "local-full with a closed-form objective, else SVI with the ClippedAdam recipe (the "
                            "better one for diagonal and amortised posteriors); lbfgs or svi to choose")
+    bars.add_argument("--warm-start", action="store_true",
+                      help="amortised guides: learn the dictionary with per-point full covariances first, then "
+                           "the encoder alone, then both on the amortised objective until convergence (L-BFGS "
+                           "throughout; pyro_esc.warm_start.fit_amortized)")
     bars.add_argument("--n-init", type=int, default=None,
                       help=f"initialisations (restarts); the best final ELBO is kept (default "
                            f"{experiments.BARS_N_INIT} with L-BFGS, 1 with SVI)")
@@ -160,7 +164,7 @@ def _bars(args):
                                   device=args.device, out=args.out, progress=not args.quiet,
                                   optimizer=args.optimizer, n_init=args.n_init,
                                   tol="auto" if args.tol is None else args.tol, reference=not args.no_reference,
-                                  dtype=getattr(torch, args.dtype))
+                                  dtype=getattr(torch, args.dtype), warm_start=args.warm_start)
     path = _write_metrics(args.out, "bars_metrics.json", result)
     _save_model(args.out, "bars_model.pt", result, whitening=None)
     print(f"{experiments.GUIDE_LABELS[args.guide]}, {args.objective}, {result.optimizer}: ELBO per data point "
@@ -171,7 +175,8 @@ def _bars(args):
               f"reference = {result.elbo_minus_reference:+.4f} per data point")
     if result.n_init > 1:
         print("restarts: final ELBO " + ", ".join(f"{value:.4f}" for value in result.restart_elbos))
-    print(f"{result.steps} steps; {result.stop_reason}")
+    stage = " in the joint stage, after the per-point and encoder stages" if result.warm_start else ""
+    print(f"{result.steps} steps{stage}; {result.stop_reason}")
     print(f"figures and metrics in {args.out}/ ({os.path.basename(path)}); the model in bars_model.pt "
           f"(pyro_esc.load)")
 

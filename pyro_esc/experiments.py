@@ -37,9 +37,10 @@ from .objectives import AnalyticELBO, EntropyELBO
 from .posterior import gaussian_posterior
 from .history import History
 from .training import decaying_adam, fit
+from .warm_start import fit_amortized
 
 #: Guides by the names the command line uses.
-GUIDES = ("local-full", "local-diag", "amortized-full", "amortized-diag", "joint-full")
+GUIDES = ("local-full", "local-diag", "amortized-full", "amortized-diag", "amortized-lowrank", "joint-full")
 #: Objectives by the names the command line uses.
 OBJECTIVES = ("entropy", "analytic", "trace", "trace-meanfield")
 
@@ -48,6 +49,7 @@ GUIDE_LABELS = {
     "local-diag": "diagonal (AutoNormal)",
     "amortized-full": "amortised, full covariance (AmortizedNormal)",
     "amortized-diag": "amortised, diagonal (AmortizedNormal)",
+    "amortized-lowrank": "amortised, low-rank plus diagonal (AmortizedNormal)",
     "joint-full": "joint full covariance (AutoMultivariateNormal)",
 }
 
@@ -67,6 +69,8 @@ def make_guide(name, model, hidden=(100,)):
         return AmortizedNormal(model.data_dim, model.n_latents, hidden=hidden, covariance="full")
     if name == "amortized-diag":
         return AmortizedNormal(model.data_dim, model.n_latents, hidden=hidden, covariance="diag")
+    if name == "amortized-lowrank":
+        return AmortizedNormal(model.data_dim, model.n_latents, hidden=hidden, covariance="lowrank")
     if name == "joint-full":
         return AutoMultivariateNormal(model)
     raise ValueError(f"guide must be one of {GUIDES}, got {name!r}")
@@ -164,6 +168,9 @@ class BarsResult:
     #: The trained model and guide (not JSON; :func:`pyro_esc.save` keeps them).
     model: object = field(default=None, repr=False, metadata=_NOT_METRICS)
     guide_object: object = field(default=None, repr=False, metadata=_NOT_METRICS)
+    #: Whether an amortised guide was trained warm-started from per-point posteriors
+    #: (:func:`~pyro_esc.warm_start.fit_amortized`).
+    warm_start: bool = False
 
     def metrics(self):
         """The JSON-ready fields as a new dict (everything but ``dictionary``, ``history``, ``model``, ``guide_object``)."""
@@ -243,7 +250,7 @@ BARS_N_INIT = 1
 def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3, steps=None, lr=0.2,
              batch_size=None, seed=0, device=None, out=None, progress=True, name=None, annealing=None,
              optimizer="auto", n_init=None, tol="auto", reference=True, init_seed=None, dtype=None,
-             finish_in_float64=True):
+             finish_in_float64=True, warm_start=False):
     """Learn the bars test; return a :class:`BarsResult` and optionally draw the learned fields.
 
     Training, with ``optimizer="auto"``: for the guides in :data:`LBFGS_GUIDES` (per-point full
@@ -262,6 +269,10 @@ def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3,
         float32 L-BFGS run that stalls on float32's resolution goes on in float64 and ends in float32.
     :param bool finish_in_float64: ``fit``'s option of that name (L-BFGS route); False stops where
         float32 stalls, as runs did before it existed.
+    :param bool warm_start: amortised guides: train with :func:`~pyro_esc.warm_start.fit_amortized`
+        (the dictionary from per-point full covariances, then the encoder alone, then both on the
+        amortised objective until convergence; L-BFGS throughout, ``n_init`` for the per-point stage).
+        ``steps`` is then each stage's step limit, and ``steps``/``stop_reason`` describe the joint stage.
     :param bool reference: also fit the posteriors with the generating dictionary held fixed
         (:func:`~pyro_esc.evaluation.reference_elbo`) and report the learned ELBO minus that one.
     :returns: :class:`BarsResult`: the final exact ELBO per data point, the reference ELBO and the
@@ -277,7 +288,13 @@ def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3,
     deterministic = objective in ("entropy", "analytic") and batch_size is None
     if optimizer not in ("auto", "lbfgs", "svi"):
         raise ValueError(f"optimizer must be 'auto', 'lbfgs' or 'svi', got {optimizer!r}")
-    route_svi = optimizer == "svi" or (optimizer == "auto" and not (deterministic and guide in LBFGS_GUIDES))
+    if warm_start and not guide.startswith("amortized"):
+        raise ValueError(f"warm_start trains amortised guides (amortized-*), got guide={guide!r}")
+    if warm_start and (optimizer == "svi" or not deterministic):
+        raise ValueError("warm_start runs L-BFGS on a closed-form objective on the full data: it needs "
+                         "objective 'entropy' or 'analytic', no batch_size, and optimizer 'auto' or 'lbfgs'")
+    route_svi = not warm_start and (optimizer == "svi" or (optimizer == "auto" and not (
+        deterministic and guide in LBFGS_GUIDES)))
     if n_init is None:
         n_init = 1 if route_svi else BARS_N_INIT
     if route_svi:
@@ -286,9 +303,17 @@ def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3,
     else:
         options = dict(optimizer="lbfgs", tol=tol, finish_in_float64=finish_in_float64)
     start = time.perf_counter()
-    history = fit(model, guide_object, x, loss=loss, steps=steps, batch_size=batch_size,
-                  seed=seed if init_seed is None else init_seed, device=device, progress=progress,
-                  annealing=annealing, n_init=n_init, **options)
+    if warm_start:
+        options.pop("optimizer")
+        if annealing is not None:
+            options["annealing"] = annealing  # fit_amortized explains why it refuses
+        history = fit_amortized(model, guide_object, x, loss=loss, steps=steps, n_init=n_init,
+                                seed=seed if init_seed is None else init_seed, device=device, progress=progress,
+                                **options).joint
+    else:
+        history = fit(model, guide_object, x, loss=loss, steps=steps, batch_size=batch_size,
+                      seed=seed if init_seed is None else init_seed, device=device, progress=progress,
+                      annealing=annealing, n_init=n_init, **options)
     wall_time = time.perf_counter() - start
     dictionary = model.dictionary.detach().cpu()
     recovery = bars_recovery(dictionary, true_dictionary)
@@ -306,6 +331,7 @@ def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3,
         cosines=[round(float(c), 4) for c in recovery.cosines], wall_time_s=round(wall_time, 2),
         noise_var=history.noise_var[-1],
         dictionary=dictionary[:, recovery.matching], history=history, model=model, guide_object=guide_object,
+        warm_start=bool(warm_start),
     )
     if out is not None:
         label = name or f"bars_fields_{guide}"

@@ -101,6 +101,21 @@ def test_bars_grid_records_each_run_and_tabulates(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| 4 | 0.3 | 1 |" in out and "| 4 | 0.3 | 2 |" in out
     assert grid.main(arguments) == records  # runs already recorded are not run again
+    warm = grid.main(["--families", "amortized-warm", "--sides", "4", "--noises", "0.3", "--seeds", "1", "--n", "60",
+                      "--steps", "3", "--out", str(tmp_path / "warm.jsonl")])
+    assert warm[0]["family"] == "amortized-warm" and warm[0]["warm_start"] is True
+
+
+def test_amortisation_gap_runs_the_warm_started_recipe(tmp_path):
+    out = str(tmp_path / "gap.jsonl")
+    text = load("amortisation_gap").main(["--configs", "h100-full", "--data", "bars0.3", "--seeds", "1", "--recipe",
+                                          "warm5", "--steps", "3", "--n", "60", "--refine", "2", "--out", out])
+    assert "| warm5 " in text
+    import json
+
+    record = json.loads(open(out).read())
+    assert record["stage_steps"] == {"dictionary": 3, "encoder": 3, "joint": 3}  # --steps limits every stage
+    assert record["gap_train"] >= -1e-3 and record["refined_gap_train"] <= record["gap_train"] + 1e-3
 
 
 def test_minibatch_bias_measures_batch_and_running_estimates(capsys):
@@ -155,3 +170,16 @@ def test_field_frequencies_measures_gratings_and_the_committed_figure():
     assert abs(module.mean_frequency(stripes) - 0.25) < 1e-12
     by_row = module.main([])  # the committed figure: 12 rows of 12 fields
     assert len(by_row) == 12 and by_row[-1] > by_row[0]
+
+
+def test_patch_encoders_trains_each_encoder_as_reproduce_does(tmp_path):
+    out = str(tmp_path / "encoders.jsonl")
+    text = load("patch_encoders").main(["--size", "tiny", "--epochs", "1", "--held-out", "40", "--full-optimum",
+                                        "--configs", "h100-diag", "h100-lowrank", "--out", out])
+    assert "1 x 100, low-rank 5" in text and "1 x 100, diag" in text
+    import json
+
+    records = [json.loads(line) for line in open(out)]
+    # Per-point posteriors of a family are at least as good as an encoder's of that family (or a smaller one).
+    assert all(r["gap_full_optimum"] > -1e-3 for r in records)
+    assert [r["gap_diag_optimum"] > -1e-3 for r in records if r["config"] == "h100-diag"] == [True]

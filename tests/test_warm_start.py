@@ -1,0 +1,132 @@
+"""fit_amortized: amortised training warm-started from per-point posteriors."""
+
+import warnings
+
+import pytest
+import pyro
+
+from pyro_esc import (AmortizedNormal, AnalyticELBO, LocalMultivariateNormal, SparseCoding, fit, fit_amortized,
+                      held_out_elbo, training_elbo)
+from pyro_esc.data import bars
+from pyro_esc.experiments import run_bars
+from pyro_esc.metrics import bars_recovery
+from pyro_esc.warm_start import AmortizedHistory
+
+
+@pytest.fixture(autouse=True)
+def quiet():
+    pyro.clear_param_store()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # step-limit ConvergenceWarnings of the short runs
+        yield
+
+
+def setup(n=200, side=4, noise=0.3, covariance="full"):
+    x, true_dictionary = bars(n, side=side, noise=noise, seed=0)
+    model = SparseCoding(x.size(1), true_dictionary.size(1))
+    encoder = AmortizedNormal(x.size(1), true_dictionary.size(1), hidden=(20,), covariance=covariance)
+    return x, true_dictionary, model, encoder
+
+
+def test_the_dictionary_stage_is_a_plain_per_point_fit():
+    x, _, model, encoder = setup()
+    history = fit_amortized(model, encoder, x, steps=40, encoder_steps=5, seed=3, progress=False)
+    pyro.clear_param_store()
+    plain_model = SparseCoding(x.size(1), model.n_latents)
+    plain = fit(plain_model, LocalMultivariateNormal(plain_model), x, steps=40, seed=3, progress=False)
+    assert history.dictionary.final_elbo == pytest.approx(plain.final_elbo, rel=1e-6)
+    assert history.steps == {"dictionary": 40, "encoder": 5, "joint": 40}
+    capped = fit_amortized(model, encoder, x, steps=3, encoder_steps=5, progress=False)
+    assert capped.steps == {"dictionary": 3, "encoder": 3, "joint": 3}  # steps limits every stage
+
+
+def test_the_joint_stage_optimises_the_amortised_objective_and_reports_it():
+    x, _, model, encoder = setup()
+    history = fit_amortized(model, encoder, x, steps=60, encoder_steps=30, progress=False)
+    assert isinstance(history, AmortizedHistory)
+    # The reported ELBO is the encoder's own posteriors' exact ELBO, evaluated independently.
+    assert history.final_elbo == pytest.approx(training_elbo(model, encoder, x), rel=1e-5)
+    # Each stage goes on from where the last ended, and L-BFGS with a line search only ascends.
+    assert history.joint.elbo[0] >= history.encoder.final_elbo - 1e-4
+    assert history.final_elbo >= history.encoder.final_elbo
+    assert history.encoder.final_elbo >= history.encoder.elbo[0]
+    assert history.stop_reason == history.joint.stop_reason and not history.converged
+
+
+def test_the_per_point_posteriors_leave_the_param_store():
+    x, _, model, encoder = setup()
+    fit_amortized(model, encoder, x, steps=5, encoder_steps=2, progress=False)
+    names = list(pyro.get_param_store().keys())
+    assert not any(name.startswith("LocalMultivariateNormal") for name in names)
+    assert any(name.startswith("AmortizedNormal") for name in names)
+
+
+def test_learn_dictionary_false_starts_from_the_trained_dictionary():
+    x, _, model, encoder = setup()
+    fit(model, LocalMultivariateNormal(model), x, steps=30, progress=False)
+    before = training_elbo(model, encoder, x)
+    history = fit_amortized(model, encoder, x, learn_dictionary=False, steps=20, encoder_steps=20, progress=False)
+    assert history.dictionary is None and history.steps["dictionary"] == 0
+    assert history.final_elbo > before
+
+
+def test_warm_start_keeps_every_bar_that_the_per_point_stage_found():
+    x, true_dictionary, model, _ = setup(n=1000, side=5, noise=0.3)
+    encoder = AmortizedNormal(25, 10, covariance="full")
+    history = fit_amortized(model, encoder, x, steps=1000, encoder_steps=500, progress=False)
+    assert bars_recovery(model.dictionary.detach(), true_dictionary).all_found
+    assert history.final_elbo > history.encoder.final_elbo
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(model="model"), "model must be a pyro_esc.SparseCoding"),
+    (dict(encoder="encoder"), "encoder must be a pyro_esc.AmortizedNormal"),
+    (dict(loss=pyro.infer.Trace_ELBO()), "loss must be EntropyELBO or AnalyticELBO"),
+    (dict(batch_size=10), "full data"),
+    (dict(annealing="default"), "annealing"),
+    (dict(train_dictionary=False), "train_dictionary is set by fit_amortized"),
+    (dict(n_init=0), "n_init must be an integer >= 1"),
+    (dict(encoder_steps=-1), "encoder_steps must be an integer >= 0"),
+    (dict(optimizer="svi"), "optimizer"),
+    (dict(learn_dictionary=False), "never trained"),
+])
+def test_bad_input_is_refused_naming_the_argument(change, match):
+    x, _, model, encoder = setup(n=50)
+    arguments = dict(model=model, encoder=encoder, data=x, steps=2, progress=False)
+    arguments.update(change)
+    with pytest.raises(ValueError, match=match):
+        fit_amortized(**arguments)
+
+
+def test_the_analytic_objective_takes_the_same_stages():
+    x, _, model, encoder = setup(n=100, covariance="diag")
+    history = fit_amortized(model, encoder, x, loss=AnalyticELBO(), steps=10, encoder_steps=5, progress=False)
+    # AnalyticELBO learns lambda and sigma^2: its ELBO is the one at the model's values.
+    assert history.final_elbo == pytest.approx(held_out_elbo(model, encoder, x), rel=1e-5)
+    assert history.final_elbo > history.encoder.elbo[0]
+
+
+def test_run_bars_warm_start():
+    result = run_bars("amortized-full", n=80, side=3, steps=15, warm_start=True, progress=False, reference=False)
+    assert result.warm_start and result.metrics()["warm_start"] is True
+    assert result.optimizer == "LBFGS" and result.steps == 15
+    x, _ = bars(80, side=3, noise=0.3, seed=0)  # run_bars's data
+    assert result.elbo == pytest.approx(training_elbo(result.model, result.guide_object, x), rel=1e-5)
+    with pytest.raises(ValueError, match="warm_start trains amortised guides"):
+        run_bars("local-full", n=40, side=3, steps=2, warm_start=True, progress=False, reference=False)
+    with pytest.raises(ValueError, match="closed-form objective on the full data"):
+        run_bars("amortized-full", n=40, side=3, steps=2, warm_start=True, optimizer="svi", progress=False,
+                 reference=False)
+
+
+def test_the_bars_command_takes_warm_start(tmp_path, capsys):
+    import json
+
+    from pyro_esc.cli import main
+
+    out = tmp_path / "bars"
+    assert main(["bars", "--guide", "amortized-full", "--warm-start", "--n", "60", "--side", "3", "--steps", "6",
+                 "--no-reference", "--out", str(out), "--quiet"]) == 0
+    metrics = json.loads((out / "bars_metrics.json").read_text())
+    assert metrics["warm_start"] is True and metrics["steps"] == 6
+    assert "in the joint stage, after the per-point and encoder stages" in capsys.readouterr().out
