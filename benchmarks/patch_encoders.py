@@ -40,7 +40,12 @@ CONFIGS = {
     "h100-lowrank": ("amortized-lowrank", (100,), "1 x 100, low-rank 5"),
     "h2x200-diag": ("amortized-diag", (200, 200), "2 x 200, diag"),
     "h2x200-lowrank": ("amortized-lowrank", (200, 200), "2 x 200, low-rank 5"),
+    "h200-diag": ("amortized-diag", (200,), "1 x 200, diag"),
     "h300-diag": ("amortized-diag", (300,), "1 x 300, diag"),
+    "h500-diag": ("amortized-diag", (500,), "1 x 500, diag"),
+    "h1000-diag": ("amortized-diag", (1000,), "1 x 1000, diag"),
+    "h2x300-diag": ("amortized-diag", (300, 300), "2 x 300, diag"),
+    "h300-lowrank": ("amortized-lowrank", (300,), "1 x 300, low-rank 5"),
     "h100-full": ("amortized-full", (100,), "1 x 100, full"),
 }
 SIZES = {"full": dict(n=20000, latents=144), "quick": dict(n=5000, latents=100), "tiny": dict(n=300, latents=12)}

@@ -102,6 +102,9 @@ def build_parser():
     patches.add_argument("--optimizer", choices=("auto", "svi", "rowwise"), default="auto",
                          help="fit's route (default auto: row-wise O(batch) steps for per-point guides on "
                               "minibatches)")
+    patches.add_argument("--hidden", type=int, nargs="+", default=list(experiments.PATCH_ENCODER_HIDDEN),
+                         help=f"amortised guides: units of each hidden layer of the encoder (default "
+                              f"{' '.join(map(str, experiments.PATCH_ENCODER_HIDDEN))})")
     patches.add_argument("--inner-steps", type=int, default=None,
                          help="row-wise route: updates of each batch's posteriors per step (default 4)")
     patches.set_defaults(run=_patches)
@@ -193,7 +196,7 @@ def _patches(args):
                                      n_latents=args.latents, steps=args.steps, epochs=args.epochs,
                                      batch_size=args.batch_size, lr=args.lr, annealing=annealing, seed=args.seed,
                                      device=args.device, progress=not args.quiet, optimizer=args.optimizer,
-                                     inner_steps=args.inner_steps)
+                                     inner_steps=args.inner_steps, hidden=tuple(args.hidden))
     figure = plots.plot_fields(result.dictionary, shape=(args.size, args.size), whitening=whitening,
                                title=f"{args.latents} generative fields of {args.size}x{args.size} whitened patches")
     plots.save_figure(figure, os.path.join(args.out, "patches_fields.png"))

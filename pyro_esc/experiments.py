@@ -366,6 +366,13 @@ def bars_figures(out, results, x, side):
 # -------------------------------------------------------------------- patches
 
 
+#: The amortised encoder of the patches experiment: one hidden layer of 500 units. With 144 latents, one
+#: layer of 100 units (AmortizedNormal's default) ends 48 nats per patch lower and two layers of 200 or
+#: 300 do not help; 500 is within 1.5 nats of 1000 at two thirds of its time (BENCHMARKS.md, "The
+#: paper's experiments"; benchmarks/patch_encoders.py).
+PATCH_ENCODER_HIDDEN = (500,)
+
+
 def patch_data(n, size, seed, method="zca", epsilon=0.1, n_components=None):
     """Whitened natural image patches (DC removed per patch) and the fitted whitening.
 
@@ -381,7 +388,7 @@ def patch_data(n, size, seed, method="zca", epsilon=0.1, n_components=None):
 
 def run_patches(x, whitening, size, guide="amortized-diag", objective="entropy", n_latents=100, steps=2000,
                 epochs=None, batch_size=None, lr=None, lr_schedule="cosine", annealing=None, seed=0, device=None,
-                progress=True, snapshots=(), hidden=(100,), optimizer="auto", inner_steps=None):
+                progress=True, snapshots=(), hidden=PATCH_ENCODER_HIDDEN, optimizer="auto", inner_steps=None):
     """Learn sparse codes of whitened patches; return a :class:`PatchesResult` (metrics, fields, snapshots).
 
     The learning rate follows a cosine schedule down to a tenth by default: at a
@@ -395,6 +402,7 @@ def run_patches(x, whitening, size, guide="amortized-diag", objective="entropy",
     :param float lr: initial learning rate (None: fit's default for the route).
     :param int inner_steps: row-wise route: updates of the batch's posteriors per step (None: fit's default).
     :param snapshots: steps at which to keep a copy of the dictionary.
+    :param hidden: amortised guides: the encoder's hidden layers (default :data:`PATCH_ENCODER_HIDDEN`).
     """
     _seed_everything(seed)
     model = SparseCoding(x.size(1), n_latents)
