@@ -340,7 +340,9 @@ class AmortizedNormal(PyroModule):
     :param int data_dim: D.
     :param int n_latents: H.
     :param tuple hidden: sizes of the hidden layers; default (100,). Empty: a linear encoder
-        (or, with ``blocks``, residual blocks of width D).
+        (or, with ``blocks``, residual blocks of width D). With many latents make the layer
+        wider than H: on whitened patches with H = 144 the default learns a far worse
+        dictionary than one layer of 500 (BENCHMARKS.md, "Which encoder for the patches").
     :param str covariance: ``"diag"`` (default), ``"lowrank"`` or ``"full"``.
     :param float init_scale: initial posterior standard deviation; default 0.1.
     :param float out_init: factor on the output layers' initial weights; default 0.01.

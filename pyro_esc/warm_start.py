@@ -41,11 +41,11 @@ from .objectives import AnalyticELBO, EntropyELBO
 
 __all__ = ["AmortizedHistory", "fit_amortized", "DEFAULT_ENCODER_STEPS"]
 
-#: L-BFGS steps of the encoder-only stage of :func:`fit_amortized` (README, "Amortised inference").
+#: L-BFGS steps of the encoder-only stage of :func:`fit_amortized` (BENCHMARKS.md, "Amortised inference").
 DEFAULT_ENCODER_STEPS = 2000
 
 #: fit options whose meaning :func:`fit_amortized` fixes stage by stage.
-_STAGE_OPTIONS = ("train_dictionary", "train_model", "n_init", "resume", "checkpoint", "checkpoint_every")
+_STAGE_OPTIONS = ("train_dictionary", "train_model", "resume", "checkpoint", "checkpoint_every")
 
 
 @dataclass

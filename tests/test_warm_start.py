@@ -21,7 +21,7 @@ def quiet():
         yield
 
 
-def setup(n=200, side=4, noise=0.3, covariance="full"):
+def problem(n=200, side=4, noise=0.3, covariance="full"):
     x, true_dictionary = bars(n, side=side, noise=noise, seed=0)
     model = SparseCoding(x.size(1), true_dictionary.size(1))
     encoder = AmortizedNormal(x.size(1), true_dictionary.size(1), hidden=(20,), covariance=covariance)
@@ -29,7 +29,7 @@ def setup(n=200, side=4, noise=0.3, covariance="full"):
 
 
 def test_the_dictionary_stage_is_a_plain_per_point_fit():
-    x, _, model, encoder = setup()
+    x, _, model, encoder = problem()
     history = fit_amortized(model, encoder, x, steps=40, encoder_steps=5, seed=3, progress=False)
     pyro.clear_param_store()
     plain_model = SparseCoding(x.size(1), model.n_latents)
@@ -41,7 +41,7 @@ def test_the_dictionary_stage_is_a_plain_per_point_fit():
 
 
 def test_the_joint_stage_optimises_the_amortised_objective_and_reports_it():
-    x, _, model, encoder = setup()
+    x, _, model, encoder = problem()
     history = fit_amortized(model, encoder, x, steps=60, encoder_steps=30, progress=False)
     assert isinstance(history, AmortizedHistory)
     # The reported ELBO is the encoder's own posteriors' exact ELBO, evaluated independently.
@@ -54,7 +54,7 @@ def test_the_joint_stage_optimises_the_amortised_objective_and_reports_it():
 
 
 def test_the_per_point_posteriors_leave_the_param_store():
-    x, _, model, encoder = setup()
+    x, _, model, encoder = problem()
     fit_amortized(model, encoder, x, steps=5, encoder_steps=2, progress=False)
     names = list(pyro.get_param_store().keys())
     assert not any(name.startswith("LocalMultivariateNormal") for name in names)
@@ -62,7 +62,7 @@ def test_the_per_point_posteriors_leave_the_param_store():
 
 
 def test_learn_dictionary_false_starts_from_the_trained_dictionary():
-    x, _, model, encoder = setup()
+    x, _, model, encoder = problem()
     fit(model, LocalMultivariateNormal(model), x, steps=30, progress=False)
     before = training_elbo(model, encoder, x)
     history = fit_amortized(model, encoder, x, learn_dictionary=False, steps=20, encoder_steps=20, progress=False)
@@ -71,7 +71,7 @@ def test_learn_dictionary_false_starts_from_the_trained_dictionary():
 
 
 def test_warm_start_keeps_every_bar_that_the_per_point_stage_found():
-    x, true_dictionary, model, _ = setup(n=1000, side=5, noise=0.3)
+    x, true_dictionary, model, _ = problem(n=1000, side=5, noise=0.3)
     encoder = AmortizedNormal(25, 10, covariance="full")
     history = fit_amortized(model, encoder, x, steps=1000, encoder_steps=500, progress=False)
     assert bars_recovery(model.dictionary.detach(), true_dictionary).all_found
@@ -91,7 +91,7 @@ def test_warm_start_keeps_every_bar_that_the_per_point_stage_found():
     (dict(learn_dictionary=False), "never trained"),
 ])
 def test_bad_input_is_refused_naming_the_argument(change, match):
-    x, _, model, encoder = setup(n=50)
+    x, _, model, encoder = problem(n=50)
     arguments = dict(model=model, encoder=encoder, data=x, steps=2, progress=False)
     arguments.update(change)
     with pytest.raises(ValueError, match=match):
@@ -99,7 +99,7 @@ def test_bad_input_is_refused_naming_the_argument(change, match):
 
 
 def test_the_analytic_objective_takes_the_same_stages():
-    x, _, model, encoder = setup(n=100, covariance="diag")
+    x, _, model, encoder = problem(n=100, covariance="diag")
     history = fit_amortized(model, encoder, x, loss=AnalyticELBO(), steps=10, encoder_steps=5, progress=False)
     # AnalyticELBO learns lambda and sigma^2: its ELBO is the one at the model's values.
     assert history.final_elbo == pytest.approx(held_out_elbo(model, encoder, x), rel=1e-5)
