@@ -366,10 +366,9 @@ def bars_figures(out, results, x, side):
 # -------------------------------------------------------------------- patches
 
 
-#: The amortised encoder of the patches experiment: one hidden layer of 500 units. With 144 latents, one
-#: layer of 100 units (AmortizedNormal's default) ends 48 nats per patch lower and two layers of 200 or
-#: 300 do not help; 500 is within 1.5 nats of 1000 at two thirds of its time (BENCHMARKS.md, "The
-#: paper's experiments"; benchmarks/patch_encoders.py).
+#: The amortised encoder of the patches experiment: one hidden layer of 500 units, chosen on the full
+#: experiment (H = 144) over AmortizedNormal's 100 units, low-rank heads, two layers and 1000 units
+#: (BENCHMARKS.md, "Which encoder for the patches"; benchmarks/patch_encoders.py).
 PATCH_ENCODER_HIDDEN = (500,)
 
 
