@@ -130,6 +130,7 @@ def run_one(config, data, seed, recipe, steps, refine, n=N):
         lbfgs_refinement = recipe.startswith("semil")
         trained = SemiAmortized(guide, model, steps=int(recipe[5 if lbfgs_refinement else 4:]),
                                 method="lbfgs" if lbfgs_refinement else "adam")
+    stage_steps = None  # steps per stage, for the warm-started recipes
     started = time.perf_counter()
     if recipe == "lbfgs":
         # tol 1e-6 and 5000 steps, fit's defaults when the table was measured (now 1e-7 and 20000).
@@ -154,8 +155,6 @@ def run_one(config, data, seed, recipe, steps, refine, n=N):
         history = fit(model, trained, x, loss=EntropyELBO(), optimizer="svi", steps=steps, seed=seed,
                       optim=bars_optimizer(guide, steps), progress=False)
     seconds = time.perf_counter() - started
-    if not recipe.startswith("warm"):
-        stage_steps = None
     record = dict(config=config, data=data, seed=seed, recipe=name, n=x.size(0), steps=history.step[-1],
                   stop_reason=history.stop_reason, train_time_s=round(seconds, 2),
                   elbo=training_elbo(model, trained, x), encoder_elbo=training_elbo(model, guide, x))

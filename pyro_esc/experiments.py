@@ -304,12 +304,9 @@ def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3,
         options = dict(optimizer="lbfgs", tol=tol, finish_in_float64=finish_in_float64)
     start = time.perf_counter()
     if warm_start:
-        options.pop("optimizer")
-        if annealing is not None:
-            options["annealing"] = annealing  # fit_amortized explains why it refuses
         history = fit_amortized(model, guide_object, x, loss=loss, steps=steps, n_init=n_init,
                                 seed=seed if init_seed is None else init_seed, device=device, progress=progress,
-                                **options).joint
+                                annealing=annealing, **options).joint
     else:
         history = fit(model, guide_object, x, loss=loss, steps=steps, batch_size=batch_size,
                       seed=seed if init_seed is None else init_seed, device=device, progress=progress,
