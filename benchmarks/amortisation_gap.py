@@ -30,9 +30,11 @@ Training recipes (``--recipe``):
   its own ELBO. "ELBO/N" is then the refined posteriors' (the encoder alone: ``encoder_elbo``), and
   the gaps are the encoder's; ``semilK`` (e.g. ``semil10``) refines by L-BFGS (``method="lbfgs"``);
 - ``warm``: :func:`pyro_esc.fit_amortized` at its defaults: the dictionary from per-point
-  full-covariance posteriors, the encoder alone at it, then encoder and dictionary together on the
-  amortised objective until fit's convergence test (``--steps``: each stage's step limit); ``warmK``
-  (e.g. ``warm0``) with K steps of the encoder-only stage instead of its default;
+  full-covariance posteriors, the encoder alone at it, encoder and dictionary together on the
+  amortised objective until fit's convergence test, then the encoder alone on the data and points
+  drawn from the model (``--steps``: each stage's step limit); ``warmK`` (e.g. ``warm0``) with K
+  steps of the first encoder-only stage instead of its default, and a suffix ``-sM`` (``warm-s0``,
+  ``warm0-s0``) with M model samples (0: no model-samples stage);
 - ``staged``: the dictionary learned first with per-point full-covariance posteriors
   (:class:`~pyro_esc.LocalMultivariateNormal`, fit's defaults), then the encoder alone at that
   dictionary (``train_dictionary=False``, L-BFGS to fit's convergence test or ``--steps``);
@@ -111,7 +113,7 @@ def run_one(config, data, seed, recipe, steps, refine, n=N):
                           fit_amortized, held_out_elbo, training_elbo)
     from pyro_esc.experiments import bars_optimizer
     from pyro_esc.metrics import bars_recovery
-    from pyro_esc.warm_start import DEFAULT_ENCODER_STEPS
+    from pyro_esc.warm_start import DEFAULT_ENCODER_STEPS, DEFAULT_MODEL_SAMPLES
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -137,11 +139,14 @@ def run_one(config, data, seed, recipe, steps, refine, n=N):
         history = fit(model, guide, x, loss=EntropyELBO(), optimizer="lbfgs", steps=steps or 5000, tol=1e-6,
                       seed=seed, progress=False)
     elif recipe.startswith("warm"):
-        # pyro_esc.fit_amortized: per-point dictionary, encoder alone (warmK: K steps), then both jointly
-        # on the amortised objective until fit's convergence test (or --steps per stage).
-        encoder_steps = int(recipe[4:]) if recipe[4:] else DEFAULT_ENCODER_STEPS
+        # pyro_esc.fit_amortized: per-point dictionary, encoder alone (warmK: K steps), both jointly on the
+        # amortised objective until fit's convergence test (or --steps per stage), then the encoder alone on
+        # the data and model samples (warm-sM: M samples, 0 skips the stage).
+        encoder_part, _, samples_part = recipe[4:].partition("-s")
+        encoder_steps = int(encoder_part) if encoder_part else DEFAULT_ENCODER_STEPS
+        model_samples = int(samples_part) if samples_part else DEFAULT_MODEL_SAMPLES
         stages = fit_amortized(model, guide, x, loss=EntropyELBO(), steps=steps, encoder_steps=encoder_steps,
-                               seed=seed, progress=False)
+                               model_samples=model_samples, seed=seed, progress=False)
         history = stages.joint
         stage_steps = stages.steps
     elif recipe == "staged":
@@ -194,9 +199,9 @@ def table(records):
     groups = {}
     for record in records:
         groups.setdefault((record["data"], record["config"], record["recipe"]), []).append(record)
-    lines = ["| data    | encoder                       | recipe  | seeds | all bars | mean bars | ELBO/N   "
+    lines = ["| data    | encoder                       | recipe   | seeds | all bars | mean bars | ELBO/N   "
              "| gap train | gap test | refined gap train / test | train time/run |",
-             "|---------|-------------------------------|---------|-------|----------|-----------|----------"
+             "|---------|-------------------------------|----------|-------|----------|-----------|----------"
              "|-----------|----------|--------------------------|----------------|"]
     for (data, config, recipe), rows in sorted(groups.items(), key=lambda item: (DATA.index(item[0][0]),
                                                                                  list(CONFIGS).index(item[0][1]),
@@ -209,7 +214,7 @@ def table(records):
                         f"{statistics.mean(r['refined_gap_test'] for r in refined):7.4f} "
                         f"(K={refined[0]['refine_steps']})"
                         if refined else "-")
-        lines.append(f"| {data:7s} | {CONFIGS[config][0]:29s} | {recipe:7s} | {len(rows):5d} | {bars_cells} | "
+        lines.append(f"| {data:7s} | {CONFIGS[config][0]:29s} | {recipe:8s} | {len(rows):5d} | {bars_cells} | "
                      f"{mean('elbo'):8.3f} | {mean('gap_train'):9.4f} | {mean('gap_test'):8.4f} | "
                      f"{refined_cell:24s} | {mean('train_time_s'):9.1f} s    |")
     return "\n".join(lines)
@@ -224,8 +229,9 @@ def main(argv=None):
     parser.add_argument("--recipe", default="lbfgs",
                         help="lbfgs, adam, semiK or semilK (the adam recipe training SemiAmortized(encoder, "
                              "steps=K), refining by Adam or by L-BFGS), staged (the dictionary from per-point "
-                             "posteriors first, then the encoder alone), warm or warmK (pyro_esc.fit_amortized, "
-                             "K encoder-only steps: staged, then both jointly); a suffix 64 runs in float64")
+                             "posteriors first, then the encoder alone), warm, warmK or warmK-sM "
+                             "(pyro_esc.fit_amortized, K encoder-only steps, M model samples: staged, then both "
+                             "jointly, then the encoder on data and model samples); a suffix 64 runs in float64")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--refine", type=int, default=0, help="also report the gap after K refinement steps")
     parser.add_argument("--n", type=int, default=N, help="training (and held-out) points")

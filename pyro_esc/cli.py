@@ -65,8 +65,9 @@ def build_parser():
                            "better one for diagonal and amortised posteriors); lbfgs or svi to choose")
     bars.add_argument("--warm-start", action="store_true",
                       help="amortised guides: learn the dictionary with per-point full covariances first, then "
-                           "the encoder alone, then both on the amortised objective until convergence (L-BFGS "
-                           "throughout; pyro_esc.warm_start.fit_amortized)")
+                           "the encoder alone, then both on the amortised objective until convergence, then the "
+                           "encoder alone on the data and points drawn from the model (L-BFGS throughout; "
+                           "pyro_esc.warm_start.fit_amortized)")
     bars.add_argument("--n-init", type=int, default=None,
                       help=f"initialisations (restarts); the best final ELBO is kept (default "
                            f"{experiments.BARS_N_INIT} with L-BFGS, 1 with SVI)")
@@ -178,7 +179,8 @@ def _bars(args):
               f"reference = {result.elbo_minus_reference:+.4f} per data point")
     if result.n_init > 1:
         print("restarts: final ELBO " + ", ".join(f"{value:.4f}" for value in result.restart_elbos))
-    stage = " in the joint stage, after the per-point and encoder stages" if result.warm_start else ""
+    stage = (" in the joint stage, after the per-point and encoder stages and before the model-samples stage"
+             if result.warm_start else "")
     print(f"{result.steps} steps{stage}; {result.stop_reason}")
     print(f"figures and metrics in {args.out}/ ({os.path.basename(path)}); the model in bars_model.pt "
           f"(pyro_esc.load)")

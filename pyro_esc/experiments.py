@@ -271,8 +271,10 @@ def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3,
         float32 stalls, as runs did before it existed.
     :param bool warm_start: amortised guides: train with :func:`~pyro_esc.warm_start.fit_amortized`
         (the dictionary from per-point full covariances, then the encoder alone, then both on the
-        amortised objective until convergence; L-BFGS throughout, ``n_init`` for the per-point stage).
-        ``steps`` is then each stage's step limit, and ``steps``/``stop_reason`` describe the joint stage.
+        amortised objective until convergence, then the encoder alone on the data and points drawn
+        from the model; L-BFGS throughout, ``n_init`` for the per-point stage). ``steps`` is then each
+        stage's step limit, ``steps``/``stop_reason`` describe the joint stage, and ``elbo`` is the
+        returned encoder's.
     :param bool reference: also fit the posteriors with the generating dictionary held fixed
         (:func:`~pyro_esc.evaluation.reference_elbo`) and report the learned ELBO minus that one.
     :returns: :class:`BarsResult`: the final exact ELBO per data point, the reference ELBO and the
@@ -304,13 +306,15 @@ def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3,
         options = dict(optimizer="lbfgs", tol=tol, finish_in_float64=finish_in_float64)
     start = time.perf_counter()
     if warm_start:
-        history = fit_amortized(model, guide_object, x, loss=loss, steps=steps, n_init=n_init,
-                                seed=seed if init_seed is None else init_seed, device=device, progress=progress,
-                                annealing=annealing, **options).joint
+        stages = fit_amortized(model, guide_object, x, loss=loss, steps=steps, n_init=n_init,
+                               seed=seed if init_seed is None else init_seed, device=device, progress=progress,
+                               annealing=annealing, **options)
+        history, final_elbo = stages.joint, stages.final_elbo
     else:
         history = fit(model, guide_object, x, loss=loss, steps=steps, batch_size=batch_size,
                       seed=seed if init_seed is None else init_seed, device=device, progress=progress,
                       annealing=annealing, n_init=n_init, **options)
+        final_elbo = history.final_elbo
     wall_time = time.perf_counter() - start
     dictionary = model.dictionary.detach().cpu()
     recovery = bars_recovery(dictionary, true_dictionary)
@@ -322,8 +326,8 @@ def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3,
         init_seed=seed if init_seed is None else init_seed, dtype=str(x.dtype).replace("torch.", ""),
         annealing=_annealing_label(loss),
         optimizer=history.optimizer, n_init=n_init, converged=history.converged, stop_reason=history.stop_reason,
-        elbo=history.final_elbo, reference_elbo=reference_value,
-        elbo_minus_reference=None if reference_value is None else history.final_elbo - reference_value,
+        elbo=final_elbo, reference_elbo=reference_value,
+        elbo_minus_reference=None if reference_value is None else final_elbo - reference_value,
         restart_elbos=history.restart_elbos, bars_found=recovery.num_found, all_bars_found=recovery.all_found,
         cosines=[round(float(c), 4) for c in recovery.cosines], wall_time_s=round(wall_time, 2),
         noise_var=history.noise_var[-1],

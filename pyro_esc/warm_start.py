@@ -9,7 +9,7 @@ find from one initialisation (BENCHMARKS.md, "Amortised inference"). Our reading
 point, and the dictionary commits to what such posteriors can explain.
 
 :func:`fit_amortized` lets the per-point posteriors choose where the amortised
-objective is optimised from, in three :func:`~pyro_esc.fit` calls:
+objective is optimised from, in four :func:`~pyro_esc.fit` calls:
 
 1. **dictionary**: W (and lambda, sigma^2) learned with per-point full-covariance
    posteriors, L-BFGS to convergence (skipped with ``learn_dictionary=False``, for
@@ -18,31 +18,51 @@ objective is optimised from, in three :func:`~pyro_esc.fit` calls:
    for ``encoder_steps`` L-BFGS steps, so that the joint stage starts from
    posteriors close to the per-point ones instead of the encoder's initialisation;
 3. **joint**: encoder and dictionary together on the amortised objective, L-BFGS
-   until ``fit``'s convergence test holds.
+   until ``fit``'s convergence test holds;
+4. **samples**: the encoder alone again, at the model the joint stage learned (W,
+   lambda, sigma^2 all fixed), on the data together with ``model_samples`` points
+   drawn from that model, for ``sample_steps`` L-BFGS steps.
 
-The last stage optimises the amortised ELBO itself, and ``final_elbo`` is its value,
-the encoder's posteriors with no refinement: the per-point stage only picks the
-starting point. Its posteriors are removed from Pyro's param store once it ends
-(they describe only the training points; :func:`~pyro_esc.encode` refits
-per-point posteriors for any data).
+Stage 3 fits the encoder to N points, and an encoder with more weights than the
+data pin down fits them better than it fits new points of the same source: its
+posteriors on held-out data fall further below the per-point optimum (the
+amortisation gap) than on the training points. Stage 4 shows it the model's own
+distribution, which is what new data come from if the model fits: x ~ p(x | W,
+lambda, sigma^2) is as cheap to draw as one likes. With every model parameter
+fixed, each point's ELBO (:class:`~pyro_esc.AnalyticELBO` at the learned scales)
+depends on the encoder alone, so the drawn points teach the encoder and change
+nothing else: the dictionary, lambda and sigma^2 are those of stage 3.
+
+The per-point stage only picks the starting point: stages 3 and 4 optimise the
+amortised ELBO itself, and ``final_elbo`` is its value on the data, the encoder's
+posteriors with no refinement. The per-point posteriors are removed from Pyro's
+param store once their stage ends (they describe only the training points;
+:func:`~pyro_esc.encode` refits per-point posteriors for any data).
 """
 
 from dataclasses import dataclass
 from typing import Optional
 
 import pyro
+import torch
 
 from ._checks import check_int
 from ._pyro_internals import module_name
+from .evaluation import held_out_elbo
 from .guides import AmortizedNormal, LocalMultivariateNormal
 from .history import History
 from .model import SparseCoding
 from .objectives import AnalyticELBO, EntropyELBO
 
-__all__ = ["AmortizedHistory", "fit_amortized", "DEFAULT_ENCODER_STEPS"]
+__all__ = ["AmortizedHistory", "fit_amortized", "DEFAULT_ENCODER_STEPS", "DEFAULT_MODEL_SAMPLES",
+           "DEFAULT_SAMPLE_STEPS"]
 
 #: L-BFGS steps of the encoder-only stage of :func:`fit_amortized` (BENCHMARKS.md, "Amortised inference").
 DEFAULT_ENCODER_STEPS = 2000
+#: Points drawn from the trained model for the last stage of :func:`fit_amortized` (same table).
+DEFAULT_MODEL_SAMPLES = 9000
+#: L-BFGS steps of that stage (same table).
+DEFAULT_SAMPLE_STEPS = 1000
 
 #: fit options whose meaning :func:`fit_amortized` fixes stage by stage.
 _STAGE_OPTIONS = ("train_dictionary", "train_model", "resume", "checkpoint", "checkpoint_every")
@@ -50,21 +70,20 @@ _STAGE_OPTIONS = ("train_dictionary", "train_model", "resume", "checkpoint", "ch
 
 @dataclass
 class AmortizedHistory:
-    """The three :class:`~pyro_esc.History` objects of :func:`fit_amortized`, one per stage.
+    """The :class:`~pyro_esc.History` objects of :func:`fit_amortized`, one per stage, and the final ELBO.
 
-    ``dictionary`` is None when the dictionary stage was skipped. :attr:`final_elbo`,
-    :attr:`converged` and :attr:`stop_reason` are the joint stage's: the amortised ELBO
-    per data point and how its optimisation ended.
+    ``dictionary`` is None when the dictionary stage was skipped, ``samples`` when the
+    model-samples stage was. :attr:`converged` and :attr:`stop_reason` are the joint
+    stage's, the last to train the model.
     """
 
     dictionary: Optional[History]
     encoder: History
     joint: History
-
-    @property
-    def final_elbo(self):
-        """The amortised ELBO per data point after the joint stage (exact, the encoder's posteriors)."""
-        return self.joint.final_elbo
+    samples: Optional[History]
+    #: The amortised ELBO per data point of the returned model and encoder (exact, the encoder's
+    #: posteriors, at the model's lambda and sigma^2: :func:`~pyro_esc.held_out_elbo` on the data).
+    final_elbo: float
 
     @property
     def converged(self):
@@ -76,41 +95,46 @@ class AmortizedHistory:
 
     @property
     def steps(self):
-        """Steps per stage: ``{"dictionary": ..., "encoder": ..., "joint": ...}`` (0 for a skipped stage)."""
+        """Steps per stage: ``{"dictionary": ..., "encoder": ..., "joint": ..., "samples": ...}`` (0: skipped)."""
         return {name: (history.step[-1] if history is not None and history.step else 0)
                 for name, history in (("dictionary", self.dictionary), ("encoder", self.encoder),
-                                      ("joint", self.joint))}
+                                      ("joint", self.joint), ("samples", self.samples))}
 
 
 def fit_amortized(model, encoder, data, loss=None, *, learn_dictionary=True, encoder_steps=DEFAULT_ENCODER_STEPS,
-                  n_init=1, seed=0, progress=True, **fit_options):
+                  model_samples=DEFAULT_MODEL_SAMPLES, sample_steps=DEFAULT_SAMPLE_STEPS, n_init=1, seed=0,
+                  progress=True, **fit_options):
     """Train ``model`` and an amortised ``encoder`` on ``data``, warm-started from per-point posteriors.
 
-    The three stages (module docstring): per-point full covariances learn the dictionary;
-    the encoder alone learns to produce their posteriors at that dictionary; then both
-    are trained together on the amortised objective until convergence. Every stage is a
-    :func:`~pyro_esc.fit` call on the full data with ``loss``, which takes the L-BFGS route.
+    The four stages (module docstring): per-point full covariances learn the dictionary;
+    the encoder alone learns to produce their posteriors at that dictionary; both are
+    trained together on the amortised objective until convergence; then the encoder
+    alone, with the model fixed, on the data and points drawn from the model. The first
+    three are :func:`~pyro_esc.fit` calls on the full data with ``loss``, the last with
+    :class:`~pyro_esc.AnalyticELBO` at the fixed model; all take the L-BFGS route.
 
     :param model: a :class:`~pyro_esc.SparseCoding`.
     :param encoder: an :class:`~pyro_esc.AmortizedNormal`.
     :param data: the data, (N, D) (as for :func:`~pyro_esc.fit`).
     :param loss: :class:`~pyro_esc.EntropyELBO` (default) or :class:`~pyro_esc.AnalyticELBO`: a
-        deterministic objective on the full data, which every stage optimises.
+        deterministic objective on the full data, which the first three stages optimise.
     :param bool learn_dictionary: False skips the per-point stage and starts from the model's
         current dictionary (a model trained already, e.g. by a per-point guide, or loaded).
     :param int encoder_steps: L-BFGS steps of the encoder-only stage (0 skips it; at most ``steps``).
+    :param int model_samples: points drawn from the trained model for the last stage (0 skips it).
+    :param int sample_steps: L-BFGS steps of the last stage (0 skips it; at most ``steps``).
     :param int n_init: initialisations of the per-point stage; the best final ELBO is kept.
     :param int seed: seed of every stage.
     :param bool progress: progress bars.
     :param fit_options: further :func:`~pyro_esc.fit` arguments for the dictionary and joint stages
         (``steps``, ``tol``, ``dtype``, ``finish_in_float64``, ``callback``, ...); ``steps`` is every
-        stage's step limit, the encoder stage's included.
+        stage's step limit, the two encoder-only stages' included.
     :returns: :class:`AmortizedHistory`.
     :raises ValueError: for a model that is not a SparseCoding, an encoder that is not an
         AmortizedNormal, a sampled objective or minibatches, a fit option the stages set
         themselves, or ``learn_dictionary=False`` with a model that was never initialised.
     """
-    from .training import fit
+    from .training import _prepare_data, fit
 
     if not isinstance(model, SparseCoding):
         raise ValueError(f"model must be a pyro_esc.SparseCoding, got {type(model).__name__}")
@@ -132,6 +156,8 @@ def fit_amortized(model, encoder, data, loss=None, *, learn_dictionary=True, enc
         raise ValueError(f"optimizer: fit_amortized trains with L-BFGS, got {fit_options['optimizer']!r}")
     fit_options["optimizer"] = "lbfgs"
     encoder_steps = check_int(encoder_steps, "encoder_steps", minimum=0)
+    model_samples = check_int(model_samples, "model_samples", minimum=0)
+    sample_steps = check_int(sample_steps, "sample_steps", minimum=0)
     n_init = check_int(n_init, "n_init", minimum=1)
     if not learn_dictionary and not bool(model.initialized):
         raise ValueError("learn_dictionary=False starts from the model's dictionary, but this model was never "
@@ -149,6 +175,7 @@ def fit_amortized(model, encoder, data, loss=None, *, learn_dictionary=True, enc
                        if key not in ("steps", "tol", "gtol", "callback")}
     limit = fit_options.get("steps")
     encoder_steps = encoder_steps if limit is None else min(encoder_steps, limit)
+    sample_steps = sample_steps if limit is None else min(sample_steps, limit)
     if encoder_steps:
         # A fixed budget (no convergence test): this stage only brings the encoder near the
         # per-point posteriors; the joint stage converges.
@@ -157,7 +184,19 @@ def fit_amortized(model, encoder, data, loss=None, *, learn_dictionary=True, enc
     else:
         encoder_history = History()
     joint_history = fit(model, encoder, data, **common, **fit_options)
-    return AmortizedHistory(dictionary_history, encoder_history, joint_history)
+
+    x = _prepare_data(data, fit_options.get("device"), fit_options.get("dtype"))
+    samples_history = None
+    if model_samples and sample_steps:
+        pyro.set_rng_seed(seed)
+        _, drawn = model.sample(model_samples)
+        # Every model parameter fixed: the standard ELBO at the learned scales, the objective the
+        # encoder is judged by on new data, and one the drawn points cannot move the model with.
+        samples_history = fit(model, encoder, torch.cat([x, drawn.to(x)]), loss=AnalyticELBO(), train_model=False,
+                              steps=sample_steps, tol=None, gtol=None, seed=seed, progress=progress,
+                              **encoder_options)
+    return AmortizedHistory(dictionary_history, encoder_history, joint_history, samples_history,
+                            final_elbo=held_out_elbo(model, encoder, x))
 
 
 def _forget(guide):

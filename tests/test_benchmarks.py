@@ -108,14 +108,19 @@ def test_bars_grid_records_each_run_and_tabulates(tmp_path, capsys):
 
 def test_amortisation_gap_runs_the_warm_started_recipe(tmp_path):
     out = str(tmp_path / "gap.jsonl")
-    text = load("amortisation_gap").main(["--configs", "h100-full", "--data", "bars0.3", "--seeds", "1", "--recipe",
-                                          "warm5", "--steps", "3", "--n", "60", "--refine", "2", "--out", out])
-    assert "| warm5 " in text
+    for recipe in ("warm5-s100", "warm5-s0"):  # 100 model samples; none (no model-samples stage)
+        text = load("amortisation_gap").main(["--configs", "h100-full", "--data", "bars0.3", "--seeds", "1",
+                                              "--recipe", recipe, "--steps", "3", "--n", "60", "--refine", "2",
+                                              "--out", out])
+    assert "| warm5-s100 " in text and "| warm5-s0 " in text
     import json
 
-    record = json.loads(open(out).read())
-    assert record["stage_steps"] == {"dictionary": 3, "encoder": 3, "joint": 3}  # --steps limits every stage
-    assert record["gap_train"] >= -1e-3 and record["refined_gap_train"] <= record["gap_train"] + 1e-3
+    with_samples, without = [json.loads(line) for line in open(out)]
+    # --steps limits every stage
+    assert with_samples["stage_steps"] == {"dictionary": 3, "encoder": 3, "joint": 3, "samples": 3}
+    assert without["stage_steps"] == {"dictionary": 3, "encoder": 3, "joint": 3, "samples": 0}
+    for record in (with_samples, without):
+        assert record["gap_train"] >= -1e-3 and record["refined_gap_train"] <= record["gap_train"] + 1e-3
 
 
 def test_minibatch_bias_measures_batch_and_running_estimates(capsys):
