@@ -162,13 +162,15 @@ def fit_amortized(model, encoder, data, loss=None, *, learn_dictionary=True, enc
     if not learn_dictionary and not bool(model.initialized):
         raise ValueError("learn_dictionary=False starts from the model's dictionary, but this model was never "
                          "trained or initialised; train it first or pass learn_dictionary=True")
+    # Converted once (dtype, device), for every stage and for the drawn points to join.
+    x = _prepare_data(data, fit_options.get("device"), fit_options.get("dtype"))
     common = dict(loss=loss, seed=seed, progress=progress)
 
     dictionary_history = None
     if learn_dictionary:
         local = LocalMultivariateNormal(model)
         try:
-            dictionary_history = fit(model, local, data, n_init=n_init, **common, **fit_options)
+            dictionary_history = fit(model, local, x, n_init=n_init, **common, **fit_options)
         finally:
             _forget(local)
     encoder_options = {key: value for key, value in fit_options.items()
@@ -179,13 +181,12 @@ def fit_amortized(model, encoder, data, loss=None, *, learn_dictionary=True, enc
     if encoder_steps:
         # A fixed budget (no convergence test): this stage only brings the encoder near the
         # per-point posteriors; the joint stage converges.
-        encoder_history = fit(model, encoder, data, train_dictionary=False, steps=encoder_steps, tol=None, gtol=None,
+        encoder_history = fit(model, encoder, x, train_dictionary=False, steps=encoder_steps, tol=None, gtol=None,
                               **common, **encoder_options)
     else:
         encoder_history = History()
-    joint_history = fit(model, encoder, data, **common, **fit_options)
+    joint_history = fit(model, encoder, x, **common, **fit_options)
 
-    x = _prepare_data(data, fit_options.get("device"), fit_options.get("dtype"))
     samples_history = None
     if model_samples and sample_steps:
         pyro.set_rng_seed(seed)
