@@ -76,6 +76,7 @@ CONFIGS = {
                                                                       covariance="lowrank")),
     "h2x100-full": ("2 x 100, ELU, full", lambda d: dict(hidden=(100, 100), covariance="full")),
     "h300-full": ("1 x 300, ELU, full", lambda d: dict(hidden=(300,), covariance="full")),
+    "h500-full": ("1 x 500, ELU, full", lambda d: dict(hidden=(500,), covariance="full")),
     "h2x100-lowrank": ("2 x 100, ELU, lowrank 5", lambda d: dict(hidden=(100, 100), covariance="lowrank")),
     "h3x10D-full": ("3 x 10D, ELU, full", lambda d: dict(hidden=(10 * d,) * 3, covariance="full")),
     "h2x20D-full": ("2 x 20D, ELU, full", lambda d: dict(hidden=(20 * d, 20 * d), covariance="full")),

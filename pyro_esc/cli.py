@@ -68,6 +68,9 @@ def build_parser():
                            "the encoder alone, then both on the amortised objective until convergence, then the "
                            "encoder alone on the data and points drawn from the model (L-BFGS throughout; "
                            "pyro_esc.warm_start.fit_amortized)")
+    bars.add_argument("--hidden", type=int, nargs="+", default=None,
+                      help=f"amortised guides: units of each hidden layer of the encoder (default "
+                           f"{' '.join(map(str, experiments.BARS_WARM_START_HIDDEN))} with --warm-start, else 100)")
     bars.add_argument("--n-init", type=int, default=None,
                       help=f"initialisations (restarts); the best final ELBO is kept (default "
                            f"{experiments.BARS_N_INIT} with L-BFGS, 1 with SVI)")
@@ -168,7 +171,8 @@ def _bars(args):
                                   device=args.device, out=args.out, progress=not args.quiet,
                                   optimizer=args.optimizer, n_init=args.n_init,
                                   tol="auto" if args.tol is None else args.tol, reference=not args.no_reference,
-                                  dtype=getattr(torch, args.dtype), warm_start=args.warm_start)
+                                  dtype=getattr(torch, args.dtype), warm_start=args.warm_start,
+                                  hidden=None if args.hidden is None else tuple(args.hidden))
     path = _write_metrics(args.out, "bars_metrics.json", result)
     _save_model(args.out, "bars_model.pt", result, whitening=None)
     print(f"{experiments.GUIDE_LABELS[args.guide]}, {args.objective}, {result.optimizer}: ELBO per data point "

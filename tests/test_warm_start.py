@@ -7,9 +7,9 @@ import pyro
 import torch
 
 from pyro_esc import (AmortizedNormal, AnalyticELBO, LocalMultivariateNormal, SparseCoding, encode, fit,
-                      fit_amortized, held_out_elbo, training_elbo)
+                      fit_amortized, held_out_elbo, load, training_elbo)
 from pyro_esc.data import bars
-from pyro_esc.experiments import run_bars
+from pyro_esc.experiments import BARS_WARM_START_HIDDEN, run_bars
 from pyro_esc.metrics import bars_recovery
 from pyro_esc.warm_start import AmortizedHistory
 
@@ -146,6 +146,14 @@ def test_run_bars_warm_start():
     x, _ = bars(80, side=3, noise=0.3, seed=0)  # run_bars's data
     # The returned encoder's ELBO at the trained scales (the model-samples stage ran after the joint one).
     assert result.elbo == pytest.approx(held_out_elbo(result.model, result.guide_object, x), rel=1e-5)
+    assert result.guide_object.hidden == BARS_WARM_START_HIDDEN
+    # Without warm_start, amortised guides keep AmortizedNormal's default width; hidden overrides both.
+    assert run_bars("amortized-full", n=40, side=3, steps=2, progress=False,
+                    reference=False).guide_object.hidden == AmortizedNormal(9, 6).hidden
+    assert run_bars("amortized-full", n=40, side=3, steps=2, warm_start=True, hidden=(7, 5), progress=False,
+                    reference=False).guide_object.hidden == (7, 5)
+    with pytest.raises(ValueError, match="hidden sets the encoder of amortised guides"):
+        run_bars("local-full", n=40, side=3, steps=2, hidden=(20,), progress=False, reference=False)
     with pytest.raises(ValueError, match="warm_start trains amortised guides"):
         run_bars("local-full", n=40, side=3, steps=2, warm_start=True, progress=False, reference=False)
     with pytest.raises(ValueError, match="closed-form objective on the full data"):
@@ -160,7 +168,9 @@ def test_the_bars_command_takes_warm_start(tmp_path, capsys):
 
     out = tmp_path / "bars"
     assert main(["bars", "--guide", "amortized-full", "--warm-start", "--n", "60", "--side", "3", "--steps", "6",
-                 "--no-reference", "--out", str(out), "--quiet"]) == 0
+                 "--hidden", "20", "10", "--no-reference", "--out", str(out), "--quiet"]) == 0
+    with pyro.get_param_store().scope():  # the command's model is still in the store
+        assert load(str(out / "bars_model.pt"))[1].hidden == (20, 10)
     metrics = json.loads((out / "bars_metrics.json").read_text())
     assert metrics["warm_start"] is True and metrics["steps"] == 6
     assert "in the joint stage, after the per-point and encoder stages and before the model-samples stage" in capsys.readouterr().out
