@@ -201,9 +201,9 @@ def table(records):
     groups = {}
     for record in records:
         groups.setdefault((record["data"], record["config"], record["recipe"]), []).append(record)
-    lines = ["| data    | encoder                       | recipe   | seeds | all bars | mean bars | ELBO/N   "
+    lines = ["| data    | encoder                       | recipe      | seeds | all bars | mean bars | ELBO/N   "
              "| gap train | gap test | refined gap train / test | train time/run |",
-             "|---------|-------------------------------|----------|-------|----------|-----------|----------"
+             "|---------|-------------------------------|-------------|-------|----------|-----------|----------"
              "|-----------|----------|--------------------------|----------------|"]
     for (data, config, recipe), rows in sorted(groups.items(), key=lambda item: (DATA.index(item[0][0]),
                                                                                  list(CONFIGS).index(item[0][1]),
@@ -216,7 +216,7 @@ def table(records):
                         f"{statistics.mean(r['refined_gap_test'] for r in refined):7.4f} "
                         f"(K={refined[0]['refine_steps']})"
                         if refined else "-")
-        lines.append(f"| {data:7s} | {CONFIGS[config][0]:29s} | {recipe:8s} | {len(rows):5d} | {bars_cells} | "
+        lines.append(f"| {data:7s} | {CONFIGS[config][0]:29s} | {recipe:11s} | {len(rows):5d} | {bars_cells} | "
                      f"{mean('elbo'):8.3f} | {mean('gap_train'):9.4f} | {mean('gap_test'):8.4f} | "
                      f"{refined_cell:24s} | {mean('train_time_s'):9.1f} s    |")
     return "\n".join(lines)
