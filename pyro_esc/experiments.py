@@ -294,9 +294,9 @@ def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3,
     model = SparseCoding(x.size(1), true_dictionary.size(1))
     if hidden is not None and not guide.startswith("amortized"):
         raise ValueError(f"hidden sets the encoder of amortised guides (amortized-*), got guide={guide!r}")
-    if hidden is None:
-        hidden = BARS_WARM_START_HIDDEN if warm_start else (100,)
-    guide_object = make_guide(guide, model, hidden=tuple(hidden))
+    if hidden is None and warm_start:
+        hidden = BARS_WARM_START_HIDDEN
+    guide_object = make_guide(guide, model) if hidden is None else make_guide(guide, model, hidden=tuple(hidden))
     loss = make_loss(objective)
     deterministic = objective in ("entropy", "analytic") and batch_size is None
     if optimizer not in ("auto", "lbfgs", "svi"):
