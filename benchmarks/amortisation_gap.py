@@ -31,10 +31,13 @@ Training recipes (``--recipe``):
   the gaps are the encoder's; ``semilK`` (e.g. ``semil10``) refines by L-BFGS (``method="lbfgs"``);
 - ``warm``: :func:`pyro_esc.fit_amortized` at its defaults: the dictionary from per-point
   full-covariance posteriors, the encoder alone at it, encoder and dictionary together on the
-  amortised objective until fit's convergence test, then the encoder alone on the data and points
-  drawn from the model (``--steps``: each stage's step limit); ``warmK`` (e.g. ``warm0``) with K
-  steps of the first encoder-only stage instead of its default, and a suffix ``-sM`` (``warm-s0``,
-  ``warm0-s0``) with M model samples (0: no model-samples stage);
+  amortised objective until fit's convergence test, then the encoder alone by Adam on points drawn
+  afresh from the model at every step and rows of the data (``--steps``: each stage's step limit);
+  ``warmK`` (e.g. ``warm0``) with K steps of the first encoder-only stage instead of its default,
+  a suffix ``-sM`` (``warm-s0``, ``warm0-s0``) with M drawn points per step (0: no model-samples
+  stage), ``-nS`` (``warm-n40000``) with S steps of that stage. Records with ``-fM``
+  (``warm-f9000``) are historical: the last stage as L-BFGS on the data and M points drawn once,
+  which fresh draws replaced; they cannot be rerun;
 - ``staged``: the dictionary learned first with per-point full-covariance posteriors
   (:class:`~pyro_esc.LocalMultivariateNormal`, fit's defaults), then the encoder alone at that
   dictionary (``train_dictionary=False``, L-BFGS to fit's convergence test or ``--steps``);
@@ -115,7 +118,7 @@ def run_one(config, data, seed, recipe, steps, refine, n=N):
                           fit_amortized, held_out_elbo, training_elbo)
     from pyro_esc.experiments import bars_optimizer
     from pyro_esc.metrics import bars_recovery
-    from pyro_esc.warm_start import DEFAULT_ENCODER_STEPS, DEFAULT_MODEL_SAMPLES
+    from pyro_esc.warm_start import DEFAULT_ENCODER_STEPS
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -143,12 +146,17 @@ def run_one(config, data, seed, recipe, steps, refine, n=N):
     elif recipe.startswith("warm"):
         # pyro_esc.fit_amortized: per-point dictionary, encoder alone (warmK: K steps), both jointly on the
         # amortised objective until fit's convergence test (or --steps per stage), then the encoder alone on
-        # the data and model samples (warm-sM: M samples, 0 skips the stage).
-        encoder_part, _, samples_part = recipe[4:].partition("-s")
-        encoder_steps = int(encoder_part) if encoder_part else DEFAULT_ENCODER_STEPS
-        model_samples = int(samples_part) if samples_part else DEFAULT_MODEL_SAMPLES
-        stages = fit_amortized(model, guide, x, loss=EntropyELBO(), steps=steps, encoder_steps=encoder_steps,
-                               model_samples=model_samples, seed=seed, progress=False)
+        # points drawn afresh from the model and rows of the data (-sM: M drawn points per step, 0 skips the
+        # stage; -nS: S Adam steps).
+        encoder_part, *suffixes = recipe[4:].split("-")
+        options = dict(encoder_steps=int(encoder_part) if encoder_part else DEFAULT_ENCODER_STEPS)
+        for suffix in suffixes:
+            if suffix.startswith("f"):
+                raise ValueError(f"recipe {name}: a historical record (the last stage as L-BFGS on fixed drawn "
+                                 f"points, replaced by fresh draws each step); it cannot be rerun")
+            options[{"s": "model_samples", "n": "sample_steps"}[suffix[0]]] = int(suffix[1:])
+        stages = fit_amortized(model, guide, x, loss=EntropyELBO(), steps=steps, seed=seed, progress=False,
+                               **options)
         history = stages.joint
         stage_steps = stages.steps
     elif recipe == "staged":
@@ -231,9 +239,10 @@ def main(argv=None):
     parser.add_argument("--recipe", default="lbfgs",
                         help="lbfgs, adam, semiK or semilK (the adam recipe training SemiAmortized(encoder, "
                              "steps=K), refining by Adam or by L-BFGS), staged (the dictionary from per-point "
-                             "posteriors first, then the encoder alone), warm, warmK or warmK-sM "
-                             "(pyro_esc.fit_amortized, K encoder-only steps, M model samples: staged, then both "
-                             "jointly, then the encoder on data and model samples); a suffix 64 runs in float64")
+                             "posteriors first, then the encoder alone), warm, warmK, warmK-sM-nS "
+                             "(pyro_esc.fit_amortized, K encoder-only steps, M model samples per step, S steps "
+                             "of that stage: staged, then both jointly, then the encoder on data and fresh model "
+                             "samples); a suffix 64 runs in float64")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--refine", type=int, default=0, help="also report the gap after K refinement steps")
     parser.add_argument("--n", type=int, default=N, help="training (and held-out) points")

@@ -66,8 +66,8 @@ def build_parser():
     bars.add_argument("--warm-start", action="store_true",
                       help="amortised guides: learn the dictionary with per-point full covariances first, then "
                            "the encoder alone, then both on the amortised objective until convergence, then the "
-                           "encoder alone on the data and points drawn from the model (L-BFGS throughout; "
-                           "pyro_esc.warm_start.fit_amortized)")
+                           "encoder alone on the data and points drawn afresh from the model at every step (L-BFGS, "
+                           "then Adam in that last stage; pyro_esc.warm_start.fit_amortized)")
     bars.add_argument("--hidden", type=int, nargs="+", default=None,
                       help=f"amortised guides: units of each hidden layer of the encoder (default "
                            f"{' '.join(map(str, experiments.BARS_WARM_START_HIDDEN))} with --warm-start, else 100)")

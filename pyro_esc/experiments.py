@@ -171,6 +171,8 @@ class BarsResult:
     #: Whether an amortised guide was trained warm-started from per-point posteriors
     #: (:func:`~pyro_esc.warm_start.fit_amortized`).
     warm_start: bool = False
+    #: The encoder's hidden layer sizes for an amortised guide, else None.
+    hidden: Optional[List[int]] = None
 
     def metrics(self):
         """The JSON-ready fields as a new dict (everything but ``dictionary``, ``history``, ``model``, ``guide_object``)."""
@@ -344,6 +346,7 @@ def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3,
         noise_var=history.noise_var[-1],
         dictionary=dictionary[:, recovery.matching], history=history, model=model, guide_object=guide_object,
         warm_start=bool(warm_start),
+        hidden=list(guide_object.hidden) if isinstance(guide_object, AmortizedNormal) else None,
     )
     if out is not None:
         label = name or f"bars_fields_{guide}"

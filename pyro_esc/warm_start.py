@@ -9,7 +9,7 @@ find from one initialisation (BENCHMARKS.md, "Amortised inference"). Our reading
 point, and the dictionary commits to what such posteriors can explain.
 
 :func:`fit_amortized` lets the per-point posteriors choose where the amortised
-objective is optimised from, in four :func:`~pyro_esc.fit` calls:
+objective is optimised from, in four stages (three :func:`~pyro_esc.fit` calls, then Adam):
 
 1. **dictionary**: W (and lambda, sigma^2) learned with per-point full-covariance
    posteriors, L-BFGS to convergence (skipped with ``learn_dictionary=False``, for
@@ -20,8 +20,9 @@ objective is optimised from, in four :func:`~pyro_esc.fit` calls:
 3. **joint**: encoder and dictionary together on the amortised objective, L-BFGS
    until ``fit``'s convergence test holds;
 4. **samples**: the encoder alone again, at the model the joint stage learned (W,
-   lambda, sigma^2 all fixed), on the data together with ``model_samples`` points
-   drawn from that model, for ``sample_steps`` L-BFGS steps.
+   lambda, sigma^2 all fixed), for ``sample_steps`` Adam steps, each on
+   ``model_samples`` points drawn afresh from that model and a ninth as many rows of
+   the data.
 
 Stage 3 fits the encoder to N points, and an encoder with more weights than the
 data pin down fits them better than it fits new points of the same source: its
@@ -33,6 +34,14 @@ fixed, each point's ELBO (:class:`~pyro_esc.AnalyticELBO` at the learned scales)
 depends on the encoder alone, so the drawn points teach the encoder and change
 nothing else: the dictionary, lambda and sigma^2 are those of stage 3.
 
+Stage 4 is the one stochastic stage. Its objective is the encoder's expected ELBO
+over the model's distribution, and new points at every step keep the encoder from
+fitting any finite set of them: a fixed set of drawn points, however large, is
+fitted better than new points are (BENCHMARKS.md, "Amortised inference"). A noisy
+objective is Adam's: its learning rate decays to 0 over the stage (half a cosine),
+and the rows of the data in every batch keep the encoder fitted to the data
+themselves where the model's distribution and the data's differ (natural images).
+
 The per-point stage only picks the starting point: stages 3 and 4 optimise the
 amortised ELBO itself, and ``final_elbo`` is its value on the data, the encoder's
 posteriors with no refinement. The per-point posteriors are removed from Pyro's
@@ -40,29 +49,35 @@ param store once their stage ends (they describe only the training points;
 :func:`~pyro_esc.encode` refits per-point posteriors for any data).
 """
 
+import math
+import time
 from dataclasses import dataclass
 from typing import Optional
 
 import pyro
 import torch
+from tqdm.std import tqdm
 
-from ._checks import check_int
+from ._checks import check_int, check_positive
 from ._pyro_internals import module_name
 from .evaluation import held_out_elbo
 from .guides import AmortizedNormal, LocalMultivariateNormal
-from .history import History
+from .history import BATCH, EXACT, History
 from .model import SparseCoding
-from .objectives import AnalyticELBO, EntropyELBO
+from .objectives import AnalyticELBO, EntropyELBO, NonFiniteObjectiveError
 
 __all__ = ["AmortizedHistory", "fit_amortized", "DEFAULT_ENCODER_STEPS", "DEFAULT_MODEL_SAMPLES",
-           "DEFAULT_SAMPLE_STEPS"]
+           "DEFAULT_SAMPLE_STEPS", "DEFAULT_SAMPLE_LR"]
 
 #: L-BFGS steps of the encoder-only stage of :func:`fit_amortized` (BENCHMARKS.md, "Amortised inference").
 DEFAULT_ENCODER_STEPS = 2000
-#: Points drawn from the trained model for the last stage of :func:`fit_amortized` (same table).
-DEFAULT_MODEL_SAMPLES = 9000
-#: L-BFGS steps of that stage (same table).
-DEFAULT_SAMPLE_STEPS = 1000
+#: Points drawn afresh from the trained model at every step of the last stage of :func:`fit_amortized`
+#: (same table).
+DEFAULT_MODEL_SAMPLES = 900
+#: Adam steps of that stage (same table).
+DEFAULT_SAMPLE_STEPS = 40000
+#: Adam's initial learning rate in that stage (same table).
+DEFAULT_SAMPLE_LR = 1e-3
 
 #: fit options whose meaning :func:`fit_amortized` fixes stage by stage.
 _STAGE_OPTIONS = ("train_dictionary", "train_model", "resume", "checkpoint", "checkpoint_every")
@@ -102,16 +117,17 @@ class AmortizedHistory:
 
 
 def fit_amortized(model, encoder, data, loss=None, *, learn_dictionary=True, encoder_steps=DEFAULT_ENCODER_STEPS,
-                  model_samples=DEFAULT_MODEL_SAMPLES, sample_steps=DEFAULT_SAMPLE_STEPS, n_init=1, seed=0,
-                  progress=True, **fit_options):
+                  model_samples=DEFAULT_MODEL_SAMPLES, sample_steps=DEFAULT_SAMPLE_STEPS,
+                  sample_lr=DEFAULT_SAMPLE_LR, n_init=1, seed=0, progress=True, **fit_options):
     """Train ``model`` and an amortised ``encoder`` on ``data``, warm-started from per-point posteriors.
 
     The four stages (module docstring): per-point full covariances learn the dictionary;
     the encoder alone learns to produce their posteriors at that dictionary; both are
     trained together on the amortised objective until convergence; then the encoder
-    alone, with the model fixed, on the data and points drawn from the model. The first
-    three are :func:`~pyro_esc.fit` calls on the full data with ``loss``, the last with
-    :class:`~pyro_esc.AnalyticELBO` at the fixed model; all take the L-BFGS route.
+    alone, with the model fixed, on points drawn afresh from the model at every step and
+    rows of the data. The first three are :func:`~pyro_esc.fit` calls on the full data with
+    ``loss`` (L-BFGS); the last optimises :class:`~pyro_esc.AnalyticELBO` at the fixed model
+    with Adam (a batch objective: its points change at every step).
 
     :param model: a :class:`~pyro_esc.SparseCoding`.
     :param encoder: an :class:`~pyro_esc.AmortizedNormal`.
@@ -121,8 +137,11 @@ def fit_amortized(model, encoder, data, loss=None, *, learn_dictionary=True, enc
     :param bool learn_dictionary: False skips the per-point stage and starts from the model's
         current dictionary (a model trained already, e.g. by a per-point guide, or loaded).
     :param int encoder_steps: L-BFGS steps of the encoder-only stage (0 skips it; at most ``steps``).
-    :param int model_samples: points drawn from the trained model for the last stage (0 skips it).
-    :param int sample_steps: L-BFGS steps of the last stage (0 skips it; at most ``steps``).
+    :param int model_samples: points drawn afresh from the trained model at every step of the last
+        stage, joined by ``model_samples // 9`` rows of the data (at most N) chosen at random (0 skips
+        the stage).
+    :param int sample_steps: Adam steps of the last stage (0 skips it; at most ``steps``).
+    :param float sample_lr: Adam's learning rate at the start of the last stage; it decays to 0.
     :param int n_init: initialisations of the per-point stage; the best final ELBO is kept.
     :param int seed: seed of every stage.
     :param bool progress: progress bars.
@@ -158,6 +177,7 @@ def fit_amortized(model, encoder, data, loss=None, *, learn_dictionary=True, enc
     encoder_steps = check_int(encoder_steps, "encoder_steps", minimum=0)
     model_samples = check_int(model_samples, "model_samples", minimum=0)
     sample_steps = check_int(sample_steps, "sample_steps", minimum=0)
+    sample_lr = check_positive(sample_lr, "sample_lr")
     n_init = check_int(n_init, "n_init", minimum=1)
     if not learn_dictionary and not bool(model.initialized):
         raise ValueError("learn_dictionary=False starts from the model's dictionary, but this model was never "
@@ -189,15 +209,73 @@ def fit_amortized(model, encoder, data, loss=None, *, learn_dictionary=True, enc
 
     samples_history = None
     if model_samples and sample_steps:
-        pyro.set_rng_seed(seed)
-        _, drawn = model.sample(model_samples)
-        # Every model parameter fixed: the standard ELBO at the learned scales, the objective the
-        # encoder is judged by on new data, and one the drawn points cannot move the model with.
-        samples_history = fit(model, encoder, torch.cat([x, drawn.to(x)]), loss=AnalyticELBO(), train_model=False,
-                              steps=sample_steps, tol=None, gtol=None, seed=seed, progress=progress,
-                              **encoder_options)
+        samples_history = _model_samples_stage(model, encoder, x, model_samples, sample_steps, sample_lr, seed,
+                                               progress)
     return AmortizedHistory(dictionary_history, encoder_history, joint_history, samples_history,
                             final_elbo=held_out_elbo(model, encoder, x))
+
+
+def _model_samples_stage(model, encoder, x, model_samples, steps, lr, seed, progress):
+    """Stage 4: the encoder alone, Adam on batches drawn afresh from the fixed model (and rows of the data).
+
+    Each step's batch is ``model_samples`` points x ~ p(x | W, lambda, sigma^2) drawn anew
+    together with ``model_samples // 9`` rows of the data chosen at random (at most N), so a
+    tenth of every batch is data; the objective is :class:`~pyro_esc.AnalyticELBO` per point at
+    the fixed model. Its expectation over the drawn points is the encoder's ELBO on the
+    model's own distribution, a noisy objective in the encoder's weights: hence Adam with a
+    learning rate decaying to 0 (half a cosine) rather than a line search. Every model
+    parameter is frozen; the History records the batch ELBO at every step and, at the end,
+    the exact ELBO on the data.
+    """
+    from .steppers import trainable_parameters
+
+    frozen = ("raw_dictionary", "prior_scale", "noise_var")
+    loss = AnalyticELBO()
+    data_rows = min(x.size(0), model_samples // 9)
+    pyro.set_rng_seed(seed)
+
+    def next_batch():
+        with torch.no_grad():
+            drawn = model.sample(model_samples)[1].to(x)
+        if not data_rows:
+            return drawn
+        rows = torch.randperm(x.size(0), device=x.device)[:data_rows]
+        return torch.cat([x.index_select(0, rows), drawn])
+
+    batch = next_batch()
+    _, params = trainable_parameters(model, encoder, loss, batch, frozen=frozen)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    history = History(num_data=batch.size(0), elbo_kind=BATCH, route="torch", optimizer="Adam")
+    started = time.perf_counter()
+    bar = tqdm(total=steps, disable=not progress, desc="fit (model samples)", dynamic_ncols=True)
+    try:
+        for step in range(1, steps + 1):
+            # Half a cosine from lr to 0: the last steps average out the batches' noise.
+            rate = lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
+            for group in optimizer.param_groups:
+                group["lr"] = rate
+            if step > 1:
+                batch = next_batch()
+            value = loss.differentiable_loss(model, encoder, batch)  # raises NonFiniteObjectiveError on NaN
+            # Gradients of the encoder's weights only: the frozen model's .grad stays untouched.
+            for param, grad in zip(params, torch.autograd.grad(value, params)):
+                param.grad = grad
+            optimizer.step()
+            history.record(step, step, float(value), model, rate, (1.0, 1.0, 1.0), time.perf_counter() - started)
+            if progress:
+                bar.set_postfix(history.progress_postfix(), refresh=False)
+            bar.update(1)
+    finally:
+        bar.close()
+    for param in params:
+        if not torch.isfinite(param).all():
+            raise NonFiniteObjectiveError("the encoder's parameters became NaN or inf in the model-samples stage")
+    history.stop_reason = f"step limit: {steps} steps"
+    history.evaluations = steps
+    history.eval_step.append(steps)
+    history.eval_elbo.append(held_out_elbo(model, encoder, x))
+    history.eval_kind = EXACT
+    return history
 
 
 def _forget(guide):

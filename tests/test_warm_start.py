@@ -89,16 +89,16 @@ def test_the_samples_stage_trains_the_encoder_alone_and_narrows_the_held_out_gap
         x, _, model, _ = problem(n=100)
         # More weights than 100 points pin down: the encoder overfits them in the joint stage.
         encoder = AmortizedNormal(x.size(1), model.n_latents, hidden=(50,), covariance="full")
-        history = fit_amortized(model, encoder, x, steps=150, encoder_steps=50, model_samples=model_samples,
-                                sample_steps=150, seed=1, progress=False)
+        history = fit_amortized(model, encoder, x, steps=1500, encoder_steps=50, model_samples=model_samples,
+                                sample_steps=1500, seed=1, progress=False)
         return x, model, encoder, history
 
     x, model_before, encoder_before, before = run(0)
-    x, model, encoder, history = run(2000)
+    x, model, encoder, history = run(450)
     # The model is exactly the joint stage's; only the encoder moved.
     for name in ("dictionary", "prior_scale", "noise_var"):
         assert torch.equal(getattr(model, name), getattr(model_before, name)), name
-    assert history.joint.final_elbo == before.joint.final_elbo and history.steps["samples"] == 150
+    assert history.joint.final_elbo == before.joint.final_elbo and history.steps["samples"] == 1500
     assert history.final_elbo == pytest.approx(held_out_elbo(model, encoder, x), rel=1e-6)
     # Held-out points: the gap to per-point optima fitted at that model (an independent optimiser).
     x_test, _ = bars(500, side=4, noise=0.3, seed=1)
@@ -106,6 +106,33 @@ def test_the_samples_stage_trains_the_encoder_alone_and_narrows_the_held_out_gap
     gap_before = optimum - held_out_elbo(model, encoder_before, x_test)
     gap_after = optimum - held_out_elbo(model, encoder, x_test)
     assert 0 <= gap_after < gap_before / 3, (gap_before, gap_after)
+
+
+def test_the_samples_stage_draws_new_points_at_every_step(monkeypatch):
+    x, _, model, encoder = problem(n=50)
+    draws = []
+    sample = SparseCoding.sample
+
+    def recorded(self, n):
+        draws.append(n)
+        return sample(self, n)
+
+    monkeypatch.setattr(SparseCoding, "sample", recorded)
+    history = fit_amortized(model, encoder, x, steps=6, encoder_steps=2, model_samples=90, sample_steps=6,
+                            sample_lr=0.01, progress=False)
+    assert draws == [90] * 6  # one fresh draw per step, nothing drawn by the other stages
+    stage = history.samples
+    # 90 drawn points and 90 // 9 = 10 rows of the data per step; a batch estimate, by Adam.
+    assert stage.num_data == 100 and stage.elbo_kind == "batch estimate" and stage.optimizer == "Adam"
+    assert stage.step == list(range(1, 7)) and stage.stop_reason == "step limit: 6 steps"
+    # The rate decays from sample_lr (half a cosine, towards 0).
+    assert stage.lr[0] == pytest.approx(0.01) and all(a > b > 0 for a, b in zip(stage.lr, stage.lr[1:]))
+    # The stage's closing evaluation is the exact ELBO on the data, as final_elbo.
+    assert stage.eval_kind == "exact" and stage.eval_elbo == [pytest.approx(history.final_elbo, rel=1e-6)]
+    # More rows asked for than the data have: all N of them.
+    more = fit_amortized(model, encoder, x, steps=2, encoder_steps=1, model_samples=900, sample_steps=1,
+                         progress=False)
+    assert more.samples.num_data == 900 + 50
 
 
 @pytest.mark.parametrize("change, match", [
@@ -119,6 +146,7 @@ def test_the_samples_stage_trains_the_encoder_alone_and_narrows_the_held_out_gap
     (dict(encoder_steps=-1), "encoder_steps must be an integer >= 0"),
     (dict(model_samples=-1), "model_samples must be an integer >= 0"),
     (dict(sample_steps=1.5), "sample_steps must be an integer >= 0"),
+    (dict(sample_lr=0.0), "sample_lr must be a finite number > 0"),
     (dict(optimizer="svi"), "optimizer"),
     (dict(learn_dictionary=False), "never trained"),
 ])
@@ -172,5 +200,5 @@ def test_the_bars_command_takes_warm_start(tmp_path, capsys):
     with pyro.get_param_store().scope():  # the command's model is still in the store
         assert load(str(out / "bars_model.pt"))[1].hidden == (20, 10)
     metrics = json.loads((out / "bars_metrics.json").read_text())
-    assert metrics["warm_start"] is True and metrics["steps"] == 6
+    assert metrics["warm_start"] is True and metrics["steps"] == 6 and metrics["hidden"] == [20, 10]
     assert "in the joint stage, after the per-point and encoder stages and before the model-samples stage" in capsys.readouterr().out
