@@ -161,10 +161,11 @@ def fit_amortized(model, encoder, data, loss=None, *, learn_dictionary=True, enc
         raise ValueError(f"encoder must be a pyro_esc.AmortizedNormal, got {type(encoder).__name__}")
     loss = EntropyELBO() if loss is None else loss
     if not isinstance(loss, (EntropyELBO, AnalyticELBO)):
-        raise ValueError(f"loss must be EntropyELBO or AnalyticELBO (every stage runs L-BFGS on the exact "
-                         f"objective), got {type(loss).__name__}")
+        raise ValueError(f"loss must be EntropyELBO or AnalyticELBO (its three fit stages run L-BFGS on "
+                         f"the exact objective), got {type(loss).__name__}")
     if fit_options.get("batch_size") is not None or fit_options.get("epochs") is not None:
-        raise ValueError("fit_amortized trains on the full data (L-BFGS); batch_size and epochs are not supported")
+        raise ValueError("fit_amortized's fit stages train on the full data (L-BFGS); batch_size and epochs are not "
+                         "supported")
     if fit_options.get("annealing") is not None:
         raise ValueError("annealing: fit_amortized optimises the true objective in every stage; anneal with "
                          "fit on one guide instead")
@@ -172,7 +173,7 @@ def fit_amortized(model, encoder, data, loss=None, *, learn_dictionary=True, enc
         if name in fit_options:
             raise ValueError(f"{name} is set by fit_amortized stage by stage; it cannot be passed")
     if fit_options.get("optimizer", "lbfgs") not in ("lbfgs", "auto"):
-        raise ValueError(f"optimizer: fit_amortized trains with L-BFGS, got {fit_options['optimizer']!r}")
+        raise ValueError(f"optimizer: fit_amortized's fit stages train with L-BFGS, got {fit_options['optimizer']!r}")
     fit_options["optimizer"] = "lbfgs"
     encoder_steps = check_int(encoder_steps, "encoder_steps", minimum=0)
     model_samples = check_int(model_samples, "model_samples", minimum=0)
