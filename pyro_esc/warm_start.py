@@ -262,7 +262,7 @@ def _model_samples_stage(model, encoder, x, model_samples, steps, lr, seed, prog
             for param, grad in zip(params, torch.autograd.grad(value, params)):
                 param.grad = grad
             optimizer.step()
-            history.record(step, step, float(value), model, rate, (1.0, 1.0, 1.0), time.perf_counter() - started)
+            history.record(step, step, float(value.detach()), model, rate, (1.0, 1.0, 1.0), time.perf_counter() - started)
             if progress:
                 bar.set_postfix(history.progress_postfix(), refresh=False)
             bar.update(1)

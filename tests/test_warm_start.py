@@ -11,6 +11,7 @@ from pyro_esc import (AmortizedNormal, AnalyticELBO, LocalMultivariateNormal, Sp
 from pyro_esc.data import bars
 from pyro_esc.experiments import BARS_WARM_START_HIDDEN, run_bars
 from pyro_esc.metrics import bars_recovery
+from pyro_esc.training import ConvergenceWarning
 from pyro_esc.warm_start import AmortizedHistory
 
 
@@ -118,8 +119,13 @@ def test_the_samples_stage_draws_new_points_at_every_step(monkeypatch):
         return sample(self, n)
 
     monkeypatch.setattr(SparseCoding, "sample", recorded)
-    history = fit_amortized(model, encoder, x, steps=6, encoder_steps=2, model_samples=90, sample_steps=6,
-                            sample_lr=0.01, progress=False)
+    with warnings.catch_warnings():
+        # Any warning but the short fit stages' step limits is an error (e.g. a scalar taken from a
+        # tensor that requires grad, at every step of the stage).
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", category=ConvergenceWarning)
+        history = fit_amortized(model, encoder, x, steps=6, encoder_steps=2, model_samples=90, sample_steps=6,
+                                sample_lr=0.01, progress=False)
     assert draws == [90] * 6  # one fresh draw per step, nothing drawn by the other stages
     stage = history.samples
     # 90 drawn points and 90 // 9 = 10 rows of the data per step; a batch estimate, by Adam.
