@@ -4,6 +4,8 @@ import importlib.util
 import math
 import pathlib
 
+import pytest
+
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -121,6 +123,13 @@ def test_amortisation_gap_runs_the_warm_started_recipe(tmp_path):
     assert without["stage_steps"] == {"dictionary": 3, "encoder": 3, "joint": 3, "samples": 0}
     for record in (with_samples, without):
         assert record["gap_train"] >= -1e-3 and record["refined_gap_train"] <= record["gap_train"] + 1e-3
+    # -nS: S steps of the last stage (under --steps); -fM records are historical and are not rerun.
+    arguments = ["--configs", "h100-full", "--data", "bars0.3", "--seeds", "1", "--steps", "3", "--n", "60",
+                 "--out", out]
+    load("amortisation_gap").main(arguments + ["--recipe", "warm5-s100-n2"])
+    assert json.loads(open(out).readlines()[-1])["stage_steps"]["samples"] == 2
+    with pytest.raises(ValueError, match="historical"):
+        load("amortisation_gap").main(arguments + ["--recipe", "warm-f9000"])
 
 
 def test_minibatch_bias_measures_batch_and_running_estimates(capsys):
