@@ -65,6 +65,7 @@ from .guides import AmortizedNormal, LocalMultivariateNormal
 from .history import BATCH, EXACT, History
 from .model import SparseCoding
 from .objectives import AnalyticELBO, EntropyELBO, NonFiniteObjectiveError
+from .steppers import trainable_parameters
 
 __all__ = ["AmortizedHistory", "fit_amortized", "DEFAULT_ENCODER_STEPS", "DEFAULT_MODEL_SAMPLES",
            "DEFAULT_SAMPLE_STEPS", "DEFAULT_SAMPLE_LR"]
@@ -228,8 +229,6 @@ def _model_samples_stage(model, encoder, x, model_samples, steps, lr, seed, prog
     parameter is frozen; the History records the batch ELBO at every step and, at the end,
     the exact ELBO on the data.
     """
-    from .steppers import trainable_parameters
-
     frozen = ("raw_dictionary", "prior_scale", "noise_var")
     loss = AnalyticELBO()
     data_rows = min(x.size(0), model_samples // 9)
