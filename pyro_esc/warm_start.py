@@ -131,7 +131,8 @@ def fit_amortized(model, encoder, data, loss=None, *, learn_dictionary=True, enc
     with Adam (a batch objective: its points change at every step).
 
     :param model: a :class:`~pyro_esc.SparseCoding`.
-    :param encoder: an :class:`~pyro_esc.AmortizedNormal`.
+    :param encoder: an :class:`~pyro_esc.AmortizedNormal`; a wider one than its default hidden layer
+        fits new data better at low noise (BENCHMARKS.md, "Amortised inference").
     :param data: the data, (N, D) (as for :func:`~pyro_esc.fit`).
     :param loss: :class:`~pyro_esc.EntropyELBO` (default) or :class:`~pyro_esc.AnalyticELBO`: a
         deterministic objective on the full data, which the first three stages optimise.
