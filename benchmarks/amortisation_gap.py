@@ -14,7 +14,8 @@ table also reports the encoder's posteriors refined for K steps with the model f
 (:class:`~pyro_esc.refinement.SemiAmortized` with ``method="lbfgs"``, no retraining): the gap
 that refinement closes.
 
-On bars (5 x 5, H = 10, sigma 0.3 and the paper's 0.1) it also reports whether every bar was
+On bars (5 x 5, H = 10, sigma 0.3 and the paper's 0.1; ``bars6-0.3``, ``bars6-0.1``: 6 x 6,
+H = 12) it also reports whether every bar was
 found (optimal matching, cosine > 0.95) and the training wall time. On natural image patches
 (``patches``: 6 x 6 whitened patches, H = 20) only the gap is meaningful.
 
@@ -84,9 +85,15 @@ CONFIGS = {
     "h3x10D-full": ("3 x 10D, ELU, full", lambda d: dict(hidden=(10 * d,) * 3, covariance="full")),
     "h2x20D-full": ("2 x 20D, ELU, full", lambda d: dict(hidden=(20 * d, 20 * d), covariance="full")),
 }
-DATA = ("bars0.3", "bars0.1", "patches")
+DATA = ("bars0.3", "bars0.1", "bars6-0.3", "bars6-0.1", "patches")
 N = 1000
 HELD_OUT_SEED = 10_000  # held-out data: seed + this
+
+
+def bars_setting(name):
+    """(side, noise) of a bars data set: ``bars0.3`` is 5 x 5 at sigma 0.3, ``bars6-0.1`` 6 x 6 at 0.1."""
+    side, _, noise = name[4:].rpartition("-")
+    return int(side or 5), float(noise)
 
 
 def make_data(name, seed, n=N):
@@ -94,9 +101,9 @@ def make_data(name, seed, n=N):
     from pyro_esc.data import bars
 
     if name.startswith("bars"):
-        noise = float(name[4:])
-        x, dictionary = bars(n, noise=noise, seed=seed)
-        x_test, _ = bars(n, noise=noise, seed=seed + HELD_OUT_SEED)
+        side, noise = bars_setting(name)
+        x, dictionary = bars(n, side=side, noise=noise, seed=seed)
+        x_test, _ = bars(n, side=side, noise=noise, seed=seed + HELD_OUT_SEED)
         return x, x_test, dictionary
     if name == "patches":
         # One whitening, fitted on the training patches, for both sets.
@@ -109,7 +116,7 @@ def make_data(name, seed, n=N):
 
 
 def n_latents(data):
-    return 10 if data.startswith("bars") else 20
+    return 2 * bars_setting(data)[0] if data.startswith("bars") else 20
 
 
 def run_one(config, data, seed, recipe, steps, refine, n=N):
@@ -209,9 +216,9 @@ def table(records):
     groups = {}
     for record in records:
         groups.setdefault((record["data"], record["config"], record["recipe"]), []).append(record)
-    lines = ["| data    | encoder                       | recipe      | seeds | all bars | mean bars | ELBO/N   "
+    lines = ["| data      | encoder                       | recipe      | seeds | all bars | mean bars | ELBO/N   "
              "| gap train | gap test | refined gap train / test | train time/run |",
-             "|---------|-------------------------------|-------------|-------|----------|-----------|----------"
+             "|-----------|-------------------------------|-------------|-------|----------|-----------|----------"
              "|-----------|----------|--------------------------|----------------|"]
     for (data, config, recipe), rows in sorted(groups.items(), key=lambda item: (DATA.index(item[0][0]),
                                                                                  list(CONFIGS).index(item[0][1]),
@@ -224,7 +231,7 @@ def table(records):
                         f"{statistics.mean(r['refined_gap_test'] for r in refined):7.4f} "
                         f"(K={refined[0]['refine_steps']})"
                         if refined else "-")
-        lines.append(f"| {data:7s} | {CONFIGS[config][0]:29s} | {recipe:11s} | {len(rows):5d} | {bars_cells} | "
+        lines.append(f"| {data:9s} | {CONFIGS[config][0]:29s} | {recipe:11s} | {len(rows):5d} | {bars_cells} | "
                      f"{mean('elbo'):8.3f} | {mean('gap_train'):9.4f} | {mean('gap_test'):8.4f} | "
                      f"{refined_cell:24s} | {mean('train_time_s'):9.1f} s    |")
     return "\n".join(lines)

@@ -132,6 +132,18 @@ def test_amortisation_gap_runs_the_warm_started_recipe(tmp_path):
         load("amortisation_gap").main(arguments + ["--recipe", "warm-f9000"])
 
 
+def test_amortisation_gap_names_its_bars_settings():
+    gap = load("amortisation_gap")
+    x, x_test, dictionary = gap.make_data("bars6-0.1", seed=0, n=20)
+    assert x.shape == x_test.shape == (20, 36) and dictionary.shape == (36, 12) and gap.n_latents("bars6-0.1") == 12
+    assert gap.bars_setting("bars0.3") == (5, 0.3) and gap.n_latents("bars0.3") == 10
+    # The noise is the data's: 6 x 6 bars at sigma 0.1 differ from their noiseless images by about 0.1.
+    from pyro_esc.data import bars
+
+    clean, _ = bars(20, side=6, noise=0.0, seed=0)
+    assert abs(float((x - clean).std()) - 0.1) < 0.01
+
+
 def test_minibatch_bias_measures_batch_and_running_estimates(capsys):
     result = load("minibatch_bias").main(["--n", "40", "--batch-sizes", "5", "--batches", "30", "--train-steps", "3"])
     row = result["rows"][5]
