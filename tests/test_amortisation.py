@@ -22,4 +22,4 @@ def test_amortisation_gap_records_gaps_and_tabulates(tmp_path):
         assert record["gap_train"] > -1e-4 and record["gap_test"] > -1e-4
         assert 0 <= record["bars_found"] <= 10
     assert records[0]["refined_gap_test"] < records[0]["gap_test"]
-    assert "| bars0.3 | 2D + 2 res(3D), ELU, lowrank 5" in text and "semi2" in text
+    assert "| bars0.3   | 2D + 2 res(3D), ELU, lowrank 5" in text and "semi2" in text
