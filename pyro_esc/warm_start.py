@@ -214,8 +214,10 @@ def fit_amortized(model, encoder, data, loss=None, *, learn_dictionary=True, enc
     if model_samples and sample_steps:
         samples_history = _model_samples_stage(model, encoder, x, model_samples, sample_steps, sample_lr, seed,
                                                progress)
+    # The samples stage closes with the exact ELBO on the data; without it, evaluate it here.
+    final_elbo = samples_history.eval_elbo[-1] if samples_history is not None else held_out_elbo(model, encoder, x)
     return AmortizedHistory(dictionary_history, encoder_history, joint_history, samples_history,
-                            final_elbo=held_out_elbo(model, encoder, x))
+                            final_elbo=final_elbo)
 
 
 def _model_samples_stage(model, encoder, x, model_samples, steps, lr, seed, progress):
