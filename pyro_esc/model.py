@@ -12,6 +12,9 @@ from pyro.nn import PyroModule, PyroParam, pyro_method
 from ._checks import check_data_cached, check_int, check_positive_tensor, check_subsample
 from ._pyro_internals import stored_unconstrained
 
+#: The attribute names of :class:`SparseCoding`'s Pyro params: W (unnormalised), lambda, sigma^2.
+MODEL_PARAMETERS = ("raw_dictionary", "prior_scale", "noise_var")
+
 
 class SparseCoding(PyroModule):
     r"""Probabilistic sparse coding with a Laplace prior and Gaussian noise.

@@ -26,7 +26,7 @@ import pyro
 from ._pyro_internals import module_name, param_fullname
 from .data.whitening import Whitening
 from .guides import AmortizedNormal, LocalMultivariateNormal
-from .model import SparseCoding
+from .model import MODEL_PARAMETERS, SparseCoding
 
 __all__ = ["MODEL_FORMAT", "Loaded", "load", "save"]
 
@@ -117,7 +117,7 @@ def _model_state(model):
 
 def _build_model(state):
     model = SparseCoding(state["data_dim"], state["n_latents"], name=state["name"])
-    _check_store_free([param_fullname(model, name) for name in ("raw_dictionary", "prior_scale", "noise_var")])
+    _check_store_free([param_fullname(model, name) for name in MODEL_PARAMETERS])
     like = {"dtype": state["dictionary"].dtype, "device": state["dictionary"].device}
     model.to(**like)
     model.set_dictionary(state["dictionary"])

@@ -37,6 +37,7 @@ from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, restore_checkpoint, 
 from .convergence import Convergence
 from .evaluation import held_out_elbo, training_elbo
 from .history import BATCH, EXACT, MONTE_CARLO, RUNNING, History
+from .model import MODEL_PARAMETERS
 from .objectives import AnalyticELBO, EntropyELBO, NonFiniteObjectiveError
 from .restarts import check_restartable, reinitialize, restore, snapshot
 from .rows import offers_row_access
@@ -247,7 +248,7 @@ def check_fit_options(model, guide, x, loss=None, *, optimizer="auto", steps=Non
             raise ValueError("train_dictionary=False and train_model=False need the torch or row-wise route "
                              "(optimizer='lbfgs', 'rowwise' or a torch optimiser)")
         # The scales matter only to objectives that train them (AnalyticELBO); EntropyELBO sets them.
-        frozen = ("raw_dictionary",) if train_model else ("raw_dictionary", "prior_scale", "noise_var")
+        frozen = ("raw_dictionary",) if train_model else MODEL_PARAMETERS
     if inner_steps is None:
         inner_steps = ROWWISE_INNER_STEPS if route == "rowwise" else 1
     inner_steps = check_int(inner_steps, "inner_steps")

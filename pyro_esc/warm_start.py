@@ -63,7 +63,7 @@ from ._pyro_internals import module_name
 from .evaluation import held_out_elbo
 from .guides import AmortizedNormal, LocalMultivariateNormal
 from .history import BATCH, EXACT, History
-from .model import SparseCoding
+from .model import MODEL_PARAMETERS, SparseCoding
 from .objectives import AnalyticELBO, EntropyELBO, NonFiniteObjectiveError
 from .steppers import trainable_parameters
 
@@ -232,7 +232,6 @@ def _model_samples_stage(model, encoder, x, model_samples, steps, lr, seed, prog
     parameter is frozen; the History records the batch ELBO at every step and, at the end,
     the exact ELBO on the data.
     """
-    frozen = ("raw_dictionary", "prior_scale", "noise_var")
     loss = AnalyticELBO()
     data_rows = min(x.size(0), model_samples // 9)
     pyro.set_rng_seed(seed)
@@ -246,7 +245,7 @@ def _model_samples_stage(model, encoder, x, model_samples, steps, lr, seed, prog
         return torch.cat([x.index_select(0, rows), drawn])
 
     batch = next_batch()
-    _, params = trainable_parameters(model, encoder, loss, batch, frozen=frozen)
+    _, params = trainable_parameters(model, encoder, loss, batch, frozen=MODEL_PARAMETERS)
     optimizer = torch.optim.Adam(params, lr=lr)
     history = History(num_data=batch.size(0), elbo_kind=BATCH, route="torch", optimizer="Adam")
     started = time.perf_counter()
