@@ -23,6 +23,7 @@ from pyro.nn import PyroParam
 
 import pyro
 
+from ._files import read_plain
 from ._pyro_internals import module_name, param_fullname
 from .data.whitening import Whitening
 from .guides import AmortizedNormal, LocalMultivariateNormal
@@ -85,12 +86,9 @@ def load(path, map_location=None):
     :raises ValueError: for a file that is not a pyro_esc model file of a known format.
     """
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as error:  # noqa: BLE001 - any failure to read means: not our file
-        raise ValueError(f"{path!s} could not be read as a pyro_esc model file: "
-                         f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+        payload = read_plain(path, map_location=map_location)
+    except ValueError as error:
+        raise ValueError(f"{path!s} could not be read as a pyro_esc model file: {error}") from None
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(f"{path!s} is not a pyro_esc model file of format {MODEL_FORMAT!r} (found {found!r}); "

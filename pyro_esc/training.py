@@ -33,7 +33,13 @@ from pyro.infer.autoguide import AutoGuide
 
 from ._checks import check_data, check_int, check_positive
 from .annealing import Annealing
-from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, restore_checkpoint, save_checkpoint  # noqa: F401
+from .checkpoint import (  # noqa: F401 - CHECKPOINT_FORMAT and load_checkpoint: public here too
+    CHECKPOINT_FORMAT,
+    data_fingerprint,
+    load_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from .convergence import Convergence
 from .evaluation import held_out_elbo, training_elbo
 from .history import BATCH, EXACT, MONTE_CARLO, RUNNING, History
@@ -533,8 +539,10 @@ def _fit_once(model, guide, x, options, seed, progress, callback, resume, contin
     history = History(num_data=x.size(0), elbo_kind=options.elbo_kind, route=options.route)
     batches.reset(seed)
     start_step, elapsed, state = 0, 0.0, None
+    # What identifies the data in a checkpoint: one pass over x, once per run.
+    fingerprint = data_fingerprint(x) if options.checkpoint is not None or resume is not None else None
     if resume is not None:
-        state = restore_checkpoint(resume, model, guide, loss, batches, x)
+        state = restore_checkpoint(resume, model, guide, loss, batches, x, options.route, fingerprint)
         start_step, elapsed, history = state["step"], state["wall_time"], History.from_dict(state["history"])
     elif continue_from is not None:
         start_step, elapsed, history = continue_from.step[-1], continue_from.wall_time[-1], continue_from
@@ -548,7 +556,7 @@ def _fit_once(model, guide, x, options, seed, progress, callback, resume, contin
 
     def save(step):
         save_checkpoint(options.checkpoint, step, model, guide, stepper.state_dict(), loss, batches, history,
-                        time.perf_counter() - started, x)
+                        time.perf_counter() - started, x, options.route, fingerprint)
 
     bar = tqdm(total=total_steps, initial=start_step, disable=not progress, desc="fit", dynamic_ncols=True)
     started = time.perf_counter() - elapsed
