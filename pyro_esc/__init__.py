@@ -5,6 +5,7 @@ Fischer, Lücke; AISTATS 2024) on top of Pyro and PyTorch.
 """
 
 from . import kl  # noqa: F401 - registers the closed-form KL(Gaussian || Laplace) with torch
+from .em import EM
 from .encoding import encode
 from .evaluation import held_out_elbo, reference_elbo, training_elbo
 from .guides import AmortizedNormal, LocalMultivariateNormal
@@ -14,6 +15,7 @@ from .objectives import AnalyticELBO, EntropyELBO, NonFiniteObjectiveError
 from .posterior import GaussianPosterior, gaussian_posterior
 from .refinement import SemiAmortized
 from .saving import load, save
+from .solver import SolvedPosteriors, solve_posteriors
 from .history import History
 from .training import fit
 from .warm_start import fit_amortized
@@ -23,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AmortizedNormal",
     "AnalyticELBO",
+    "EM",
     "EntropyELBO",
     "GaussianPosterior",
     "History",
@@ -30,6 +33,7 @@ __all__ = [
     "LogLikelihood",
     "NonFiniteObjectiveError",
     "SemiAmortized",
+    "SolvedPosteriors",
     "SparseCoding",
     "encode",
     "fit",
@@ -40,5 +44,6 @@ __all__ = [
     "load",
     "reference_elbo",
     "save",
+    "solve_posteriors",
     "training_elbo",
 ]

@@ -15,6 +15,11 @@ import math
 from collections import deque
 
 
+
+class ConvergenceWarning(UserWarning):
+    """A run (or a solve) reached its step limit without meeting its convergence test."""
+
+
 class Convergence:
     """The stopping test of :func:`~pyro_esc.fit` (see the module docstring).
 

@@ -9,6 +9,7 @@ EXACT = "exact"  #: closed form on the full data
 RUNNING = "running estimate"  #: EntropyELBO on minibatches: batch rows current, the others as last visited
 BATCH = "batch estimate"  #: a closed-form objective evaluated on the minibatch alone
 MONTE_CARLO = "monte carlo"  #: a sampled objective (e.g. Trace_ELBO)
+CHUNK = "chunk estimate"  #: the EM route on minibatches: the current chunk's solved posteriors at the model
 
 
 @dataclass
@@ -22,7 +23,9 @@ class History:
       what it is: ``"exact"`` (a closed-form objective on the full data; for
       :class:`~pyro_esc.EntropyELBO` the value after the step), ``"running
       estimate"`` (EntropyELBO on minibatches: exact for the batch, the other
-      points as last visited), ``"batch estimate"`` or ``"monte carlo"``.
+      points as last visited), ``"chunk estimate"`` (the EM route on minibatches:
+      the ELBO per point of the posteriors solved since the last M-step, at the
+      model), ``"batch estimate"`` or ``"monte carlo"``.
       Under annealing it is the true, unweighted objective.
     - ``eval_elbo`` at ``eval_step`` is the exact ELBO per data point on the
       full data, evaluated without changing anything (``eval_kind`` says which:
@@ -30,7 +33,7 @@ class History:
       ``eval_every`` steps and after the last step. Report this one:
       :attr:`final_elbo`.
 
-    How the run went: ``route`` (``"torch"``, ``"rowwise"`` or ``"svi"``) and ``optimizer``
+    How the run went: ``route`` (``"torch"``, ``"rowwise"``, ``"em"`` or ``"svi"``) and ``optimizer``
     (its class name), ``converged`` and ``stop_reason`` (the convergence test
     met, or the step limit), ``evaluations`` (objective-and-gradient
     evaluations, line searches included), ``grad_norm`` (the gradient norm of the

@@ -40,9 +40,10 @@ from .checkpoint import (  # noqa: F401 - CHECKPOINT_FORMAT and load_checkpoint:
     restore_checkpoint,
     save_checkpoint,
 )
-from .convergence import Convergence
+from .convergence import Convergence, ConvergenceWarning  # noqa: F401 - ConvergenceWarning: public here too
+from .em import EM, EMStep, covariance_family
 from .evaluation import held_out_elbo, training_elbo
-from .history import BATCH, EXACT, MONTE_CARLO, RUNNING, History
+from .history import BATCH, CHUNK, EXACT, MONTE_CARLO, RUNNING, History
 from .model import MODEL_PARAMETERS
 from .objectives import AnalyticELBO, EntropyELBO, NonFiniteObjectiveError
 from .restarts import check_restartable, reinitialize, restore, snapshot
@@ -51,8 +52,9 @@ from .rowwise import RowwiseStep
 from .steppers import SVIStep, TorchStep, lbfgs
 
 #: sigma^2* below this fraction of the data's mean variance means the model fits the data exactly
-#: (e.g. constant data, or data of rank < H): the ELBO then grows without bound.
-NOISE_COLLAPSE = 1e-10
+#: (e.g. constant data, or data of rank <= H): the ELBO then grows without bound. (At 1e-10 a run on
+#: 300 digits with H = 64 reported convergence at sigma^2* = 1.3e-10 of the variance.)
+NOISE_COLLAPSE = 1e-8
 
 
 def _default_lr_schedule(name):
@@ -111,7 +113,7 @@ class _Batches:
 
 
 #: Optimiser names :func:`fit` understands (a torch optimiser class or factory works too).
-OPTIMIZERS = ("auto", "lbfgs", "svi", "rowwise")
+OPTIMIZERS = ("auto", "lbfgs", "svi", "rowwise", "em")
 #: The SVI route's default Adam learning rate.
 DEFAULT_LR = 0.05
 #: The row-wise route's defaults: Adam's learning rate (rows and dictionary) and updates of each
@@ -125,10 +127,6 @@ DEFAULT_TOL, DEFAULT_GTOL, DEFAULT_WINDOW = 1e-7, None, 20
 FINISH_DTYPE = torch.float64
 
 
-class ConvergenceWarning(UserWarning):
-    """A run reached its step limit without meeting its convergence test."""
-
-
 @dataclass
 class FitOptions:
     """Every argument of :func:`fit`, validated (see :func:`check_fit_options`)."""
@@ -136,9 +134,9 @@ class FitOptions:
     loss: object
     batches: "_Batches"
     total_steps: int
-    route: str  #: "svi", "torch" or "rowwise"
+    route: str  #: "svi", "torch", "rowwise" or "em"
     optim: object  #: the PyroOptim of the SVI route
-    optimizer: object  #: the torch optimiser factory of the torch route
+    optimizer: object  #: the torch optimiser factory of the torch route, the EM options of the EM route
     lr: float
     schedule: Callable
     manage_lr: bool
@@ -164,6 +162,8 @@ class FitOptions:
             return MONTE_CARLO
         if self.batches.full:
             return EXACT
+        if self.route == "em":
+            return CHUNK
         running = isinstance(self.loss, EntropyELBO) and self.loss.minibatch_statistics == "running"
         return RUNNING if running else BATCH
 
@@ -178,6 +178,12 @@ class FitOptions:
         if self.route == "rowwise":
             first = torch.arange(min(self.batches.batch_size, x.size(0)), device=x.device)
             return RowwiseStep(model, guide, self.loss, x, first, self.lr, self.frozen, self.inner_steps)
+        if self.route == "em":
+            first = None if self.batches.full else torch.arange(self.batches.batch_size, device=x.device)
+            em = self.optimizer
+            chunk = em.chunk_for(x.size(0), self.batches.batch_size)
+            return EMStep(model, guide, self.loss, x, first, self.frozen, chunk=chunk,
+                          momentum=em.momentum_for(chunk, x.size(0)), tol=em.tol)
         return TorchStep(model, guide, self.loss, x, self.optimizer, self.frozen)
 
 
@@ -201,13 +207,22 @@ def check_fit_options(model, guide, x, loss=None, *, optimizer="auto", steps=Non
                          "sigma^2 tends to 0 and the ELBO grows without bound")
     batches = _Batches(x.size(0), x.size(0) if batch_size is None else check_int(batch_size, "batch_size"),
                        int(seed))
-    # Settings that only the SVI route reads say which route the user has in mind.
+    # Settings that only gradient routes read say which route the user has in mind (inner_steps, a row-wise
+    # setting, keeps "auto" off the EM route).
     svi_settings = optim is not None or lr is not None or lr_schedule is not None
-    route, factory = _check_optimizer(optimizer, loss, batches, optim, svi_settings, guide)
-    if steps is None and epochs is None and route == "torch":
+    route, factory = _check_optimizer(optimizer, loss, batches, optim, svi_settings or inner_steps is not None, guide)
+    if route == "em" and (lr is not None or lr_schedule is not None or inner_steps is not None):
+        given = [name for name, value in (("lr", lr), ("lr_schedule", lr_schedule), ("inner_steps", inner_steps))
+                 if value is not None]
+        raise ValueError(f"{', '.join(given)}: the EM route has no learning rate or inner steps (its E-step solves "
+                         f"each batch's posteriors, its M-step is closed form); leave them out, or pass "
+                         f"optimizer='rowwise' or 'svi'")
+    if steps is None and epochs is None and (route == "torch" or route == "em" and batches.full):
         steps = DEFAULT_MAX_STEPS
     total_steps = _total_steps(steps, epochs, batches.steps_per_epoch)
     annealing = _check_annealing(annealing, loss, total_steps, batches.steps_per_epoch)
+    if route == "em" and annealing is not None:
+        _check_bounded(annealing, total_steps)
     _check_subsampling(guide, loss, batches)
     if lr is None:
         lr = ROWWISE_LR if route == "rowwise" else DEFAULT_LR
@@ -238,8 +253,11 @@ def check_fit_options(model, guide, x, loss=None, *, optimizer="auto", steps=Non
         checkpoint_every = check_int(checkpoint_every, "checkpoint_every")
         if checkpoint is None:
             raise ValueError("checkpoint_every needs a checkpoint path")
-    tol = (DEFAULT_TOL if route == "torch" else None) if tol == "auto" else tol
+    exact_route = route == "torch" or route == "em" and batches.full
+    tol = (DEFAULT_TOL if exact_route else None) if tol == "auto" else tol
     gtol = (DEFAULT_GTOL if route == "torch" else None) if gtol == "auto" else gtol
+    if gtol is not None and route == "em":
+        raise ValueError("gtol: the EM route has no gradient to test; use tol")
     tol, gtol, window = Convergence.check(tol, gtol, window)
     if gtol is not None and tol is None:
         raise ValueError("gtol needs tol: the gradient test is made together with the objective's change")
@@ -251,8 +269,8 @@ def check_fit_options(model, guide, x, loss=None, *, optimizer="auto", steps=Non
     frozen = ()
     if not train_dictionary or not train_model:
         if route == "svi":
-            raise ValueError("train_dictionary=False and train_model=False need the torch or row-wise route "
-                             "(optimizer='lbfgs', 'rowwise' or a torch optimiser)")
+            raise ValueError("train_dictionary=False and train_model=False need the torch, row-wise or EM route "
+                             "(optimizer='lbfgs', 'rowwise', 'em' or a torch optimiser)")
         # The scales matter only to objectives that train them (AnalyticELBO); EntropyELBO sets them.
         frozen = ("raw_dictionary",) if train_model else MODEL_PARAMETERS
     if inner_steps is None:
@@ -274,24 +292,51 @@ def check_fit_options(model, guide, x, loss=None, *, optimizer="auto", steps=Non
                       tol, gtol, window, n_init, frozen, inner_steps, finish_in_float64)
 
 
+def auto_route(loss, guide, full_batch, svi_settings=False, optim=None):
+    """The route ``optimizer="auto"`` takes (see :func:`fit`): "lbfgs", "em", "rowwise" or "svi".
+
+    :param bool full_batch: whether the steps see all the data (no ``batch_size``, or one >= N).
+    :param bool svi_settings: whether a setting that only gradient routes read is given (``lr``,
+        ``lr_schedule``, ``optim``).
+    """
+    closed_form = isinstance(loss, (EntropyELBO, AnalyticELBO))
+    if closed_form and full_batch and not svi_settings and getattr(guide, "lbfgs_compatible", True):
+        return "lbfgs"
+    if closed_form and not full_batch and not svi_settings and covariance_family(guide) is not None:
+        return "em"
+    if closed_form and not full_batch and optim is None and offers_row_access(guide):
+        return "rowwise"
+    return "svi"
+
+
 def _check_optimizer(optimizer, loss, batches, optim, svi_settings, guide):
-    # Returns (route, torch optimiser factory or None).
+    # Returns (route, torch optimiser factory, EM options or None).
     closed_form = isinstance(loss, (EntropyELBO, AnalyticELBO))
     # A guide whose gradient is not its value's (pyro_esc.refinement.SemiAmortized) needs a first-order route.
     line_search_ok = getattr(guide, "lbfgs_compatible", True)
+    if isinstance(optimizer, EM):
+        optimizer, em = "em", optimizer
+    else:
+        em = EM()
     if isinstance(optimizer, str):
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS} or a torch.optim optimiser class "
                              f"(or factory params -> optimiser), got {optimizer!r}")
         if optimizer == "auto":
-            if closed_form and batches.full and not svi_settings and line_search_ok:
-                optimizer = "lbfgs"
-            elif closed_form and not batches.full and optim is None and offers_row_access(guide):
-                optimizer = "rowwise"
-            else:
-                optimizer = "svi"
+            optimizer = auto_route(loss, guide, batches.full, svi_settings, optim)
         if optimizer == "svi":
             return "svi", None
+        if optimizer == "em":
+            if not closed_form:
+                raise ValueError(f"optimizer='em' needs a closed-form objective (EntropyELBO or AnalyticELBO); "
+                                 f"{type(loss).__name__} samples: use optimizer='svi'")
+            if covariance_family(guide) is None:
+                raise ValueError(f"optimizer='em' solves per-point Gaussian guides (AutoNormal, "
+                                 f"LocalMultivariateNormal); {type(guide).__name__} is neither: use "
+                                 f"optimizer='lbfgs', 'rowwise' or 'svi'")
+            if optim is not None:
+                raise ValueError("optim (a pyro.optim optimiser) is for the SVI route; the EM route has none")
+            return "em", em
         if optimizer == "rowwise":
             if batches.full:
                 raise ValueError("optimizer='rowwise' takes minibatches (batch_size < N); for the full data "
@@ -345,6 +390,19 @@ def _check_annealing(annealing, loss, total_steps, steps_per_epoch):
     return annealing
 
 
+def _check_bounded(annealing, total_steps):
+    # With beta_p > beta_q the weighted objective grows without bound as latents switch off (pyro_esc.annealing);
+    # gradient routes stop partway, but the EM route's exact E- and M-steps climb it all the way (lambda -> 0).
+    for step in range(min(total_steps, 100000)):
+        beta_q, beta_p, _ = annealing.betas(step)
+        if beta_p > beta_q * (1 + 1e-12):
+            raise ValueError(f"annealing: {annealing!r} weights the prior entropy above the posterior's at step "
+                             f"{step} (beta_p = {beta_p:g} > beta_q = {beta_q:g}); that objective grows without bound "
+                             f"as latents switch off (pyro_esc.annealing), and the EM route's exact steps follow it "
+                             f"to lambda -> 0. Use a schedule with beta_p <= beta_q (e.g. annealing='default'), or a "
+                             f"gradient route (optimizer='rowwise' or 'svi')")
+
+
 def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=None, batch_size=None, lr=None,
         lr_schedule=None, optim=None, tol="auto", gtol="auto", window=DEFAULT_WINDOW, n_init=1, seed=0,
         device=None, dtype=None, progress=True, record_every=1, eval_every=None, trace_elbo_every=None,
@@ -352,7 +410,7 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
         annealing=None, train_dictionary=True, inner_steps=None, train_model=True, finish_in_float64=True):
     """Train ``model`` and ``guide`` on ``data``; return a :class:`~pyro_esc.History`.
 
-    **Three routes**, chosen by ``optimizer`` (``History.route`` says which ran):
+    **Four routes**, chosen by ``optimizer`` (``History.route`` says which ran):
 
     - ``"lbfgs"``: torch's L-BFGS with a strong-Wolfe line search on the exact,
       full-batch objective, one L-BFGS iteration per step, until the convergence
@@ -373,11 +431,22 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
       only when its point is in the batch), the global parameters by Adam
       (``lr``, ``lr_schedule``); ``inner_steps`` > 1 updates the batch's rows
       that many times per step, all but the last with the dictionary fixed.
+    - ``"em"`` (or :class:`~pyro_esc.em.EM` for its options): variational EM for a
+      closed-form objective and a per-point Gaussian guide (``AutoNormal``,
+      :class:`~pyro_esc.LocalMultivariateNormal`), on the full data or on
+      minibatches (:mod:`pyro_esc.em`): each step solves its batch's posteriors
+      exactly (:func:`~pyro_esc.solver.solve_posteriors`); after every
+      ``EM(chunk=...)`` points the dictionary is set in closed form from their
+      sufficient statistics, with a heavy-ball extrapolation (``momentum``), and
+      lambda*, sigma^2* with it. The last step solves every point's posterior at
+      the final model. No learning rate.
     - ``"auto"`` (default): ``"lbfgs"`` for a closed-form objective on the full
       data, unless an SVI setting (``optim``, ``lr`` or ``lr_schedule``) is
-      given; ``"rowwise"`` for a closed-form objective on minibatches with a
-      per-point guide (LocalMultivariateNormal, AutoNormal) unless ``optim``
-      is given; else ``"svi"``.
+      given; ``"em"`` for a closed-form objective on minibatches with
+      ``AutoNormal`` or ``LocalMultivariateNormal`` unless such a setting is given;
+      ``"rowwise"`` for a closed-form objective on minibatches with another guide
+      that offers row access (or with ``lr``/``lr_schedule``) unless ``optim``
+      is given; else ``"svi"`` (:func:`auto_route`).
 
     With :class:`~pyro_esc.EntropyELBO` (the default loss) each step is
     followed by ``loss.update(...)``, which writes lambda*, sigma^2* of the
@@ -411,9 +480,10 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
     :param data: the data, (N, D): a tensor (keeps its dtype) or an array (converted to ``dtype``).
         Constant data (every point the same) is rejected: its ELBO is unbounded.
     :param loss: a ``pyro.infer.ELBO``; default ``EntropyELBO()``.
-    :param optimizer: ``"auto"``, ``"lbfgs"``, ``"svi"``, ``"rowwise"``, or a torch optimiser class or factory.
-    :param int steps: the step limit (default: 20000 on the torch route, which stops on convergence;
-        1000 on the SVI route).
+    :param optimizer: ``"auto"``, ``"lbfgs"``, ``"svi"``, ``"rowwise"``, ``"em"``, an
+        :class:`~pyro_esc.em.EM`, or a torch optimiser class or factory.
+    :param int steps: the step limit (default: 20000 on the torch route and full-batch EM, which stop on
+        convergence; 1000 on the others).
     :param int epochs: alternatively, passes over the data (ceil(N / batch_size) steps each).
     :param int batch_size: minibatch size; None for full batch.
     :param float lr: Adam's learning rate on the SVI route (default 0.05) and the row-wise route
@@ -423,7 +493,8 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
     :param optim: SVI route: a ``pyro.optim.PyroOptim`` to use instead of Adam(lr) (then ``lr``
         only feeds the schedule, if any).
     :param float tol: relative change of the objective over ``window`` steps that counts as
-        converged; ``"auto"``: 1e-7 on the torch route, None (run every step) on the SVI and row-wise routes.
+        converged; ``"auto"``: 1e-7 on the torch route and full-batch EM, None (run every step) on the
+        SVI and row-wise routes and minibatch EM.
     :param float gtol: bound on the per-point gradient norm for convergence (torch route); None
         for no gradient test.
     :param int window: steps over which the change is measured.
@@ -592,6 +663,12 @@ def _fit_once(model, guide, x, options, seed, progress, callback, resume, contin
                     history.trace_elbo.append(_trace_elbo(model, guide, x, options.trace_elbo_particles))
                 if progress:
                     bar.set_postfix(history.progress_postfix(), refresh=False)
+            if last and hasattr(stepper, "finish"):
+                if options.checkpoint is not None:
+                    # What a continued run resumes from: the state before the final E-step below.
+                    save(step)
+                # The EM route's last E-step: every point's posterior at the final model.
+                stepper.finish(x)
             if last or options.eval_due(step):
                 elbo, history.eval_kind = _exact_elbo(model, guide, x, loss)
                 history.eval_step.append(step)
@@ -619,7 +696,7 @@ def _fit_once(model, guide, x, options, seed, progress, callback, resume, contin
             history.stop_reason += f" without meeting tol={options.tol:g} (unconverged)"
             warnings.warn(f"fit: {history.stop_reason}; pass more steps, or a larger tol", ConvergenceWarning,
                           stacklevel=3)
-    if options.checkpoint is not None:
+    if options.checkpoint is not None and not hasattr(stepper, "finish"):
         save(step)
     return history, stepper
 
@@ -639,7 +716,15 @@ def training_step(stepper, model, guide, x, kwargs, step, options):
         loss.set_annealing_step(step - 1)
     try:
         value, grad_norm = stepper.step(x, kwargs)
-        if isinstance(loss, EntropyELBO):
+        if stepper.route == "em":
+            # The M-step set lambda*, sigma^2* (and W) itself, from the chunk's statistics.
+            noise_var = float(model.noise_var.detach())
+            if noise_var < NOISE_COLLAPSE * options.data_variance:
+                raise NonFiniteObjectiveError(
+                    f"the noise variance sigma^2* collapsed to {noise_var:g} (data variance "
+                    f"{options.data_variance:g}): the model reproduces the data exactly (data of rank < H?), "
+                    f"and the ELBO grows without bound")
+        elif isinstance(loss, EntropyELBO):
             if stepper.route == "rowwise":
                 # The row-wise step stored the batch's rows itself (O(batch)); only the scales are left to write.
                 terms = loss.update_scales(model, guide, x)
