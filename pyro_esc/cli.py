@@ -21,6 +21,7 @@ import pyro
 
 from . import experiments
 from .annealing import Annealing
+from .em import DEFAULT_CHUNK, DEFAULT_MOMENTUM, EM, MIN_CHUNK
 
 
 def _common(parser, steps, lr, out, lr_help, steps_help=None):
@@ -95,17 +96,25 @@ def build_parser():
     patches.add_argument("--size", type=int, default=12, help="patch side in pixels (default 12)")
     patches.add_argument("--latents", type=int, default=100, help="number of latents H (default 100)")
     _common(patches, steps=1500, lr=None, out="runs/patches",
-            lr_help="initial Adam learning rate, cosine-decayed to 0.1x (default: 0.05 on the SVI route, "
-                    "0.4 on the row-wise route)")
+            lr_help="a gradient route's initial Adam learning rate, cosine-decayed to 0.1x (default: 0.05 on the "
+                    "SVI route, 0.4 on the row-wise route); with a per-point guide on minibatches it selects the "
+                    "row-wise route")
     patches.add_argument("--epochs", type=int, default=None,
                          help="passes over the data, instead of --steps (with --batch-size: N / batch steps each)")
-    patches.add_argument("--annealing", choices=("none", "default", "authors"), default=None,
-                         help="entropy annealing by name: default (beta_q 2 -> 1 over the first half), authors "
-                              "(beta_p 10 -> 1 stepwise over the first five epochs); --anneal STEPS is the "
-                              "default scheme over STEPS steps")
-    patches.add_argument("--optimizer", choices=("auto", "svi", "rowwise"), default="auto",
-                         help="fit's route (default auto: row-wise O(batch) steps for per-point guides on "
-                              "minibatches)")
+    patches.add_argument("--annealing", choices=("none", "default", "authors"), nargs="+", default=None,
+                         help="entropy annealing by name: none, default (beta_q 2 -> 1 over the first half), authors "
+                              "(beta_p 10 -> 1 stepwise over the first five epochs; gradient routes only); several "
+                              "names run one after the other and draw their fields and curves side by side; "
+                              "--anneal STEPS is the default scheme over STEPS steps")
+    patches.add_argument("--optimizer", choices=("auto", "em", "svi", "rowwise"), default="auto",
+                         help="fit's route (default auto: EM for per-point guides on minibatches, the row-wise route "
+                              "if --lr or --inner-steps is given)")
+    patches.add_argument("--chunk", type=int, default=None,
+                         help=f"EM route: patches solved between two dictionary updates (default: a tenth of "
+                              f"--n, at least {MIN_CHUNK} and at most {DEFAULT_CHUNK})")
+    patches.add_argument("--momentum", type=float, default=None,
+                         help=f"EM route: heavy-ball weight of the dictionary's extrapolation (default: 0 on "
+                              f"minibatches, {DEFAULT_MOMENTUM} on the full data)")
     patches.add_argument("--hidden", type=int, nargs="+", default=list(experiments.PATCH_ENCODER_HIDDEN),
                          help=f"amortised guides: units of each hidden layer of the encoder (default "
                               f"{' '.join(map(str, experiments.PATCH_ENCODER_HIDDEN))})")
@@ -125,8 +134,11 @@ def build_parser():
                          help="a saved model (pyro_esc.save) whose dictionary to use; default: learn one from "
                               "the noisy image itself")
     denoise.add_argument("--patch-size", type=int, default=7, help="patch side in pixels (default 7)")
-    denoise.add_argument("--latents", type=int, default=100, help="dictionary size when learning one (default 100)")
-    denoise.add_argument("--steps", type=int, default=500, help="L-BFGS step limit of each fit (default 500)")
+    denoise.add_argument("--latents", type=int, default=None,
+                         help="dictionary size when learning one (default: half the pixels of a patch, 24 for 7x7; "
+                              "with as many latents as pixels the noise is explained by the codes)")
+    denoise.add_argument("--steps", type=int, default=None,
+                         help="EM step limit of each fit (default 30; each stops earlier on convergence)")
     denoise.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     _threads(denoise)
     denoise.set_defaults(run=_denoise)
@@ -191,31 +203,41 @@ def _bars(args):
 
 
 def _patches(args):
-    from . import plots
-
     if args.anneal is not None and args.annealing is not None:
         raise SystemExit("pyro-esc patches: pass --anneal STEPS or --annealing NAME, not both")
-    annealing = (Annealing.default(args.anneal) if args.anneal is not None
-                 else None if args.annealing in (None, "none") else args.annealing)
+    if args.anneal is not None:
+        settings = {"default": Annealing.default(args.anneal)}
+    else:
+        names = args.annealing or ["none"]
+        if len(set(names)) != len(names):
+            raise ValueError(f"--annealing: each name once, got {' '.join(names)}")
+        settings = {name: None if name == "none" else name for name in names}
+    optimizer = args.optimizer
+    if args.chunk is not None or args.momentum is not None:
+        if optimizer not in ("auto", "em"):
+            raise ValueError("--chunk and --momentum set the EM route; leave them out with --optimizer "
+                             f"{optimizer}")
+        optimizer = EM(chunk=args.chunk, momentum=args.momentum)
     x, whitening = experiments.patch_data(args.n, args.size, args.seed)
-    result = experiments.run_patches(x, whitening, args.size, guide=args.guide, objective=args.objective,
-                                     n_latents=args.latents, steps=args.steps, epochs=args.epochs,
-                                     batch_size=args.batch_size, lr=args.lr, annealing=annealing, seed=args.seed,
-                                     device=args.device, progress=not args.quiet, optimizer=args.optimizer,
-                                     inner_steps=args.inner_steps, hidden=tuple(args.hidden))
-    figure = plots.plot_fields(result.dictionary, shape=(args.size, args.size), whitening=whitening,
-                               title=f"{args.latents} generative fields of {args.size}x{args.size} whitened patches")
-    plots.save_figure(figure, os.path.join(args.out, "patches_fields.png"))
-    label = f"{args.guide}, {args.annealing or ('default' if args.anneal else 'none')} annealing"
-    plots.save_figure(plots.plot_training_curves({label: result.history}, x="wall_time",
-                                                 title="Natural patches: entropy-ELBO per data point"),
-                      os.path.join(args.out, "patches_curves.png"))
-    _write_metrics(args.out, "patches_metrics.json", result)
-    _save_model(args.out, "patches_model.pt", result, whitening=whitening)
-    print(f"ELBO per data point {result.elbo:.4f}; code kurtosis {result.sparseness['kurtosis']:.2f}; "
-          f"mean field spread {result.mean_field_spread_px:.2f} px; {result.steps} steps ({result.route}, "
-          f"{result.optimizer}) in {result.wall_time_s:.1f} s")
-    print(f"figures and metrics in {args.out}/; the model and whitening in patches_model.pt (pyro_esc.load)")
+    snapshots = experiments.epoch_snapshots(args.epochs, args.n, args.batch_size)
+    results = {}
+    for name, annealing in settings.items():
+        results[name] = experiments.run_patches(
+            x, whitening, args.size, guide=args.guide, objective=args.objective, n_latents=args.latents,
+            steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, annealing=annealing,
+            seed=args.seed, device=args.device, progress=not args.quiet, optimizer=optimizer,
+            inner_steps=args.inner_steps, hidden=tuple(args.hidden), snapshots=snapshots)
+    experiments.patches_run_figures(args.out, results, whitening, args.size, x.size(0), args.batch_size)
+    single = len(results) == 1
+    for name, result in results.items():
+        suffix = "" if single else f"_{name}"
+        _write_metrics(args.out, f"patches_metrics{suffix}.json", result)
+        _save_model(args.out, f"patches_model{suffix}.pt", result, whitening=whitening)
+        print(f"{'' if single else f'annealing {name}: '}ELBO per data point {result.elbo:.4f}; code kurtosis "
+              f"{result.sparseness['kurtosis']:.2f}; median field spread {result.median_field_spread_px:.2f} px; "
+              f"{result.steps} steps ({result.route}, {result.optimizer}) in {result.wall_time_s:.1f} s")
+    print(f"figures and metrics in {args.out}/; the model and whitening in patches_model"
+          f"{'' if single else '_<annealing>'}.pt (pyro_esc.load)")
 
 
 def _denoise(args):

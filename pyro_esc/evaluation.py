@@ -56,21 +56,22 @@ def reference_elbo(x, dictionary, guide="local-full", seed=0, **fit_options):
     """The ELBO per data point that a given dictionary allows: a yardstick for learning.
 
     The dictionary is held fixed at ``dictionary`` (e.g. the generating one of
-    an artificial data set); the posteriors are fitted to convergence with
-    L-BFGS on :class:`~pyro_esc.EntropyELBO`, so lambda and sigma^2 are at
-    their optimum (Theorem 2). A learned dictionary whose ELBO is below this
+    an artificial data set); the posteriors and lambda, sigma^2 are brought to their
+    joint optimum by :func:`~pyro_esc.fit`'s EM route with the dictionary fixed:
+    every point's posterior solved (:func:`~pyro_esc.solver.solve_posteriors`), then
+    Theorem 2's lambda*, sigma^2*, until the ELBO stops changing (``tol``). A learned dictionary whose ELBO is below this
     one has not found the best optimum the data offer; one above it explains
     the data better than the reference.
 
     The fit runs in float64 whatever the data's dtype (a yardstick must not stop
-    early: in float32 the line search can stall far from the optimum at low noise),
+    early),
     in a param-store scope of its own, and restores the RNG state, so the caller's
     parameters and random stream are untouched.
 
     :param torch.Tensor x: data, shape (N, D).
     :param torch.Tensor dictionary: W, shape (D, H) (columns are normalised).
     :param guide: ``"local-full"`` (a full-covariance Gaussian per point), ``"local-diag"``, or a
-        callable ``model -> guide``.
+        callable ``model -> guide`` (a guide the EM route does not solve is fitted with L-BFGS).
     :param int seed: seed for the guide's initialisation.
     :param fit_options: further arguments of :func:`~pyro_esc.fit` (e.g. ``steps``, ``tol``; default
         ``tol=1e-9``).
@@ -78,6 +79,7 @@ def reference_elbo(x, dictionary, guide="local-full", seed=0, **fit_options):
     """
     from pyro.infer.autoguide import AutoNormal
 
+    from .em import covariance_family
     from .guides import LocalMultivariateNormal
     from .model import SparseCoding
     from .training import fit
@@ -96,6 +98,7 @@ def reference_elbo(x, dictionary, guide="local-full", seed=0, **fit_options):
         model.set_dictionary(dictionary)
         fit_options.setdefault("progress", False)
         fit_options.setdefault("tol", 1e-9)
-        history = fit(model, make_guide(model), x, optimizer="lbfgs", train_dictionary=False, seed=seed,
-                      **fit_options)
+        guide_object = make_guide(model)
+        fit_options.setdefault("optimizer", "em" if covariance_family(guide_object) is not None else "lbfgs")
+        history = fit(model, guide_object, x, train_dictionary=False, seed=seed, **fit_options)
     return history.final_elbo

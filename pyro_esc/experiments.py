@@ -15,6 +15,7 @@ tests and notebook smoke runs only.
 
 import copy
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field, fields as dataclass_fields
@@ -36,7 +37,8 @@ from .model import SparseCoding
 from .objectives import AnalyticELBO, EntropyELBO
 from .posterior import gaussian_posterior
 from .history import History
-from .training import decaying_adam, fit
+from .em import EM
+from .training import auto_route, decaying_adam, fit
 from .warm_start import fit_amortized
 
 #: Guides by the names the command line uses.
@@ -199,9 +201,10 @@ class PatchesResult:
     #: Epochs (passes over the data) those steps make.
     epochs: float
     batch_size: Optional[int]
-    lr: float
+    #: The initial learning rate of a gradient route; None on the EM route.
+    lr: Optional[float]
     seed: int
-    #: How fit trained (``History.route``: "rowwise", "svi" or "torch") and with which optimiser.
+    #: How fit trained (``History.route``: "em", "rowwise", "svi" or "torch") and with which optimiser.
     route: str
     optimizer: str
     #: Final ELBO per data point (the objective's).
@@ -401,19 +404,22 @@ def patch_data(n, size, seed, method="zca", epsilon=0.1, n_components=None):
 
 
 def run_patches(x, whitening, size, guide="amortized-diag", objective="entropy", n_latents=100, steps=2000,
-                epochs=None, batch_size=None, lr=None, lr_schedule="cosine", annealing=None, seed=0, device=None,
+                epochs=None, batch_size=None, lr=None, lr_schedule="auto", annealing=None, seed=0, device=None,
                 progress=True, snapshots=(), hidden=PATCH_ENCODER_HIDDEN, optimizer="auto", inner_steps=None):
     """Learn sparse codes of whitened patches; return a :class:`PatchesResult` (metrics, fields, snapshots).
 
-    The learning rate follows a cosine schedule down to a tenth by default: at a
-    constant rate full-batch Adam makes the ELBO oscillate by several nats late
-    in training, which makes end-of-run comparisons fragile.
+    Per-point guides on minibatches take fit's EM route (no learning rate). On the gradient
+    routes the learning rate follows a cosine schedule down to a tenth by default: at a
+    constant rate full-batch Adam makes the ELBO oscillate by several nats late in training,
+    which makes end-of-run comparisons fragile.
 
     :param annealing: None, "default" (:meth:`Annealing.default` over the first half of the run,
         the true objective after), "authors" (:meth:`Annealing.authors`: beta_p 10 -> 1 over the
         first five epochs) or an Annealing.
-    :param optimizer: fit's route ("auto": row-wise for per-point guides on minibatches).
-    :param float lr: initial learning rate (None: fit's default for the route).
+    :param optimizer: fit's route: "auto" (EM for per-point guides on minibatches, unless ``lr`` is
+        given, which selects the row-wise route), "em", an :class:`~pyro_esc.em.EM`, "rowwise", "svi".
+    :param float lr: initial learning rate of a gradient route (None: fit's default for the route).
+    :param lr_schedule: a gradient route's schedule; "auto": cosine, or none on the EM route.
     :param int inner_steps: row-wise route: updates of the batch's posteriors per step (None: fit's default).
     :param snapshots: steps at which to keep a copy of the dictionary.
     :param hidden: amortised guides: the encoder's hidden layers (default :data:`PATCH_ENCODER_HIDDEN`).
@@ -429,6 +435,11 @@ def run_patches(x, whitening, size, guide="amortized-diag", objective="entropy",
 
     start = time.perf_counter()
     loss = make_loss(objective)
+    if lr_schedule == "auto":
+        em = optimizer == "em" or isinstance(optimizer, EM) or optimizer == "auto" and auto_route(
+            loss, guide_object, batch_size is None or batch_size >= x.size(0),
+            lr is not None or inner_steps is not None) == "em"
+        lr_schedule = None if em else "cosine"
     history = fit(model, guide_object, x, loss=loss, annealing=annealing,
                   steps=None if epochs else steps,
                   epochs=epochs, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, seed=seed, device=device,
@@ -442,13 +453,83 @@ def run_patches(x, whitening, size, guide="amortized-diag", objective="entropy",
     return PatchesResult(
         guide=guide, objective=objective, annealing=_annealing_label(loss),
         n=x.size(0), size=size, n_latents=n_latents, steps=history.step[-1], epochs=history.epoch[-1],
-        batch_size=batch_size, lr=history.lr[0], seed=seed, route=history.route, optimizer=history.optimizer,
+        batch_size=batch_size, lr=None if history.route == "em" else history.lr[0], seed=seed, route=history.route,
+        optimizer=history.optimizer,
         elbo=history.final_elbo, wall_time_s=round(wall_time, 2),
         sparseness=code_sparseness(codes),
         mean_field_spread_px=float(spreads.mean()), median_field_spread_px=float(spreads.median()),
         dictionary=dictionary[:, order], history=history,
         snapshots={step: value[:, order] for step, value in kept.items()}, model=model, guide_object=guide_object,
     )
+
+
+#: The epochs at which ``pyro-esc patches --epochs E`` keeps the fields (as the paper's figure of fields
+#: over training), with the last epoch.
+SNAPSHOT_EPOCHS = (1, 2, 5, 10)
+
+
+def epoch_snapshots(epochs, num_data, batch_size):
+    """The steps that end the epochs of :data:`SNAPSHOT_EPOCHS` (and the last) in a run of ``epochs`` epochs.
+
+    Empty without ``epochs``; on the full data a step is an epoch.
+    """
+    if epochs is None:
+        return ()
+    per_epoch = 1 if batch_size is None or batch_size >= num_data else math.ceil(num_data / batch_size)
+    return tuple(sorted({epoch * per_epoch for epoch in SNAPSHOT_EPOCHS + (epochs,) if epoch <= epochs}))
+
+
+def patches_run_figures(out, results, whitening, size, num_data, batch_size):
+    """The figures of ``pyro-esc patches``: the fields, the optimisation curves and the fields over training.
+
+    :param dict results: :class:`PatchesResult` by label (e.g. the annealing setting); several are drawn
+        side by side (``patches_fields_<label>.png`` each; one ``patches_curves.png``; one row per run in
+        ``patches_fields_over_training.png``, which is drawn when the runs kept snapshots).
+    """
+    import matplotlib.pyplot as plt
+
+    per_epoch = 1 if batch_size is None or batch_size >= num_data else math.ceil(num_data / batch_size)
+    single = len(results) == 1
+    for label, result in results.items():
+        title = (f"{result.n_latents} generative fields of {size}x{size} whitened patches "
+                 f"(N = {result.n:,}{'' if single else f', annealing {label}'}; median spread "
+                 f"{result.median_field_spread_px:.2f} px)")
+        plots.save_figure(plots.plot_fields(result.dictionary, shape=(size, size), whitening=whitening, title=title),
+                          os.path.join(out, "patches_fields.png" if single else f"patches_fields_{label}.png"))
+    if per_epoch > 1:
+        # On minibatches the per-step values are estimates (a running table, a chunk): draw the exact full-data
+        # ELBO that fit records once an epoch.
+        curves = {f"annealing {label}": _exact_curve(result.history, per_epoch) for label, result in results.items()}
+        title = "Natural patches: exact ELBO per data point, once an epoch"
+    else:
+        curves = {f"annealing {label}": result.history for label, result in results.items()}
+        title = "Natural patches: ELBO per data point"
+    plots.save_figure(plots.plot_training_curves(curves, x="epoch" if per_epoch > 1 else "step", title=title),
+                      os.path.join(out, "patches_curves.png"))
+    rows = [(label, result) for label, result in results.items() if result.snapshots]
+    if not rows:
+        return
+    columns = max(len(result.snapshots) for _, result in rows)
+    figure, axes = plt.subplots(len(rows), columns, figsize=(3.6 * columns, 3.8 * len(rows)), squeeze=False)
+    for row, (label, result) in enumerate(rows):
+        for column, (step, fields) in enumerate(sorted(result.snapshots.items())):
+            spread = float(field_spread(whitening.fields_to_pixels(fields.double()), (size, size)).median())
+            plots.plot_fields(fields[:, :25], shape=(size, size), whitening=whitening, ncols=5, caption=False,
+                              ax=axes[row, column],
+                              title=f"{label}, epoch {step / per_epoch:g}\nmedian spread {spread:.2f} px")
+        for column in range(len(result.snapshots), columns):
+            axes[row, column].axis("off")
+    figure.suptitle(f"Generative fields during training, by annealing ({size}x{size}, N = {rows[0][1].n:,}; the 25 "
+                    f"largest lambda of each snapshot)")
+    plots.save_figure(figure, os.path.join(out, "patches_fields_over_training.png"))
+
+
+def _exact_curve(history, per_epoch):
+    # A history-like mapping of the exact evaluations, for plots.plot_training_curves.
+    times = [max((t for s, t in zip(history.step, history.wall_time) if s <= step), default=0.0)
+             for step in history.eval_step]
+    return {"step": list(history.eval_step), "elbo": list(history.eval_elbo),
+            "epoch": [step / per_epoch for step in history.eval_step], "wall_time": times}
 
 
 def patch_figures(out, runs, whitening, size, x_raw=None):

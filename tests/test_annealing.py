@@ -125,9 +125,18 @@ def test_fit_builds_the_authors_schedule_from_its_epochs():
 
     model, guide, x = _small_problem()
     loss = EntropyELBO()
-    fit(model, guide, x, loss=loss, batch_size=10, steps=3, annealing="authors", progress=False)
+    fit(model, guide, x, loss=loss, batch_size=10, steps=3, annealing="authors", optimizer="rowwise", progress=False)
     assert loss.annealing.num_steps == 5 * 4  # 40 points in batches of 10: 4 steps an epoch
     assert loss.annealing.prior(0.0) == 10.0
+
+
+def test_the_em_route_refuses_a_schedule_that_weights_the_prior_entropy_above_the_posteriors():
+    # beta_p > beta_q makes the annealed objective unbounded (lambda -> 0); EM's exact steps would follow it.
+    from pyro_esc import fit
+
+    model, guide, x = _small_problem()
+    with pytest.raises(ValueError, match=r"beta_p = 10 > beta_q = 1.*optimizer='rowwise'"):
+        fit(model, guide, x, batch_size=10, steps=3, annealing="authors", progress=False)
 
 
 def _small_problem():

@@ -126,7 +126,7 @@ def test_resuming_with_another_guide_or_route_is_refused(tmp_path):
     train(path, steps=3)
     with pytest.raises(ValueError, match="guide 'AutoNormal', this run has 'LocalMultivariateNormal'"):
         train(path, resume=path, guide_factory=LocalMultivariateNormal)
-    with pytest.raises(ValueError, match="route 'torch', this run has 'rowwise'"):
+    with pytest.raises(ValueError, match="route 'torch', this run has 'em'"):
         train(path, resume=path, batch_size=10)
 
 

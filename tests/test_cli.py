@@ -84,6 +84,37 @@ def test_patches_runs_in_epochs_with_the_authors_annealing_on_the_rowwise_route(
         main(["patches", "--anneal", "3", "--annealing", "authors", "--out", str(out), "--quiet"])
 
 
+def test_patches_on_minibatches_take_the_em_route_and_compare_annealing_settings(tmp_path):
+    out = tmp_path / "em"
+    assert main(["patches", "--n", "300", "--size", "6", "--latents", "8", "--epochs", "2", "--batch-size", "50",
+                 "--annealing", "none", "default", "--chunk", "100", "--out", str(out), "--quiet"]) == 0
+    for name in ("none", "default"):
+        metrics = json.loads((out / f"patches_metrics_{name}.json").read_text())
+        assert metrics["route"] == "em" and metrics["optimizer"] == "EM" and metrics["lr"] is None
+        assert metrics["steps"] == 12 and metrics["epochs"] == 2
+        assert (out / f"patches_fields_{name}.png").stat().st_size > 0
+    assert json.loads((out / "patches_metrics_default.json").read_text())["annealing"].startswith("Annealing(")
+    for name in ("patches_curves", "patches_fields_over_training"):
+        assert (out / f"{name}.png").stat().st_size > 0, name
+
+
+def test_the_em_route_refuses_the_authors_annealing_before_training(tmp_path, capsys):
+    code = main(["patches", "--n", "200", "--size", "6", "--latents", "8", "--epochs", "2", "--batch-size", "50",
+                 "--annealing", "authors", "--out", str(tmp_path), "--quiet"])
+    assert code == 2
+    assert "grows without bound" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_epoch_snapshots_are_the_papers_epochs():
+    from pyro_esc.experiments import epoch_snapshots
+
+    assert epoch_snapshots(10, 204800, 512) == (400, 800, 2000, 4000)
+    assert epoch_snapshots(3, 1000, 100) == (10, 20, 30)
+    assert epoch_snapshots(4, 1000, None) == (1, 2, 4)
+    assert epoch_snapshots(None, 1000, 100) == ()
+
+
 def test_reproduce_writes_every_figure_and_the_metrics(tmp_path, monkeypatch):
     monkeypatch.setenv("PYRO_ESC_FAST", "1")
     out = tmp_path / "figures"

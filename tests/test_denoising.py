@@ -69,3 +69,18 @@ def test_the_command_writes_the_denoised_image_and_the_noise(tmp_path):
                  "--latents", "12", "--steps", "40"]) == 0
     assert np.asarray(Image.open(out)).shape == image.shape == np.asarray(Image.open(noise)).shape
     assert main(["denoise", str(tmp_path / "missing.png"), str(out)]) == 2
+
+
+def test_the_default_step_budget_is_not_warned_about_but_an_explicit_limit_is(monkeypatch):
+    import warnings
+
+    from pyro_esc import denoising
+    from pyro_esc.convergence import ConvergenceWarning
+
+    monkeypatch.setattr(denoising, "DEFAULT_STEPS", 2)  # a budget that the fits certainly reach
+    noisy = np.random.default_rng(0).random((20, 20))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        denoise(noisy, 5, n_latents=6, max_patches=150)
+    with pytest.warns(ConvergenceWarning, match="step limit: 2 steps"):
+        denoise(noisy, 5, n_latents=6, max_patches=150, steps=2)

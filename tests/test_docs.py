@@ -5,6 +5,8 @@ read as a substitution, a broken cross-reference in docs/*.md) fail this test. T
 needs sphinx and myst-parser (the ``docs`` and ``dev`` extras) and skips without them.
 """
 
+import importlib
+import importlib.util
 import os
 import pkgutil
 import re
@@ -75,3 +77,21 @@ def test_sphinx_build_has_no_warnings(tmp_path):
     assert theory.count('class="math') > 20 and "```math" not in theory
     # autodoc found the documented objects (a failed import would leave the page empty).
     assert "pyro_esc.lightning.SparseCodingModule" in (html / "api" / "lightning.html").read_text(encoding="utf-8")
+
+
+def modules_with_examples():
+    return [name for name in public_modules() if ">>>" in Path(importlib.util.find_spec(name).origin).read_text()]
+
+
+@pytest.mark.parametrize("name", modules_with_examples())
+def test_docstring_examples_run(name):
+    """Every ``>>>`` example in a public module's docstrings runs and prints what it says."""
+    import doctest
+
+    import pyro
+
+    module = importlib.import_module(name)
+    with pyro.get_param_store().scope():
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0, f"{name}: {result.failed} of {result.attempted} examples failed"
+    assert result.attempted > 0

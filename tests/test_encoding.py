@@ -13,10 +13,9 @@ import pytest
 import torch
 
 import pyro
-import pyro.distributions as dist
 from pyro.infer.autoguide import AutoDelta, AutoMultivariateNormal, AutoNormal
 
-from helpers import fixed_gaussian_guide, monte_carlo_check
+from helpers import fixed_gaussian_guide, monte_carlo_check, one_point_optimum
 from pyro_esc import (AmortizedNormal, GaussianPosterior, LocalMultivariateNormal, SparseCoding, encode, fit,
                       held_out_elbo, log_likelihood)
 from pyro_esc.data import bars
@@ -29,41 +28,6 @@ def trained(make_guide, n=200, side=3, seed=0):
     guide = make_guide(model)
     fit(model, guide, x, steps=300, tol=None, progress=False)
     return model, guide, x
-
-
-def one_point_optimum(model, x_point, full):
-    """The best Gaussian q for one point under the fixed model: torch L-BFGS, ELBO from torch distributions."""
-    h = model.n_latents
-    w, lam, s2 = model.dictionary.detach(), model.prior_scale.detach(), model.noise_var.detach()
-    loc = torch.zeros(h, dtype=torch.float64, requires_grad=True)
-    raw = torch.full((h,), math.log(0.1), dtype=torch.float64, requires_grad=True)
-    off = torch.zeros(h, h, dtype=torch.float64, requires_grad=True)
-    params = [loc, raw] + ([off] if full else [])
-
-    def negative_elbo():
-        tril = torch.diag(raw.exp()) + (off.tril(-1) if full else 0)
-        q = dist.MultivariateNormal(loc, scale_tril=tril)
-        cov = tril @ tril.T
-        sd = cov.diagonal().sqrt()
-        abs_mean = sd * math.sqrt(2 / math.pi) * torch.exp(-loc ** 2 / (2 * sd ** 2)) + loc * torch.erf(
-            loc / (math.sqrt(2) * sd))
-        sq = (x_point - w @ loc).square().sum() + torch.trace(w @ cov @ w.T)
-        elbo = (q.entropy() - 0.5 * x_point.numel() * torch.log(2 * math.pi * s2) - sq / (2 * s2)
-                - (torch.log(2 * lam) + abs_mean / lam).sum())
-        return -elbo
-
-    optimizer = torch.optim.LBFGS(params, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14,
-                                  line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        value = negative_elbo()
-        value.backward()
-        return value
-
-    optimizer.step(closure)
-    with torch.no_grad():
-        return loc.detach(), -float(negative_elbo())
 
 
 @pytest.mark.parametrize("family", ["local-full", "local-diag"])

@@ -157,12 +157,13 @@ def test_full_batch_fit_records_the_exact_elbo_after_each_step_and_leaves_the_mo
     assert torch.allclose(model.noise_var.detach(), expected.noise_var.detach(), rtol=1e-6)
 
 
-def test_minibatch_fit_labels_running_estimates_and_records_exact_values():
+@pytest.mark.parametrize("optimizer, kind", [("rowwise", "running estimate"), ("em", "chunk estimate")])
+def test_minibatch_fit_labels_running_estimates_and_records_exact_values(optimizer, kind):
     x, _ = bars(60, side=3, seed=2)
     model = SparseCoding(x.size(1), 6)
     guide = AutoNormal(model, create_plates=model.create_plates)
-    history = fit(model, guide, x, epochs=4, batch_size=20, progress=False)
-    assert history.elbo_kind == "running estimate" and history.eval_kind == "exact"
+    history = fit(model, guide, x, epochs=4, batch_size=20, optimizer=optimizer, progress=False)
+    assert history.elbo_kind == kind and history.eval_kind == "exact"
     assert history.eval_step == [3, 6, 9, 12]  # once per epoch of 3 steps
     assert history.final_elbo == pytest.approx(training_elbo(model, guide, x), rel=1e-6)
     assert history.final_elbo != history.elbo[-1]  # the running estimate is stale for two thirds of the points

@@ -138,7 +138,7 @@ def test_a_step_reads_no_per_point_parameter_from_the_store_and_moves_only_the_b
 
     model, guide, x = problem(guide_name, n=20)
     loss = EntropyELBO()
-    fit(model, guide, x, loss=loss, batch_size=5, steps=1, progress=False)  # builds the running table
+    fit(model, guide, x, loss=loss, batch_size=5, steps=1, optimizer="rowwise", progress=False)  # the running table
     step = RowwiseStep(model, guide, loss, x, torch.arange(5), lr=0.05)
     names = {parameter.name for parameter in per_point_parameters(guide)}
     store = pyro.get_param_store()
@@ -160,7 +160,7 @@ def test_inner_steps_update_the_rows_k_times_and_the_dictionary_once():
     loss = EntropyELBO()
     from pyro_esc.rowwise import RowwiseStep
 
-    fit(model, guide, x, loss=loss, batch_size=4, steps=1, progress=False)
+    fit(model, guide, x, loss=loss, batch_size=4, steps=1, optimizer="rowwise", progress=False)
     step = RowwiseStep(model, guide, loss, x, torch.arange(4), lr=0.05, inner_steps=3)
     step.step(x, {"subsample": torch.tensor([1, 5, 9, 13])})
     counts = step.row_optimizers[0].steps
@@ -218,10 +218,10 @@ def test_combine_uses_the_totals_not_a_fresh_sum():
     assert torch.allclose(combined.abs_sum, expected_abs.sum(0))
 
 
-def test_auto_picks_the_rowwise_route_for_per_point_guides_on_minibatches():
+def test_auto_picks_the_em_route_for_per_point_guides_on_minibatches():
     x = bars(40, side=3, seed=0)[0]
-    for make_guide, route in [(lambda m: AutoNormal(m, create_plates=m.create_plates), "rowwise"),
-                              (LocalMultivariateNormal, "rowwise"),
+    for make_guide, route in [(lambda m: AutoNormal(m, create_plates=m.create_plates), "em"),
+                              (LocalMultivariateNormal, "em"),
                               (lambda m: AmortizedNormal(9, 6), "svi")]:
         pyro.clear_param_store()
         model = SparseCoding(9, 6)
@@ -259,7 +259,8 @@ def test_rowwise_training_improves_the_exact_elbo():
     x = bars(300, side=4, noise=0.3, seed=0)[0]
     model = SparseCoding(16, 8)
     guide = LocalMultivariateNormal(model)
-    history = fit(model, guide, x, batch_size=50, epochs=15, lr=0.1, inner_steps=2, progress=False)
+    history = fit(model, guide, x, batch_size=50, epochs=15, lr=0.1, inner_steps=2, optimizer="rowwise",
+                  progress=False)
     assert history.route == "rowwise"
     assert history.eval_elbo[-1] > history.eval_elbo[0] + 1.0
     assert all(math.isfinite(value) for value in history.eval_elbo)
