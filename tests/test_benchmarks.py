@@ -209,3 +209,32 @@ def test_patch_encoders_trains_each_encoder_as_reproduce_does(tmp_path):
     # Per-point posteriors of a family are at least as good as an encoder's of that family (or a smaller one).
     assert all(r["gap_full_optimum"] > -1e-3 for r in records)
     assert [r["gap_diag_optimum"] > -1e-3 for r in records if r["config"] == "h100-diag"] == [True]
+
+
+def test_solver_speed_compares_the_solver_with_joint_lbfgs_at_both_thread_counts(capsys):
+    results = load("solver_speed").main(["--patches", "60", "--train", "600", "--bars", "40"])
+    for name in ("patches", "bars"):
+        rows = results[name]
+        assert [row[0] for row in rows] == [1, 2]
+        # The solver's per-point optimum is never worse than the joint L-BFGS fit's (a tolerance apart).
+        assert all(row[4] > -1e-6 and row[6] for row in rows)
+    assert "SparseCoder / solver" in capsys.readouterr().out
+
+
+def test_learning_at_scale_records_each_route_and_tabulates(tmp_path, capsys):
+    out = tmp_path / "runs.jsonl"
+    load("learning_at_scale").main(["--n", "1200", "--size", "8", "--epochs", "1", "--batch", "200",
+                                    "--routes", "em:chunk=600", "rowwise", "--out", str(out)])
+    capsys.readouterr()
+    load("learning_at_scale").main(["--table", "--out", str(out)])
+    table = capsys.readouterr().out
+    assert "| 1,200 | 8 | none | em, chunk 600, momentum 0 | 1 |" in table
+    assert "| 1,200 | 8 | none | rowwise | 1 |" in table
+
+
+def test_estimator_speed_times_each_guide_and_solver(capsys):
+    rows = load("estimator_speed").main(["--n", "40", "--configs", "local-diag:em", "local-full:lbfgs",
+                                         "--max-iter", "5"])
+    assert [(row["guide"], row["solver"]) for row in rows] == [("local-diag", "em"), ("local-full", "lbfgs")]
+    assert all(math.isfinite(row["score"]) for row in rows)
+    assert "| local-full | lbfgs | 1 |" in capsys.readouterr().out
