@@ -519,8 +519,8 @@ def warm_up():
         MiniBatchDictionaryLearning(n_components=HIDDEN, max_iter=1, fit_algorithm="cd").fit(x.double().numpy())
         DictionaryLearning(n_components=HIDDEN, max_iter=1, fit_algorithm="cd").fit(x.double().numpy())
         common_coder(x.double().numpy(), bars(1, side=SIDE)[1].double().numpy().T, COMMON_ALPHA)
-    with pyro.get_param_store().scope():
-        for make_guide in (LocalMultivariateNormal, AutoNormal):
+    for make_guide in (LocalMultivariateNormal, AutoNormal):
+        with pyro.get_param_store().scope():  # one model per scope: they share parameter names
             model = SparseCoding(x.size(1), HIDDEN)
             fit(model, make_guide(model), x, steps=2, progress=False)
 

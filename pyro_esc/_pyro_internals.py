@@ -40,6 +40,27 @@ def stored_unconstrained(module, name):
     return pyro.get_param_store()._params.get(module._pyro_get_fullname(name))
 
 
+def foreign_parameters(module):
+    """Names in the param store that ``module`` would read, whose tensors are not its own.
+
+    A PyroModule keeps its own unconstrained tensor per parameter (``<name>_unconstrained``) and,
+    reading a parameter inside its Pyro context, adopts whatever the store holds under the same
+    name. This lists the names where that would be another tensor, and, for a module with a name
+    prefix, the names under that prefix that it has none of (an autoguide not yet run creates its
+    parameters on first use). Empty for anything that is not a PyroModule.
+    """
+    if not isinstance(module, PyroModule):
+        return []
+    store = pyro.get_param_store()
+    suffix = "_unconstrained"  # a PyroParam's own tensor; plain torch parameters keep their names
+    own = {_make_name(module._pyro_name, path[: -len(suffix)] if path.endswith(suffix) else path): tensor
+           for path, tensor in module.named_parameters()}
+    foreign = [name for name, tensor in own.items() if name in store and store._params[name] is not tensor]
+    if module._pyro_name:
+        foreign += [name for name in store.keys() if name.startswith(module._pyro_name + ".") and name not in own]
+    return sorted(set(foreign))
+
+
 def active_handlers():
     """The effect handlers (Pyro messengers) active now, outermost first."""
     return list(runtime._PYRO_STACK)

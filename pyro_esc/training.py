@@ -32,6 +32,7 @@ from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoGuide
 
 from ._checks import check_data, check_int, check_positive
+from ._isolation import check_owns_its_parameters
 from .annealing import Annealing
 from .checkpoint import (  # noqa: F401 - CHECKPOINT_FORMAT and load_checkpoint: public here too
     CHECKPOINT_FORMAT,
@@ -536,6 +537,7 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
     :raises NonFiniteObjectiveError: if the objective or a parameter becomes NaN or inf, or the
         noise variance collapses; the message says at which step and which term.
     """
+    check_owns_its_parameters(model, guide)
     x = _prepare_data(data, device, dtype)
     options = check_fit_options(
         model, guide, x, loss, optimizer=optimizer, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,

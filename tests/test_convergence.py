@@ -141,6 +141,7 @@ def test_the_lbfgs_route_trains_every_guide_parameter():
         def gaussian_posterior(self, x, subsample=None):
             return GaussianPosterior.from_scale(self.loc, torch.tensor(0.1))
 
+    pyro.clear_param_store()  # a new model of the same parameter names
     with pytest.raises(ValueError, match="never"):
         fit(SparseCoding(9, 6), PlainGuide(), x, steps=2, progress=False)
 

@@ -34,9 +34,9 @@ def test_the_dictionary_stage_is_a_plain_per_point_fit():
     x, _, model, encoder = problem()
     history = fit_amortized(model, encoder, x, steps=40, encoder_steps=5, model_samples=100, sample_steps=7, seed=3,
                             progress=False)
-    pyro.clear_param_store()
-    plain_model = SparseCoding(x.size(1), model.n_latents)
-    plain = fit(plain_model, LocalMultivariateNormal(plain_model), x, steps=40, seed=3, progress=False)
+    with pyro.get_param_store().scope():  # beside the model trained above, which is used again below
+        plain_model = SparseCoding(x.size(1), model.n_latents)
+        plain = fit(plain_model, LocalMultivariateNormal(plain_model), x, steps=40, seed=3, progress=False)
     assert history.dictionary.final_elbo == pytest.approx(plain.final_elbo, rel=1e-6)
     assert history.steps == {"dictionary": 40, "encoder": 5, "joint": 40, "samples": 7}
     capped = fit_amortized(model, encoder, x, steps=3, encoder_steps=5, model_samples=100, progress=False)
