@@ -59,14 +59,13 @@ def reference_elbo(x, dictionary, guide="local-full", seed=0, **fit_options):
     an artificial data set); the posteriors and lambda, sigma^2 are brought to their
     joint optimum by :func:`~pyro_esc.fit`'s EM route with the dictionary fixed:
     every point's posterior solved (:func:`~pyro_esc.solver.solve_posteriors`), then
-    Theorem 2's lambda*, sigma^2*, until the ELBO stops changing (``tol``). A learned dictionary whose ELBO is below this
-    one has not found the best optimum the data offer; one above it explains
-    the data better than the reference.
+    Theorem 2's lambda*, sigma^2*, until the ELBO stops changing (``tol``). A learned
+    dictionary whose ELBO is below this one has not found the best optimum the data
+    offer; one above it explains the data better than the reference.
 
     The fit runs in float64 whatever the data's dtype (a yardstick must not stop
-    early),
-    in a param-store scope of its own, and restores the RNG state, so the caller's
-    parameters and random stream are untouched.
+    early), in a param-store scope of its own, and restores the RNG state, so the
+    caller's parameters and random stream are untouched.
 
     :param torch.Tensor x: data, shape (N, D).
     :param torch.Tensor dictionary: W, shape (D, H) (columns are normalised).

@@ -96,11 +96,11 @@ class SparseCodingEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         maximum. A fit that gets there stops with
         :class:`~pyro_esc.NonFiniteObjectiveError`, which says so.)
     :param str guide: the posterior family: ``"local-diag"`` (a diagonal Gaussian per data point,
-        Pyro's ``AutoNormal``; default: on 300 digits it trains in seconds, the full family in about
-        a minute and a half, benchmarks/estimator_speed.py), ``"local-full"`` (a full-covariance one,
-        :class:`~pyro_esc.LocalMultivariateNormal`: a higher ELBO, slower), ``"amortized"`` (an MLP encoder with diagonal
-        covariance, :class:`~pyro_esc.AmortizedNormal`) or ``"amortized-full"`` (the encoder
-        with full covariance).
+        Pyro's ``AutoNormal``; default, the faster to train), ``"local-full"`` (a full-covariance
+        one, :class:`~pyro_esc.LocalMultivariateNormal`: a higher ELBO, many times slower;
+        benchmarks/estimator_speed.py compares them), ``"amortized"`` (an MLP encoder with
+        diagonal covariance, :class:`~pyro_esc.AmortizedNormal`) or ``"amortized-full"`` (the
+        encoder with full covariance).
     :param str solver: ``"em"`` (:func:`~pyro_esc.fit`'s EM route: every posterior solved, the
         dictionary in closed form, until convergence; local guides), ``"lbfgs"`` (L-BFGS on the
         exact full-data objective until convergence), ``"adam"`` (the tuned bars recipe: Adam with
