@@ -6,7 +6,8 @@ statistics, cosine learning-rate decay to 0.1x, on
 - whitened natural-image patches (16x16, H = 100, batch 512; N = 20,000 by default), and
 - bars (5x5, sigma 0.3, H = 10, N = 2,000, batch 100).
 
-Lines: the SVI route (Pyro's dense Adam, lr 0.05: the minibatch default before
+Lines: the EM route (``optimizer="em"``, no learning rate: fit's default for these guides on
+minibatches), the SVI route (Pyro's dense Adam, lr 0.05: the minibatch default before
 the row-wise route), and the row-wise route (``optimizer="rowwise"``) over
 learning rates and ``inner_steps``. The ELBO is the exact full-data value per
 point after the last epoch (``History.final_elbo``); one core. Run:
@@ -27,8 +28,16 @@ from pyro_esc.data import bars
 from pyro_esc.experiments import patch_data
 
 #: (route, inner_steps, lr): the grid of the README's table.
-SETTINGS = ([("svi", 1, 0.05)] + [("rowwise", k, lr) for k in (1, 2, 4) for lr in (0.05, 0.1, 0.2)]
+SETTINGS = ([("em", 1, None), ("svi", 1, 0.05)] + [("rowwise", k, lr) for k in (1, 2, 4) for lr in (0.05, 0.1, 0.2)]
             + [("rowwise", 4, 0.4)] + [("rowwise", k, lr) for k in (8, 16) for lr in (0.2, 0.4)])
+
+
+def parse_setting(text):
+    """``"em"`` -> ("em", 1, None); ``"rowwise:8:0.2"`` -> ("rowwise", 8, 0.2)."""
+    if text == "em":
+        return "em", 1, None
+    route, inner_steps, lr = text.split(":")
+    return route, int(inner_steps), float(lr)
 
 
 def run(x, n_latents, batch, epochs, route, inner_steps, lr):
@@ -37,9 +46,10 @@ def run(x, n_latents, batch, epochs, route, inner_steps, lr):
     model = SparseCoding(x.size(1), n_latents)
     guide = AutoNormal(model, create_plates=model.create_plates)
     options = {"inner_steps": inner_steps} if route == "rowwise" else {}
+    if route != "em":
+        options.update(lr=lr, lr_schedule="cosine")
     start = time.perf_counter()
-    history = fit(model, guide, x, batch_size=batch, epochs=epochs, optimizer=route, lr=lr, lr_schedule="cosine",
-                  progress=False, **options)
+    history = fit(model, guide, x, batch_size=batch, epochs=epochs, optimizer=route, progress=False, **options)
     return history.final_elbo, time.perf_counter() - start
 
 
@@ -49,14 +59,13 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=10, help="epochs on patches (default 10)")
     parser.add_argument("--bars-epochs", type=int, default=30, help="epochs on bars (default 30)")
     parser.add_argument("--only", nargs="+", default=None, metavar="ROUTE:K:LR",
-                        help="run only these settings (e.g. rowwise:8:0.2 svi:1:0.05)")
+                        help="run only these settings (e.g. em rowwise:8:0.2 svi:1:0.05)")
     parser.add_argument("--budget", type=int, default=None, metavar="EPOCHS",
                         help="equal work instead of equal epochs: each row-wise setting runs EPOCHS / inner_steps "
                              "epochs on patches (the same number of gradient evaluations)")
     parser.add_argument("--problems", nargs="+", default=["patches", "bars"], choices=["patches", "bars"])
     args = parser.parse_args(argv)
-    settings = SETTINGS if args.only is None else [
-        (route, int(k), float(lr)) for route, k, lr in (item.split(":") for item in args.only)]
+    settings = SETTINGS if args.only is None else [parse_setting(item) for item in args.only]
     torch.set_num_threads(1)
     problems = {"patches": lambda: (patch_data(args.patches, 16, 0)[0], 100, 512, args.epochs),
                 "bars": lambda: (bars(2000, side=5, noise=0.3, seed=0)[0], 10, 100, args.bars_epochs)}
@@ -70,7 +79,7 @@ def main(argv=None):
             if args.budget is not None and name == "patches":
                 run_epochs = max(1, args.budget // (inner_steps if route == "rowwise" else 1))
             elbo, seconds = run(x, n_latents, batch, run_epochs, route, inner_steps, lr)
-            print(f"| {route} | {inner_steps if route == 'rowwise' else '-'} | {lr} | {run_epochs} | {elbo:.4f} | "
+            print(f"| {route} | {inner_steps if route == 'rowwise' else '-'} | {lr or '-'} | {run_epochs} | {elbo:.4f} | "
                   f"{seconds:.1f} |", flush=True)
 
 

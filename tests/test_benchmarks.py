@@ -36,9 +36,10 @@ def test_paper_scale_times_fit_the_floor_and_svi_in_subprocesses(capsys):
 
 def test_minibatch_route_tabulates_each_setting(capsys):
     load("minibatch_route").main(["--patches", "600", "--epochs", "1", "--bars-epochs", "1",
-                                  "--only", "svi:1:0.05", "rowwise:2:0.2"])
+                                  "--only", "em", "svi:1:0.05", "rowwise:2:0.2"])
     out = capsys.readouterr().out
     assert out.count("| rowwise | 2 | 0.2 | 1 |") == 2 and out.count("| svi | - | 0.05 | 1 |") == 2
+    assert out.count("| em | - | - | 1 |") == 2
 
 
 def test_estimators_measures_noise_speed_and_convergence(tmp_path):
