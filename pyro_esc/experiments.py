@@ -468,6 +468,11 @@ def run_patches(x, whitening, size, guide="amortized-diag", objective="entropy",
 SNAPSHOT_EPOCHS = (1, 2, 5, 10)
 
 
+def _steps_per_epoch(num_data, batch_size):
+    # As fit counts them: one step per epoch on the full data, else ceil(N / batch).
+    return 1 if batch_size is None or batch_size >= num_data else math.ceil(num_data / batch_size)
+
+
 def epoch_snapshots(epochs, num_data, batch_size):
     """The steps that end the epochs of :data:`SNAPSHOT_EPOCHS` (and the last) in a run of ``epochs`` epochs.
 
@@ -475,7 +480,7 @@ def epoch_snapshots(epochs, num_data, batch_size):
     """
     if epochs is None:
         return ()
-    per_epoch = 1 if batch_size is None or batch_size >= num_data else math.ceil(num_data / batch_size)
+    per_epoch = _steps_per_epoch(num_data, batch_size)
     return tuple(sorted({epoch * per_epoch for epoch in SNAPSHOT_EPOCHS + (epochs,) if epoch <= epochs}))
 
 
@@ -486,9 +491,7 @@ def patches_run_figures(out, results, whitening, size, num_data, batch_size):
         side by side (``patches_fields_<label>.png`` each; one ``patches_curves.png``; one row per run in
         ``patches_fields_over_training.png``, which is drawn when the runs kept snapshots).
     """
-    import matplotlib.pyplot as plt
-
-    per_epoch = 1 if batch_size is None or batch_size >= num_data else math.ceil(num_data / batch_size)
+    per_epoch = _steps_per_epoch(num_data, batch_size)
     single = len(results) == 1
     for label, result in results.items():
         title = (f"{result.n_latents} generative fields of {size}x{size} whitened patches "
@@ -509,19 +512,35 @@ def patches_run_figures(out, results, whitening, size, num_data, batch_size):
     rows = [(label, result) for label, result in results.items() if result.snapshots]
     if not rows:
         return
-    columns = max(len(result.snapshots) for _, result in rows)
-    figure, axes = plt.subplots(len(rows), columns, figsize=(3.6 * columns, 3.8 * len(rows)), squeeze=False)
-    for row, (label, result) in enumerate(rows):
-        for column, (step, fields) in enumerate(sorted(result.snapshots.items())):
-            spread = float(field_spread(whitening.fields_to_pixels(fields.double()), (size, size)).median())
-            plots.plot_fields(fields[:, :25], shape=(size, size), whitening=whitening, ncols=5, caption=False,
-                              ax=axes[row, column],
-                              title=f"{label}, epoch {step / per_epoch:g}\nmedian spread {spread:.2f} px")
-        for column in range(len(result.snapshots), columns):
-            axes[row, column].axis("off")
+
+    def panel_title(label, step, fields):
+        spread = float(field_spread(whitening.fields_to_pixels(fields.double()), (size, size)).median())
+        return f"{label}, epoch {step / per_epoch:g}\nmedian spread {spread:.2f} px"
+
+    figure = _fields_over_training(rows, whitening, size, panel_title, panel_size=(3.6, 3.8))
     figure.suptitle(f"Generative fields during training, by annealing ({size}x{size}, N = {rows[0][1].n:,}; the 25 "
                     f"largest lambda of each snapshot)")
     plots.save_figure(figure, os.path.join(out, "patches_fields_over_training.png"))
+
+
+def _fields_over_training(rows, whitening, size, panel_title, panel_size):
+    """One row of snapshot panels (the 25 largest-lambda fields each) per ``(label, result)`` in ``rows``.
+
+    :param panel_title: ``(label, step, fields) -> str``.
+    :param panel_size: (width, height) of a panel in inches.
+    """
+    import matplotlib.pyplot as plt
+
+    columns = max(len(result.snapshots) for _, result in rows)
+    figure, axes = plt.subplots(len(rows), columns, figsize=(panel_size[0] * columns, panel_size[1] * len(rows)),
+                                squeeze=False)
+    for row, (label, result) in enumerate(rows):
+        for column, (step, fields) in enumerate(sorted(result.snapshots.items())):
+            plots.plot_fields(fields[:, :25], shape=(size, size), whitening=whitening, ncols=5, caption=False,
+                              ax=axes[row, column], title=panel_title(label, step, fields))
+        for column in range(len(result.snapshots), columns):
+            axes[row, column].axis("off")
+    return figure
 
 
 def _exact_curve(history, per_epoch):
@@ -537,8 +556,6 @@ def patch_figures(out, runs, whitening, size, x_raw=None):
 
     :param runs: :class:`PatchesResult` by label; must include ``"non-amortized, annealed"``.
     """
-    import matplotlib.pyplot as plt
-
     main = runs["non-amortized, annealed"]
     plots.save_figure(plots.plot_fields(main.dictionary, shape=(size, size), whitening=whitening,
                                         title=f"Natural image patches ({size}x{size}, whitened): {main.n_latents} "
@@ -549,12 +566,8 @@ def patch_figures(out, runs, whitening, size, x_raw=None):
                                                  title="Natural patches: entropy-ELBO per data point"),
                       os.path.join(out, "patches_curves.png"))
     pairs = [(label, run) for label, run in runs.items() if run.snapshots]
-    columns = max(len(run.snapshots) for _, run in pairs)
-    figure, axes = plt.subplots(len(pairs), columns, figsize=(3.2 * columns, 3.4 * len(pairs)), squeeze=False)
-    for row, (label, run) in enumerate(pairs):
-        for column, (step, fields) in enumerate(sorted(run.snapshots.items())):
-            plots.plot_fields(fields[:, :25], shape=(size, size), whitening=whitening, ncols=5, caption=False,
-                              ax=axes[row, column], title=f"{label}\nstep {step}")
+    figure = _fields_over_training(pairs, whitening, size, lambda label, step, fields: f"{label}\nstep {step}",
+                                   panel_size=(3.2, 3.4))
     figure.suptitle("Generative fields during training (full-batch steps = epochs), without and with annealing "
                     "(25 largest lambda)")
     figure.text(0.5, 0.0, f"{size}x{size} in pixel space (inverse whitening); each field scaled to its max |w|; "
