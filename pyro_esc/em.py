@@ -58,7 +58,7 @@ from .gaussian import folded_normal_mean
 from .guides import LocalMultivariateNormal
 from .model import MODEL_PARAMETERS
 from .objectives import EntropyELBO, NonFiniteObjectiveError
-from .posterior import GaussianPosterior, gaussian_posterior
+from .posterior import gaussian_posterior
 from .rows import batch_rows, offers_row_access, per_point_parameters
 from .solver import DEFAULT_TOL as SOLVER_TOL
 from .solver import solve_at

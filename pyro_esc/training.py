@@ -311,7 +311,7 @@ def auto_route(loss, guide, full_batch, svi_settings=False, optim=None):
 
 
 def _check_optimizer(optimizer, loss, batches, optim, svi_settings, guide):
-    # Returns (route, torch optimiser factory, EM options or None).
+    # Returns (route, the torch optimiser factory of the torch route or the EM options of the EM route, or None).
     closed_form = isinstance(loss, (EntropyELBO, AnalyticELBO))
     # A guide whose gradient is not its value's (pyro_esc.refinement.SemiAmortized) needs a first-order route.
     line_search_ok = getattr(guide, "lbfgs_compatible", True)
