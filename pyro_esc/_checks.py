@@ -82,6 +82,45 @@ def check_int(value, name, minimum=1):
     return int(value)
 
 
+def check_device(device, name="device"):
+    """Return ``device`` as a ``torch.device`` (None stays None) that this machine can compute on.
+
+    Refuses what cannot hold data (``"meta"``) and an accelerator that is not there, before
+    anything is trained.
+    """
+    if device is None:
+        return None
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"{name} must be a torch device such as 'cpu' or 'cuda', got {device!r}") from error
+    if device.type == "meta":
+        raise ValueError(f"{name}='meta' holds no values to train on; use 'cpu' or 'cuda'")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name}={str(device)!r}, but torch finds no CUDA device on this machine; use 'cpu'")
+    return device
+
+
+def check_magnitude(x, name="x"):
+    """Return ``x`` if its squares neither overflow nor all underflow in its dtype.
+
+    The closed forms sum ||x||^2 over points; data near the dtype's limits (e.g. 1e30 or 1e-30
+    in float32) would turn that into inf or 0 deep inside the objective. The model is unit-free
+    (:mod:`pyro_esc.model`), so rescaling the data loses nothing.
+    """
+    finfo = torch.finfo(x.dtype)
+    largest = float(x.detach().abs().max()) if x.numel() else 0.0
+    if largest and largest ** 2 * x.size(-1) * x.size(0) >= finfo.max:
+        raise ValueError(f"{name} is too large for {x.dtype} (largest |entry| {largest:.3g}): sums of squares "
+                         f"overflow. Divide it by a constant (e.g. its standard deviation; the model's results "
+                         f"scale with it) or use float64")
+    if largest and largest ** 2 <= finfo.tiny / finfo.eps:
+        raise ValueError(f"{name} is too small for {x.dtype} (largest |entry| {largest:.3g}): its squares "
+                         f"underflow. Multiply it by a constant (e.g. 1 / its standard deviation; the model's "
+                         f"results scale with it) or use float64")
+    return x
+
+
 def check_positive(value, name):
     """Return ``value`` as a float if it is a finite number > 0."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value) or value <= 0:

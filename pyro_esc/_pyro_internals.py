@@ -10,6 +10,8 @@ them against the installed Pyro.
 
 import contextlib
 
+import torch
+
 import pyro
 from pyro.nn import PyroModule
 from pyro.nn.module import _make_name
@@ -59,6 +61,44 @@ def foreign_parameters(module):
     if module._pyro_name:
         foreign += [name for name in store.keys() if name.startswith(module._pyro_name + ".") and name not in own]
     return sorted(set(foreign))
+
+
+def share_parameters_with_store(module):
+    """Make every parameter of ``module`` the very tensor the param store holds under its name.
+
+    Normally module and store share one tensor per parameter. After the store was replaced
+    (``ParamStoreDict.set_state``, as when a checkpoint is restored) they do not: a PyroParam
+    adopts the store's tensor only when it is next read inside the module's Pyro context (until
+    then ``module.prior_scale`` outside it reads the old one), and a plain ``nn.Parameter`` (the
+    weights of a ``PyroModule[nn.Linear]``) never does, so the module would compute with its own
+    tensor while an optimiser, which finds its parameters through the store, trains the store's.
+    This binds each parameter to the store's tensor now (the values are the store's), as
+    PyroModule's own adoption does. Does nothing for anything that is not a PyroModule.
+    """
+    if not isinstance(module, PyroModule):
+        return
+    store = pyro.get_param_store()
+    suffix = "_unconstrained"  # a PyroParam's own tensor; plain torch parameters keep their names
+    for path, tensor in list(module.named_parameters()):
+        fullname = _make_name(module._pyro_name, path[: -len(suffix)] if path.endswith(suffix) else path)
+        stored = store._params.get(fullname)
+        if stored is None or stored is tensor:
+            continue
+        if not isinstance(stored, torch.nn.Parameter):
+            stored = torch.nn.Parameter(stored)
+            store._params[fullname] = stored
+        store._param_to_name[stored] = fullname
+        owner_path, _, leaf = path.rpartition(".")
+        torch.nn.Module.__setattr__(module.get_submodule(owner_path), leaf, stored)
+
+
+def pending_optimizer_states(optim):
+    """A ``PyroOptim``'s restored per-parameter states not yet consumed (its optimisers are created lazily).
+
+    ``PyroOptim.set_state`` keeps them until the parameter's torch optimiser is created, on the
+    first step that sees it; each is a torch optimiser ``state_dict`` (with ``param_groups``).
+    """
+    return getattr(optim, "_state_waiting_to_be_consumed", {})
 
 
 def active_handlers():

@@ -19,6 +19,13 @@ damaged parameters. Resuming checks the data fingerprint and the classes before
 anything is restored, so other data of the same shape, or another guide family,
 is a ValueError that says so.
 
+**Restoring.** The param store is replaced by the checkpoint's tensors, and the model's and
+guide's parameters are then bound to them (a plain ``nn.Parameter``, such as an encoder's weights,
+would otherwise keep computing with its own tensor while the optimiser trains the store's). A run
+that trains in the data's standard units (:mod:`pyro_esc.standard_units`) checkpoints its model and
+guide in those units and its History in the data's own; resuming through :func:`~pyro_esc.fit`
+handles both.
+
 Written atomically (temporary file, then rename).
 """
 
@@ -35,6 +42,7 @@ from pyro.distributions import constraints
 from pyro.util import set_rng_state, get_rng_state
 
 from ._files import load_error_summary, read_plain
+from ._pyro_internals import share_parameters_with_store
 from .objectives import EntropyELBO
 
 __all__ = ["CHECKPOINT_FORMAT", "data_fingerprint", "decode_constraint", "encode_constraint", "load_checkpoint",
@@ -242,6 +250,9 @@ def restore_checkpoint(path, model, guide, loss, batches, x, route, fingerprint=
             guide(x)
         if state["guide"] is not None and isinstance(guide, torch.nn.Module):
             guide.load_state_dict(state["guide"])
+        for module in (model, guide):
+            # The modules must compute with (and show) the tensors the optimiser will train: the store's.
+            share_parameters_with_store(module)
     except (RuntimeError, KeyError) as error:
         raise ValueError(f"resume: checkpoint {path!r} does not fit this {type(guide).__name__} "
                          f"({load_error_summary(error)}); resume with the guide it was trained with") from None

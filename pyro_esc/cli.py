@@ -20,8 +20,13 @@ import torch
 import pyro
 
 from . import experiments
+from ._checks import check_device
 from .annealing import Annealing
 from .em import DEFAULT_CHUNK, DEFAULT_MOMENTUM, EM, MIN_CHUNK
+
+
+#: ``pyro-esc patches``' step limit when neither --steps nor --epochs is given.
+PATCHES_STEPS = 1500
 
 
 def _common(parser, steps, lr, out, lr_help, steps_help=None):
@@ -95,7 +100,8 @@ def build_parser():
     patches.add_argument("--n", type=int, default=10000, help="patches (default 10000)")
     patches.add_argument("--size", type=int, default=12, help="patch side in pixels (default 12)")
     patches.add_argument("--latents", type=int, default=100, help="number of latents H (default 100)")
-    _common(patches, steps=1500, lr=None, out="runs/patches",
+    _common(patches, steps=None, lr=None, out="runs/patches",
+            steps_help=f"optimisation steps (default {PATCHES_STEPS}; or --epochs)",
             lr_help="a gradient route's initial Adam learning rate, cosine-decayed to 0.1x (default: 0.05 on the "
                     "SVI route, 0.4 on the row-wise route); with a per-point guide on minibatches it selects the "
                     "row-wise route")
@@ -204,7 +210,11 @@ def _bars(args):
 
 def _patches(args):
     if args.anneal is not None and args.annealing is not None:
-        raise SystemExit("pyro-esc patches: pass --anneal STEPS or --annealing NAME, not both")
+        raise ValueError("pass --anneal STEPS or --annealing NAME, not both")
+    if args.steps is not None and args.epochs is not None:
+        raise ValueError("pass --steps or --epochs, not both (--epochs sets the number of steps)")
+    if args.steps is None and args.epochs is None:
+        args.steps = PATCHES_STEPS
     if args.anneal is not None:
         settings = {"default": Annealing.default(args.anneal)}
     else:
@@ -279,11 +289,38 @@ def _reproduce(args):
     print(f"figures and metrics.json in {out} ({time.perf_counter() - start:.0f} s)")
 
 
+def _check_paths_and_device(args):
+    """What can be checked before any training: the device, the files read and the places written."""
+    check_device(getattr(args, "device", None), "--device")
+    for option in ("input", "dictionary"):
+        path = getattr(args, option, None)
+        if path is not None and not os.path.isfile(path):
+            raise ValueError(f"{'--' * (option != 'input')}{option}: no such file: {path!r}")
+    if getattr(args, "out", None) is not None:
+        _check_writable_folder(args.out, "--out")
+    for option in ("output", "noise_image"):
+        path = getattr(args, option, None)
+        if path is not None:
+            _check_writable_folder(os.path.dirname(os.path.abspath(path)), f"{'--' * (option != 'output')}"
+                                   f"{option.replace('_', '-')}")
+
+
+def _check_writable_folder(folder, option):
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{option}: cannot create the folder {folder!r} ({error.strerror}); choose another") from None
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{option}: cannot write into {folder!r}; choose a writable folder")
+
+
 def main(argv=None):
+    """Run ``pyro-esc``; returns the exit code: 0, or 2 for a usage error, found before any training."""
     args = build_parser().parse_args(argv)
     try:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        _check_paths_and_device(args)
         torch.set_num_threads(args.threads)
         args.run(args)
     except ValueError as error:

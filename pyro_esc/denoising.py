@@ -168,7 +168,12 @@ def denoise(image, patch_size=7, model=None, n_latents=None, max_patches=10000, 
     max_patches = check_int(max_patches, "max_patches")
     steps_given = steps is not None
     steps = check_int(steps, "steps") if steps_given else None
+    if size > min(image.shape):
+        raise ValueError(f"patch_size {size} is larger than the image {image.shape}")
     if model is None:
+        if image.max() == image.min():
+            raise ValueError("image is constant: its patches hold no structure to learn a dictionary from, and no "
+                             "noise to remove; pass a noisy image, or model= a dictionary learned elsewhere")
         model = learn_dictionary(image, size, n_latents, max_patches, seed, steps=steps)
     elif not isinstance(model, SparseCoding):
         raise ValueError(f"model must be a pyro_esc.SparseCoding or None, got {type(model).__name__}")

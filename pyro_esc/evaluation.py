@@ -11,7 +11,10 @@ differ on purpose:
   this is the honest number: re-fitting lambda and sigma^2 to the test data, as
   L_H would, makes the test ELBO optimistic.
 
-Both are pure: they change neither the model nor the guide. A third number
+Both are pure: they change neither the model nor the guide, and they read the parameters of
+the model and guide they are given, whatever param-store scope they are called in. A per-point
+guide that :func:`~pyro_esc.fit` trained is tied to its data: evaluating it on other data is an
+error, not a number. A third number
 judges learning itself: :func:`reference_elbo`, the ELBO that a given (e.g. the
 generating) dictionary allows, with the posteriors fitted to it. After
 :func:`~pyro_esc.fit` with :class:`~pyro_esc.EntropyELBO` the model holds the
@@ -20,7 +23,7 @@ training data's lambda*, sigma^2*, so on the training data the two agree.
 
 import torch
 
-from ._isolation import isolated
+from ._isolation import check_tied_to, isolated, own_parameters
 from .objectives import AnalyticELBO, EntropyELBO
 
 
@@ -32,8 +35,21 @@ def training_elbo(model, guide, x):
     :param torch.Tensor x: data, shape (N, D).
     :rtype: float
     """
+    _check_evaluable(model, guide, x, "training_elbo")
+    with own_parameters(model, guide):
+        return entropy_elbo_per_point(model, guide, x)
+
+
+def entropy_elbo_per_point(model, guide, x):
+    """:func:`training_elbo` as the training loop evaluates it: in the current scope, on any x."""
     with torch.no_grad():
         return -EntropyELBO().loss(model, guide, x) / x.size(0)
+
+
+def analytic_elbo_per_point(model, guide, x):
+    """:func:`held_out_elbo` as the training loop evaluates it: in the current scope, on any x."""
+    with torch.no_grad():
+        return -AnalyticELBO().loss(model, guide, x) / x.size(0)
 
 
 def held_out_elbo(model, guide, x):
@@ -48,8 +64,17 @@ def held_out_elbo(model, guide, x):
     :param torch.Tensor x: data, shape (N, D).
     :rtype: float
     """
-    with torch.no_grad():
-        return -AnalyticELBO().loss(model, guide, x) / x.size(0)
+    _check_evaluable(model, guide, x, "held_out_elbo")
+    with own_parameters(model, guide):
+        return analytic_elbo_per_point(model, guide, x)
+
+
+def _check_evaluable(model, guide, x, where):
+    if guide is None:
+        raise ValueError(f"{where}: guide must be the trained guide (or encode(model, guide, x) for new data), "
+                         f"got None")
+    if isinstance(x, torch.Tensor):
+        check_tied_to(guide, x, where)
 
 
 def reference_elbo(x, dictionary, guide="local-full", seed=0, **fit_options):

@@ -42,7 +42,14 @@ class History:
     (``n_init``), ``restart_elbos`` holds every run's final exact ELBO and
     ``best_restart`` the index of the run kept (this history's). ``finish_step`` is the step
     after which a run that had stalled in float32 went on in float64 (``fit(finish_in_float64=True)``),
-    or None.
+    or None. ``annealing_cut`` is the step at which the run had converged (or stalled) on the
+    annealed objective before its schedule ended, so the schedule was cut there and the run went
+    on with every weight 1 (the true objective), or None.
+
+    ``unit`` is the unit the optimiser worked in: fit's L-BFGS route with a per-point Gaussian guide
+    trains on the data divided by their root mean square (:mod:`pyro_esc.standard_units`), else 1.
+    Every number recorded here is in the data's own units all the same (ELBO per point, loss, lambda,
+    sigma^2); only ``grad_norm`` is the gradient in the optimiser's units.
 
     ``trace_elbo`` holds optional Monte Carlo checks with Pyro's ``Trace_ELBO``
     at ``trace_elbo_step``.
@@ -58,6 +65,9 @@ class History:
     evaluations: int = 0
     best_restart: int = 0
     finish_step: Optional[int] = None
+    annealing_cut: Optional[int] = None
+    unit: float = 1.0
+    data_dim: int = 0
     restart_elbos: List[float] = field(default_factory=list)
     step: List[int] = field(default_factory=list)
     epoch: List[float] = field(default_factory=list)
@@ -90,16 +100,23 @@ class History:
     def from_dict(cls, state):
         return cls(**state)
 
+    def in_data_units(self, elbo):
+        """An ELBO per point evaluated on the data in the optimiser's units, in the data's own:
+        ``elbo - D log unit`` (data times c have the ELBO minus D log c)."""
+        return elbo - self.data_dim * math.log(self.unit) if self.unit != 1.0 else elbo
+
     def record(self, step, epoch, value, model, lr, betas, wall_time, grad_norm=None):
-        """Append one recorded step: the objective ``value`` (a loss), the model's scales, and context."""
+        """Append one recorded step: the objective ``value`` (a loss, in the optimiser's units), the model's
+        scales, and context; stored in the data's own units (see ``unit``)."""
         self.step.append(step)
         self.epoch.append(epoch)
-        self.loss.append(value)
-        self.elbo.append(-value / self.num_data)
+        elbo = self.in_data_units(-value / self.num_data)
+        self.loss.append(-elbo * self.num_data if self.unit != 1.0 else value)
+        self.elbo.append(elbo)
         prior_scale = getattr(model, "prior_scale", None)
         noise_var = getattr(model, "noise_var", None)
-        self.prior_scale.append(prior_scale.detach().cpu().tolist() if prior_scale is not None else [])
-        self.noise_var.append(float(noise_var.detach()) if noise_var is not None else float("nan"))
+        self.prior_scale.append((prior_scale.detach() * self.unit).cpu().tolist() if prior_scale is not None else [])
+        self.noise_var.append(float(noise_var.detach()) * self.unit ** 2 if noise_var is not None else float("nan"))
         self.wall_time.append(wall_time)
         self.lr.append(lr)
         self.betas.append(list(betas))

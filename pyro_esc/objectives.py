@@ -76,7 +76,11 @@ class EntropyTerms(NamedTuple):
             f"EntropyELBO is not finite: term(s) {', '.join(bad)} = "
             + ", ".join(f"{float(getattr(self, name).detach()):g}" for name in bad)
             + f" (lambda* in [{float(self.prior_scale.detach().min()):g}, {float(self.prior_scale.detach().max()):g}], "
-            f"sigma^2* = {float(self.noise_var.detach()):g})")
+            f"sigma^2* = {float(self.noise_var.detach()):g})"
+            + ("; sigma^2* <= 0 is rounding: E||x - W z||^2 is tiny beside the posterior covariances' terms, so the "
+               "posteriors' scale is far from the data's. If the data are in unusual units, standardise them "
+               "(divide by their standard deviation), or train in float64"
+               if float(self.noise_var.detach()) <= 0 else ""))
 
 
 def entropy_terms(statistics):

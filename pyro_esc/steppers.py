@@ -23,7 +23,7 @@ import torch
 
 from pyro import poutine
 
-from ._pyro_internals import param_fullname, param_site_unconstrained
+from ._pyro_internals import param_fullname, param_site_unconstrained, pending_optimizer_states
 from .objectives import EntropyELBO, NonFiniteObjectiveError
 
 #: Objective evaluations one L-BFGS step may spend in its line search.
@@ -82,10 +82,16 @@ class SVIStep:
         return self.svi.step(x, **kwargs), None
 
     def set_lr(self, lr):
-        # PyroOptim keeps one torch optimiser per parameter, created on first sight.
+        # PyroOptim keeps one torch optimiser per parameter, created on first sight; after a resume the
+        # restored states wait for it, and their param_groups (with the lr of the step they were saved at)
+        # would overwrite the new optimiser's: set the rate there too.
         self.optim.pt_optim_args["lr"] = lr
-        for optimizer in self.optim.optim_objs.values():
-            for group in optimizer.param_groups:
+        pending = [state for state in pending_optimizer_states(self.optim).values()
+                   if isinstance(state, dict) and "param_groups" in state]
+        for optimizer_or_state in list(self.optim.optim_objs.values()) + pending:
+            groups = (optimizer_or_state["param_groups"] if isinstance(optimizer_or_state, dict)
+                      else optimizer_or_state.param_groups)
+            for group in groups:
                 group["lr"] = lr
 
     def current_lr(self):

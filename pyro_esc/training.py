@@ -16,9 +16,10 @@ when to stop.
 """
 
 import math
+import numbers
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -31,8 +32,8 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoGuide
 
-from ._checks import check_data, check_int, check_positive
-from ._isolation import check_owns_its_parameters
+from ._checks import check_data, check_device, check_int, check_magnitude, check_positive
+from ._isolation import check_owns_its_parameters, tie_to_data
 from .annealing import Annealing
 from .checkpoint import (  # noqa: F401 - CHECKPOINT_FORMAT and load_checkpoint: public here too
     CHECKPOINT_FORMAT,
@@ -43,19 +44,23 @@ from .checkpoint import (  # noqa: F401 - CHECKPOINT_FORMAT and load_checkpoint:
 )
 from .convergence import Convergence, ConvergenceWarning  # noqa: F401 - ConvergenceWarning: public here too
 from .em import EM, EMStep, covariance_family
-from .evaluation import held_out_elbo, training_elbo
+from .evaluation import analytic_elbo_per_point, entropy_elbo_per_point
 from .history import BATCH, CHUNK, EXACT, MONTE_CARLO, RUNNING, History
 from .model import MODEL_PARAMETERS
 from .objectives import AnalyticELBO, EntropyELBO, NonFiniteObjectiveError
 from .restarts import check_restartable, reinitialize, restore, snapshot
 from .rows import offers_row_access
 from .rowwise import RowwiseStep
+from .standard_units import data_unit, in_standard_units, trains_in_standard_units
 from .steppers import SVIStep, TorchStep, lbfgs
 
 #: sigma^2* below this fraction of the data's mean variance means the model fits the data exactly
 #: (e.g. constant data, or data of rank <= H): the ELBO then grows without bound. (At 1e-10 a run on
 #: 300 digits with H = 64 reported convergence at sigma^2* = 1.3e-10 of the variance.)
 NOISE_COLLAPSE = 1e-8
+
+#: sigma^2 above (1 - this) times the data's variance after training means the codes explain nothing.
+NOTHING_EXPLAINED = 1e-3
 
 
 def _default_lr_schedule(name):
@@ -70,6 +75,17 @@ def _default_lr_schedule(name):
         return name
     raise ValueError(f"lr_schedule must be None, 'constant', 'cosine', 'exponential' or a callable "
                      f"f(progress) -> factor, got {name!r}")
+
+
+def _check_lr_factor(schedule, progress):
+    """The schedule's factor at ``progress``, if it is a finite number >= 0 (else a ValueError saying so)."""
+    factor = schedule(progress)
+    if isinstance(factor, torch.Tensor) and factor.numel() == 1:
+        factor = factor.item()
+    if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not math.isfinite(factor) or factor < 0:
+        raise ValueError(f"lr_schedule returned {factor!r} at progress {progress:g}; it must return a finite number "
+                         f">= 0, the factor on lr at that point of training (progress in [0, 1])")
+    return float(factor)
 
 
 class _Batches:
@@ -155,6 +171,7 @@ class FitOptions:
     frozen: tuple
     inner_steps: int
     finish_in_float64: bool = False
+    unit: float = 1.0  #: the data are divided by this for training (pyro_esc.standard_units)
 
     @property
     def elbo_kind(self):
@@ -207,7 +224,7 @@ def check_fit_options(model, guide, x, loss=None, *, optimizer="auto", steps=Non
         raise ValueError("data must vary: every data point is the same, so the model explains it exactly, "
                          "sigma^2 tends to 0 and the ELBO grows without bound")
     batches = _Batches(x.size(0), x.size(0) if batch_size is None else check_int(batch_size, "batch_size"),
-                       int(seed))
+                       check_int(seed, "seed", minimum=0))
     # Settings that only gradient routes read say which route the user has in mind (inner_steps, a row-wise
     # setting, keeps "auto" off the EM route).
     svi_settings = optim is not None or lr is not None or lr_schedule is not None
@@ -224,11 +241,15 @@ def check_fit_options(model, guide, x, loss=None, *, optimizer="auto", steps=Non
     annealing = _check_annealing(annealing, loss, total_steps, batches.steps_per_epoch)
     if route == "em" and annealing is not None:
         _check_bounded(annealing, total_steps)
+    if annealing is not None:
+        _check_finishes(annealing, total_steps)
     _check_subsampling(guide, loss, batches)
     if lr is None:
         lr = ROWWISE_LR if route == "rowwise" else DEFAULT_LR
     lr = check_positive(lr, "lr")
     schedule = _default_lr_schedule(lr_schedule)
+    for progress in (0.0, 0.5, 1.0):
+        _check_lr_factor(schedule, progress)
     if route == "torch" and lr_schedule is not None:
         raise ValueError("lr_schedule applies to the SVI route (optimizer='svi'); a torch optimiser takes its "
                          "learning rate from its own arguments, e.g. functools.partial(torch.optim.Adam, lr=0.01)")
@@ -376,7 +397,10 @@ def _check_optimizer(optimizer, loss, batches, optim, svi_settings, guide):
 
 def _check_annealing(annealing, loss, total_steps, steps_per_epoch):
     if annealing is None:
-        return None
+        # A schedule given to the loss itself (EntropyELBO(annealing=...)) is checked the same way.
+        annealing = getattr(loss, "annealing", None) if isinstance(loss, EntropyELBO) else None
+        if annealing is None:
+            return None
     if not isinstance(loss, EntropyELBO):
         raise ValueError(f"annealing weights the entropy terms of EntropyELBO; {type(loss).__name__} has none")
     if isinstance(annealing, str) and annealing == "default":
@@ -389,6 +413,13 @@ def _check_annealing(annealing, loss, total_steps, steps_per_epoch):
         raise ValueError(f"annealing: the loss already anneals with {loss.annealing!r} (from "
                          f"EntropyELBO(annealing=...) or an earlier fit); pass one schedule, in one place")
     return annealing
+
+
+def _check_finishes(annealing, total_steps):
+    if annealing.num_steps > total_steps:
+        raise ValueError(f"annealing: {annealing!r} runs {annealing.num_steps} steps, but this run has "
+                         f"{total_steps}; it would end on the annealed objective, not the ELBO. Pass at least "
+                         f"{annealing.num_steps} steps (or the epochs for them), or a shorter schedule")
 
 
 def _check_bounded(annealing, total_steps):
@@ -455,6 +486,14 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
     current (on the row-wise route, ``loss.update_scales``: the step itself
     stored the batch's statistics, as evaluated before its update).
 
+    **Units**: on the torch route with a per-point Gaussian guide (``AutoNormal``,
+    :class:`~pyro_esc.LocalMultivariateNormal`) and a :class:`~pyro_esc.SparseCoding`, data far from the
+    scale the route's defaults were measured at are divided by a power of two that brings them within a
+    factor sqrt(2) of it, with the model and guide rescaled into those units and back (exactly: the model
+    is scale-equivariant); so data times 2^k give the very same run and data in other units the same
+    result where the problem has a clear optimum (:mod:`pyro_esc.standard_units`; ``History.unit``).
+    The EM route is unit-free by construction.
+
     **Convergence**: with ``tol`` the run stops once the exact objective per
     data point changed by at most ``tol`` (relative) over the last ``window``
     steps and, with ``gtol``, the gradient norm of the per-point loss is at most
@@ -463,8 +502,9 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
     the optimiser's memory, and a second one in a row ends the run
     (``History.converged`` is then False, and ``stop_reason`` says "stalled").
     ``History.converged`` and ``History.stop_reason`` say how the run ended; a
-    run that reaches its step limit unconverged also issues a
-    :class:`ConvergenceWarning`.
+    run that reaches its step limit unconverged, or stalls, also issues a
+    :class:`ConvergenceWarning`, as does a model that ends up explaining none of
+    the data's variance.
 
     **Restarts**: ``n_init=k`` trains from k initialisations (seeds ``seed``,
     ``seed + 1``, ...; see :mod:`pyro_esc.restarts` for what differs) and keeps
@@ -500,9 +540,11 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
         for no gradient test.
     :param int window: steps over which the change is measured.
     :param int n_init: number of initialisations; the best exact ELBO is kept.
-    :param int seed: seeds Pyro's RNG and the minibatch order (restart i uses ``seed + i``).
-    :param device: move data, model and guide there (default: the data's device).
-    :param dtype: dtype for array data (default torch's default dtype).
+    :param int seed: seeds Pyro's RNG and the minibatch order (restart i uses ``seed + i``); an integer >= 0.
+    :param device: move data, model and guide there (default: the data's device); an unavailable CUDA
+        device or ``"meta"`` is refused before training.
+    :param dtype: dtype for array data (default torch's default dtype): float32 or float64. float16 and
+        bfloat16 (as data or as ``dtype``) are refused: the objective's sums need float32's resolution.
     :param bool progress: show a tqdm progress bar with the objective, lambda and sigma^2.
     :param int record_every: record the history every this many steps (and at the last).
     :param int eval_every: record the exact full-data ELBO every this many steps (and after the
@@ -510,7 +552,9 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
     :param int trace_elbo_every: every this many recorded steps also record a Monte Carlo estimate
         of the ELBO per data point with Pyro's ``Trace_ELBO`` (vectorised particles) on the full data.
     :param int trace_elbo_particles: particles for that estimate.
-    :param str checkpoint: path to save a checkpoint to, every ``checkpoint_every`` steps and at the end.
+    :param str checkpoint: path to save a checkpoint to, every ``checkpoint_every`` steps and at the end
+        (where the run trains in standard units, see **Units**, the model and guide in it are in those units;
+        ``resume`` returns them in the data's own).
     :param int checkpoint_every: see ``checkpoint``.
     :param str resume: path of a checkpoint to continue from; ``steps``/``epochs`` are the total.
     :param callback: optional ``callback(step, history)``, called after each recorded step.
@@ -520,6 +564,10 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
         objective after), or ``"authors"`` for :meth:`~pyro_esc.annealing.Annealing.authors` (beta_p
         10 -> 1 stepwise over the first five epochs). Equivalent to ``loss=EntropyELBO(annealing=...)``; fit sets the weights
         before every step (``EntropyELBO.set_annealing_step``) and records them in ``History.betas``.
+        A schedule longer than the run is refused (the run would end on the annealed objective). When the
+        convergence test holds (or the line search stalls in float64) before the schedule has ended, the
+        optimiser is at rest on the annealed objective: the schedule is cut there and the run goes on with
+        the true objective until its own test holds (``History.annealing_cut``).
     :param bool train_dictionary: False keeps the dictionary fixed and fits only the guide (torch or
         row-wise route), as :func:`~pyro_esc.evaluation.reference_elbo` does.
     :param bool train_model: False keeps every model parameter fixed (dictionary, and lambda, sigma^2
@@ -546,16 +594,34 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
         checkpoint_every=checkpoint_every, resume=resume, annealing=annealing, tol=tol, gtol=gtol, window=window,
         n_init=n_init, train_dictionary=train_dictionary, inner_steps=inner_steps, train_model=train_model,
         finish_in_float64=finish_in_float64)
+    # From here on a per-point guide's posteriors are those of x (evaluations on other data are refused).
+    tie_to_data(guide, x)
     for module in (model, guide):
         if isinstance(module, torch.nn.Module):
             module.to(x.device)
+    unit = data_unit(x) if trains_in_standard_units(options.route, model, guide) else 1.0
+    if unit != 1.0:
+        # L-BFGS's path depends on the data's units: it runs on the data brought by a power of two into the
+        # range its defaults were measured in (the model is scale-equivariant and the guide's rows rescale
+        # exactly); see pyro_esc.standard_units.
+        standard = replace(options, unit=unit, data_variance=options.data_variance / unit ** 2)
+        with in_standard_units(model, guide, unit):
+            history = _fit_restarts(model, guide, x / unit, standard, int(seed), progress, callback, resume)
+    else:
+        history = _fit_restarts(model, guide, x, options, int(seed), progress, callback, resume)
+    _warn_if_nothing_explained(model, options)
+    return history
+
+
+def _fit_restarts(model, guide, x, options, seed, progress, callback, resume):
+    """``options.n_init`` runs from seeds ``seed``, ``seed + 1``, ...; the best final ELBO is kept."""
     if options.n_init == 1:
-        return _fit_run(model, guide, x, options, int(seed), progress, callback, resume)[0]
+        return _fit_run(model, guide, x, options, seed, progress, callback, resume)[0]
     best, best_state, elbos, names = None, None, [], None
     for restart in range(options.n_init):
         if restart > 0:
-            reinitialize(model, guide, names, int(seed) + restart)
-        history, stepper = _fit_run(model, guide, x, options, int(seed) + restart, progress, callback, None)
+            reinitialize(model, guide, names, seed + restart)
+        history, stepper = _fit_run(model, guide, x, options, seed + restart, progress, callback, None)
         names = stepper.names
         elbos.append(history.final_elbo)
         if best is None or history.final_elbo > best.final_elbo:
@@ -564,6 +630,22 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
     restore(best_state, model, guide)
     best.restart_elbos = elbos
     return best
+
+
+def _warn_if_nothing_explained(model, options):
+    # sigma^2 at the data's variance: the codes explain no more than the data's mean would. The run may well
+    # have converged, to the all-zero code: with the posteriors at a scale far from the data's (data in other
+    # units than the guide's initial scale assumes), that point attracts the L-BFGS route.
+    noise_var = getattr(model, "noise_var", None)
+    if "raw_dictionary" in options.frozen or not isinstance(noise_var, torch.Tensor) or noise_var.numel() != 1:
+        return
+    if float(noise_var.detach()) >= (1 - NOTHING_EXPLAINED) * options.data_variance:
+        warnings.warn(f"fit: the model explains none of the data's variance (sigma^2 = "
+                      f"{float(noise_var.detach()):.3g}, the data's variance per dimension "
+                      f"{options.data_variance:.3g}): the codes are all near 0. If the "
+                      f"data are in unusual units, standardise them (divide by their standard deviation) or pass "
+                      f"the guide an init_scale of their scale; with a per-point Gaussian guide, optimizer='em' "
+                      f"does not depend on the units", ConvergenceWarning, stacklevel=3)
 
 
 def _fit_run(model, guide, x, options, seed, progress, callback, resume):
@@ -582,6 +664,7 @@ def _fit_run(model, guide, x, options, seed, progress, callback, resume):
     history, stepper = _fit_once(model, guide, x, options, seed, progress, callback, resume)
     if not (options.finish_in_float64 and history.stop_reason.startswith("stalled")
             and history.step and history.step[-1] < options.total_steps):
+        _warn_if_stalled(history)
         return history, stepper
     dtype, stalled_at = x.dtype, history.step[-1]
     model.to(FINISH_DTYPE)
@@ -596,10 +679,24 @@ def _fit_run(model, guide, x, options, seed, progress, callback, resume):
     history.stop_reason += f" (in float64 from step {stalled_at}, where {_dtype_name(dtype)} stalled)"
     # The parameters returned are the float64 ones rounded to the caller's dtype: report their ELBO, and
     # write the scales of exactly these parameters.
-    history.eval_elbo[-1], history.eval_kind = _exact_elbo(model, guide, x, options.loss)
+    elbo, history.eval_kind = _exact_elbo(model, guide, x, options.loss)
+    history.eval_elbo[-1] = history.in_data_units(elbo)
     if isinstance(options.loss, EntropyELBO):
         options.loss.update(model, guide, x)
+    _warn_if_stalled(history)
     return history, stepper
+
+
+def _warn_if_stalled(history):
+    # A stall ends the run where the line search finds no decrease: not an optimum the convergence test
+    # confirmed. Say so where the user sees it, with the gradient left.
+    if history.stop_reason.startswith("stalled"):
+        gradient = history.grad_norm[-1] if history.grad_norm else math.nan
+        warnings.warn(f"fit: the run stalled at step {history.step[-1]} with gradient norm {gradient:.2g}, before "
+                      f"the convergence test held: the result is not a confirmed optimum. If the data are in "
+                      f"unusual units, standardise them (divide by their standard deviation); with a per-point "
+                      f"Gaussian guide, optimizer='em' solves the posteriors exactly", ConvergenceWarning,
+                      stacklevel=5)  # _fit_run -> _fit_restarts -> fit -> the caller's line
 
 
 def _fit_once(model, guide, x, options, seed, progress, callback, resume, continue_from=None):
@@ -609,7 +706,8 @@ def _fit_once(model, guide, x, options, seed, progress, callback, resume, contin
         records), from the current parameters with a fresh optimiser; see :func:`_fit_run`.
     """
     loss, batches, total_steps = options.loss, options.batches, options.total_steps
-    history = History(num_data=x.size(0), elbo_kind=options.elbo_kind, route=options.route)
+    history = History(num_data=x.size(0), elbo_kind=options.elbo_kind, route=options.route, unit=options.unit,
+                      data_dim=x.size(1))
     batches.reset(seed)
     start_step, elapsed, state = 0, 0.0, None
     # What identifies the data in a checkpoint: one pass over x, once per run.
@@ -626,6 +724,7 @@ def _fit_once(model, guide, x, options, seed, progress, callback, resume, contin
         stepper.load_state_dict(state["optim"])
     history.optimizer = stepper.name
     convergence = None if options.tol is None else Convergence(options.tol, options.gtol, options.window)
+    annealing = getattr(loss, "annealing", None) if isinstance(loss, EntropyELBO) else None
 
     def save(step):
         save_checkpoint(options.checkpoint, step, model, guide, stepper.state_dict(), loss, batches, history,
@@ -637,10 +736,11 @@ def _fit_once(model, guide, x, options, seed, progress, callback, resume, contin
     try:
         for step in range(start_step + 1, total_steps + 1):
             if options.manage_lr:
-                stepper.set_lr(options.lr * options.schedule((step - 1) / max(1, total_steps - 1)))
+                stepper.set_lr(options.lr * _check_lr_factor(options.schedule, (step - 1) / max(1, total_steps - 1)))
             subsample = batches.next()
             kwargs = {} if subsample is None else {"subsample": subsample.to(x.device)}
-            value, grad_norm = training_step(stepper, model, guide, x, kwargs, step, options)
+            annealing_step = step - 1 if history.annealing_cut is None else max(step - 1, annealing.num_steps)
+            value, grad_norm = training_step(stepper, model, guide, x, kwargs, step, options, annealing_step)
             done = convergence is not None and history.elbo_kind == EXACT and convergence.update(-value / x.size(0),
                                                                                                  grad_norm)
             if stepper.route == "torch" and value == previous:
@@ -656,13 +756,23 @@ def _fit_once(model, guide, x, options, seed, progress, callback, resume, contin
             else:
                 stalls = 0
             previous = value
+            handed_to_float64 = stalled is not None and options.finish_in_float64 and x.dtype != FINISH_DTYPE
+            if done and annealing is not None and annealing_step < annealing.num_steps and not handed_to_float64:
+                # Converged (or stalled, in float64) on the annealed objective before the schedule ended: the rest
+                # of the schedule would only move the weights under a resting optimiser. Cut it here and go on
+                # with the true objective, so that the run ends where the convergence test holds for the ELBO.
+                # (A float32 stall first goes on in float64 with the schedule, see _fit_run.)
+                history.annealing_cut, done, stalls, stalled, previous = step, False, 0, None, None
+                convergence = Convergence(options.tol, options.gtol, options.window)
+                stepper.reset()
             last = done or step == total_steps
             if step % options.record_every == 0 or last:
                 history.record(step, step / batches.steps_per_epoch, value, model, stepper.current_lr(),
                                getattr(loss, "betas", (1.0, 1.0, 1.0)), time.perf_counter() - started, grad_norm)
                 if options.trace_elbo_every is not None and (step % options.trace_elbo_every == 0 or last):
                     history.trace_elbo_step.append(step)
-                    history.trace_elbo.append(_trace_elbo(model, guide, x, options.trace_elbo_particles))
+                    history.trace_elbo.append(history.in_data_units(_trace_elbo(model, guide, x,
+                                                                                options.trace_elbo_particles)))
                 if progress:
                     bar.set_postfix(history.progress_postfix(), refresh=False)
             if last and hasattr(stepper, "finish"):
@@ -674,7 +784,7 @@ def _fit_once(model, guide, x, options, seed, progress, callback, resume, contin
             if last or options.eval_due(step):
                 elbo, history.eval_kind = _exact_elbo(model, guide, x, loss)
                 history.eval_step.append(step)
-                history.eval_elbo.append(elbo)
+                history.eval_elbo.append(history.in_data_units(elbo))
             if callback is not None and history.step and history.step[-1] == step:
                 callback(step, history)
             bar.update(1)
@@ -696,16 +806,22 @@ def _fit_once(model, guide, x, options, seed, progress, callback, resume, contin
         history.stop_reason = f"step limit: {step} steps"
         if convergence is not None:
             history.stop_reason += f" without meeting tol={options.tol:g} (unconverged)"
+            # _fit_once -> _fit_run -> _fit_restarts -> fit: the warning names the caller's line.
             warnings.warn(f"fit: {history.stop_reason}; pass more steps, or a larger tol", ConvergenceWarning,
-                          stacklevel=3)
+                          stacklevel=5)
+    if history.annealing_cut is not None and "annealing cut" not in history.stop_reason:
+        history.stop_reason += (f" (annealing cut at step {history.annealing_cut}, where the run had come to rest on "
+                                f"the annealed objective; the true objective from there)")
     if options.checkpoint is not None and not hasattr(stepper, "finish"):
         save(step)
     return history, stepper
 
 
-def training_step(stepper, model, guide, x, kwargs, step, options):
+def training_step(stepper, model, guide, x, kwargs, step, options, annealing_step=None):
     """One training step on the route's stepper, then the explicit post-step update of an EntropyELBO.
 
+    :param int annealing_step: the completed steps the annealing weights are read at (default ``step - 1``;
+        past the schedule's end once :func:`fit` has cut it, ``History.annealing_cut``).
     :returns: ``(value, grad_norm)``: the objective to record (a loss, -N ELBO) and the gradient
         norm of the per-point loss if the route knows it (else None). For EntropyELBO the value is
         the one after the step (exact on the full data; the running estimate on a minibatch); for
@@ -715,7 +831,7 @@ def training_step(stepper, model, guide, x, kwargs, step, options):
     """
     loss = options.loss
     if isinstance(loss, EntropyELBO):
-        loss.set_annealing_step(step - 1)
+        loss.set_annealing_step(step - 1 if annealing_step is None else annealing_step)
     try:
         value, grad_norm = stepper.step(x, kwargs)
         if stepper.route == "em":
@@ -771,9 +887,9 @@ def _exact_elbo(model, guide, x, loss):
     scales), any other guide by the objective's own Monte Carlo estimate.
     """
     if isinstance(loss, EntropyELBO):
-        return training_elbo(model, guide, x), EXACT
+        return entropy_elbo_per_point(model, guide, x), EXACT
     try:
-        return held_out_elbo(model, guide, x), EXACT
+        return analytic_elbo_per_point(model, guide, x), EXACT
     except ValueError:
         if isinstance(loss, AnalyticELBO):
             raise
@@ -807,16 +923,29 @@ def decaying_adam(lr, steps, decay_to=0.2, betas=(0.9, 0.99), clip_norm=10.0, lr
     return pyro.optim.ClippedAdam(options)
 
 
+#: The dtypes fit trains in. float16 and bfloat16 resolve about 3 significant digits: the ELBO's sums lose
+#: whole nats (bfloat16 bars: -18.720 where float64 gives -18.852 at the same parameters) and torch's L-BFGS
+#: divides by zero.
+TRAINING_DTYPES = (torch.float32, torch.float64)
+
+
 def _prepare_data(data, device, dtype):
+    if dtype is not None and dtype not in TRAINING_DTYPES:
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}: the closed-form sums and "
+                         f"L-BFGS need at least float32's resolution")
+    device = check_device(device)
     is_array = not isinstance(data, torch.Tensor)
     x = check_data(data, "data", allow_numpy=True)
     if is_array:
         x = x.to(dtype or torch.get_default_dtype())
     elif dtype is not None:
         x = x.to(dtype)
+    if x.dtype not in TRAINING_DTYPES:
+        raise ValueError(f"data has dtype {x.dtype}, which resolves too few digits for the ELBO's sums (and "
+                         f"torch's L-BFGS); pass data.float() or dtype=torch.float32 (or float64)")
     if device is not None:
         x = x.to(device)
-    return x
+    return check_magnitude(x, "data")
 
 
 def _total_steps(steps, epochs, steps_per_epoch):

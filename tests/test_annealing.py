@@ -125,7 +125,7 @@ def test_fit_builds_the_authors_schedule_from_its_epochs():
 
     model, guide, x = _small_problem()
     loss = EntropyELBO()
-    fit(model, guide, x, loss=loss, batch_size=10, steps=3, annealing="authors", optimizer="rowwise", progress=False)
+    fit(model, guide, x, loss=loss, batch_size=10, steps=20, annealing="authors", optimizer="rowwise", progress=False)
     assert loss.annealing.num_steps == 5 * 4  # 40 points in batches of 10: 4 steps an epoch
     assert loss.annealing.prior(0.0) == 10.0
 

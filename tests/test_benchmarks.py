@@ -239,3 +239,11 @@ def test_estimator_speed_times_each_guide_and_solver(capsys):
     assert [(row["guide"], row["solver"]) for row in rows] == [("local-diag", "em"), ("local-full", "lbfgs")]
     assert all(math.isfinite(row["score"]) for row in rows)
     assert "| local-full | lbfgs | 1 |" in capsys.readouterr().out
+
+
+def test_units_tabulates_each_route_and_scale(capsys):
+    load("units").main(["--n", "100", "--steps", "30", "--routes", "lbfgs-full", "em-minibatch",
+                        "--scales", "1", "255", "--seeds", "0"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| lbfgs") or
+            line.startswith("| em")]
+    assert len(rows) == 4 and all("/10 |" in row for row in rows)

@@ -23,6 +23,8 @@ from pyro_esc._pyro_internals import (
     module_name,
     param_fullname,
     param_site_unconstrained,
+    pending_optimizer_states,
+    share_parameters_with_store,
     stored_unconstrained,
 )
 from pyro_esc.data import bars
@@ -145,3 +147,43 @@ def test_param_constraint_is_the_constraint_the_store_keeps():
     pyro.param("free_thing", torch.zeros(2))
     assert param_constraint("positive_thing") is constraints.positive
     assert param_constraint("free_thing") is constraints.real
+
+
+class _Encoder(PyroModule):
+    def __init__(self):
+        super().__init__(name="encoder")
+        self.layer = PyroModule[nn.Linear](3, 2)
+        self.scale = PyroParam(torch.ones(2), constraints.positive)
+
+    def forward(self, x):
+        return self.layer(x) * self.scale
+
+
+def test_after_set_state_a_plain_parameter_is_not_the_stores_until_shared():
+    pyro.clear_param_store()
+    encoder = _Encoder()
+    encoder(torch.zeros(1, 3))
+    state = pyro.get_param_store().get_state()
+    state["params"] = {name: value.detach().clone() for name, value in state["params"].items()}
+    pyro.get_param_store().set_state(state)  # as a checkpoint's restore does: new tensors in the store
+    encoder(torch.zeros(1, 3))
+    store = pyro.get_param_store()._params
+    assert store["encoder.layer.weight"] is not encoder.layer.weight  # Pyro leaves plain parameters apart
+    share_parameters_with_store(encoder)
+    assert store["encoder.layer.weight"] is encoder.layer.weight
+    assert store["encoder.scale"] is encoder.scale_unconstrained
+    assert torch.equal(encoder.layer.weight, state["params"]["encoder.layer.weight"])
+
+
+def test_pending_optimizer_states_are_the_restored_states_before_their_optimiser_exists():
+    pyro.clear_param_store()
+    weight = pyro.param("w", torch.ones(2))
+    optim = pyro.optim.Adam({"lr": 0.1})
+    optim([weight])
+    restored = pyro.optim.Adam({"lr": 0.5})
+    restored.set_state(optim.get_state())
+    pending = pending_optimizer_states(restored)
+    assert set(pending) == {"w"} and pending["w"]["param_groups"][0]["lr"] == 0.1
+    restored([weight])  # creating the optimiser consumes the state, with its saved lr
+    assert pending_optimizer_states(restored) == {}
+    assert restored.optim_objs[weight].param_groups[0]["lr"] == 0.1

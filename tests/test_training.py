@@ -68,11 +68,21 @@ def test_arrays_are_accepted_and_converted_to_the_default_dtype():
     assert model.dictionary.dtype == torch.float32
 
 
-def train(path=None, resume=None, steps=12, loss=None, batch_size=None, checkpoint_every=None):
+class Interrupted(Exception):
+    pass
+
+
+def train(path=None, resume=None, steps=12, loss=None, batch_size=None, checkpoint_every=None, stop_at=None):
+    def callback(step, history):
+        if step == stop_at:
+            raise Interrupted
     pyro.clear_param_store()
     model, guide, x = problem()
-    history = fit(model, guide, x, loss=loss, steps=steps, batch_size=batch_size, seed=3, progress=False,
-                  checkpoint=path, checkpoint_every=checkpoint_every, resume=resume)
+    try:
+        history = fit(model, guide, x, loss=loss, steps=steps, batch_size=batch_size, seed=3, progress=False,
+                      checkpoint=path, checkpoint_every=checkpoint_every, resume=resume, callback=callback)
+    except Interrupted:
+        return None, None
     params = {name: value.detach().clone() for name, value in pyro.get_param_store().named_parameters()}
     return params, history
 
@@ -87,7 +97,8 @@ def train(path=None, resume=None, steps=12, loss=None, batch_size=None, checkpoi
 def test_checkpoints_resume_bit_for_bit(tmp_path, make_loss, batch_size):
     straight, straight_history = train(steps=12, loss=make_loss(), batch_size=batch_size)
     path = str(tmp_path / "run.pt")
-    train(path, steps=5, loss=make_loss(), batch_size=batch_size)
+    # Interrupted after step 6, with the last checkpoint at step 5.
+    train(path, steps=12, loss=make_loss(), batch_size=batch_size, checkpoint_every=5, stop_at=6)
     assert load_checkpoint(path)["step"] == 5
     resumed, resumed_history = train(path, resume=path, steps=12, loss=make_loss(), batch_size=batch_size)
     assert straight.keys() == resumed.keys()
