@@ -4,6 +4,7 @@ Every check raises a ValueError that names the argument and says what was
 expected, so a user sees the problem at the call that caused it.
 """
 
+import math
 import numbers
 import weakref
 
@@ -110,11 +111,12 @@ def check_magnitude(x, name="x"):
     """
     finfo = torch.finfo(x.dtype)
     largest = float(x.detach().abs().max()) if x.numel() else 0.0
-    if largest and largest ** 2 * x.size(-1) * x.size(0) >= finfo.max:
+    # Compared through square roots: largest ** 2 itself can overflow a Python float (1e200 in float64).
+    if largest and largest >= math.sqrt(finfo.max / x.numel()):
         raise ValueError(f"{name} is too large for {x.dtype} (largest |entry| {largest:.3g}): sums of squares "
                          f"overflow. Divide it by a constant (e.g. its standard deviation; the model's results "
                          f"scale with it) or use float64")
-    if largest and largest ** 2 <= finfo.tiny / finfo.eps:
+    if largest and largest <= math.sqrt(finfo.tiny / finfo.eps):
         raise ValueError(f"{name} is too small for {x.dtype} (largest |entry| {largest:.3g}): its squares "
                          f"underflow. Multiply it by a constant (e.g. 1 / its standard deviation; the model's "
                          f"results scale with it) or use float64")

@@ -31,6 +31,7 @@ Example::
     (1.0, 128.0)
 """
 
+import contextlib
 import math
 
 import torch
@@ -84,20 +85,15 @@ def rescale(model, guide, factor):
                                 device=rows.tensors[0].device))
 
 
-class in_standard_units:
+@contextlib.contextmanager
+def in_standard_units(model, guide, unit):
     """``with in_standard_units(model, guide, unit):`` model and guide in units of ``unit`` inside, back after.
 
     Leaving restores the caller's units even when training raised (a NaN stop, an interruption),
     so the model and guide handed back are always in the data's own units.
     """
-
-    def __init__(self, model, guide, unit):
-        self.model, self.guide, self.unit = model, guide, float(unit)
-
-    def __enter__(self):
-        rescale(self.model, self.guide, 1 / self.unit)
-        return self
-
-    def __exit__(self, *exc_info):
-        rescale(self.model, self.guide, self.unit)
-        return False
+    rescale(model, guide, 1 / unit)
+    try:
+        yield
+    finally:
+        rescale(model, guide, unit)

@@ -117,6 +117,7 @@ class Interrupted(Exception):
 
 ROUTES = [
     ("lbfgs", LocalMultivariateNormal, {}),
+    ("lbfgs", LocalMultivariateNormal, {"scale": 255.0}),  # trains in units of 128 (pyro_esc.standard_units)
     ("lbfgs", amortized, {}),
     ("svi", amortized, {"lr": 0.05}),
     ("svi", autonormal, {"lr": 0.05, "lr_schedule": "cosine", "batch_size": 20}),
@@ -130,7 +131,8 @@ def train(make_guide, optimizer, options, path=None, resume=None, stop_at=None):
     def callback(step, history):
         if step == stop_at:
             raise Interrupted
-    x = bars(60, side=3, noise=0.1, seed=0)[0]
+    options = dict(options)
+    x = bars(60, side=3, noise=0.1, seed=0)[0] * options.pop("scale", 1.0)
     with pyro.get_param_store().scope():
         pyro.set_rng_seed(0)  # the encoder's initial weights
         model = SparseCoding(9, 6)
@@ -152,7 +154,7 @@ def test_an_interrupted_run_resumes_bit_for_bit(tmp_path, optimizer, make_guide,
     path = str(tmp_path / "run.pt")
     train(make_guide, optimizer, options, path=path, stop_at=7)
     resumed, (own_resumed, stored_resumed) = train(make_guide, optimizer, options, path=path, resume=path)
-    assert resumed.loss == straight.loss
+    assert resumed.loss == straight.loss and resumed.unit == straight.unit
     # The module computes with the tensors the optimiser trains (the store's), and they are the straight run's.
     assert all(torch.equal(a, b) for a, b in zip(own, own_resumed))
     assert stored.keys() == stored_resumed.keys()
@@ -256,6 +258,7 @@ def test_a_schedule_may_decay_to_zero():
     (lambda x: x.to(torch.bfloat16), "dtype torch.bfloat16, which resolves too few digits"),
     (lambda x: x * 1e30, "too large for torch.float32.*Divide it by a constant"),
     (lambda x: x * 1e-30, "too small for torch.float32.*Multiply it by a constant"),
+    (lambda x: x.double() * 1e200, "too large for torch.float64"),
 ])
 def test_data_the_objective_cannot_resolve_is_refused(data, message):
     x = bars(30, side=3, seed=0)[0]
