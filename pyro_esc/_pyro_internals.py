@@ -42,6 +42,13 @@ def stored_unconstrained(module, name):
     return pyro.get_param_store()._params.get(module._pyro_get_fullname(name))
 
 
+def _own_tensors(module):
+    """``{param-store name: (attribute path, the module's own tensor)}`` for every parameter of a PyroModule."""
+    suffix = "_unconstrained"  # a PyroParam's own tensor; plain torch parameters keep their names
+    return {_make_name(module._pyro_name, path[: -len(suffix)] if path.endswith(suffix) else path): (path, tensor)
+            for path, tensor in module.named_parameters()}
+
+
 def foreign_parameters(module):
     """Names in the param store that ``module`` would read, whose tensors are not its own.
 
@@ -54,9 +61,7 @@ def foreign_parameters(module):
     if not isinstance(module, PyroModule):
         return []
     store = pyro.get_param_store()
-    suffix = "_unconstrained"  # a PyroParam's own tensor; plain torch parameters keep their names
-    own = {_make_name(module._pyro_name, path[: -len(suffix)] if path.endswith(suffix) else path): tensor
-           for path, tensor in module.named_parameters()}
+    own = {name: tensor for name, (_, tensor) in _own_tensors(module).items()}
     foreign = [name for name, tensor in own.items() if name in store and store._params[name] is not tensor]
     if module._pyro_name:
         foreign += [name for name in store.keys() if name.startswith(module._pyro_name + ".") and name not in own]
@@ -78,9 +83,7 @@ def share_parameters_with_store(module):
     if not isinstance(module, PyroModule):
         return
     store = pyro.get_param_store()
-    suffix = "_unconstrained"  # a PyroParam's own tensor; plain torch parameters keep their names
-    for path, tensor in list(module.named_parameters()):
-        fullname = _make_name(module._pyro_name, path[: -len(suffix)] if path.endswith(suffix) else path)
+    for fullname, (path, tensor) in _own_tensors(module).items():
         stored = store._params.get(fullname)
         if stored is None or stored is tensor:
             continue
