@@ -129,7 +129,11 @@ def _rng_state_from_plain(plain):
 
 def _describe(model, guide, loss, route):
     return {"model": type(model).__name__, "guide": type(guide).__name__, "loss": type(loss).__name__,
-            "route": route}
+            "route": route, "prior": repr(getattr(model, "prior", None))}
+
+
+#: What a checkpoint written before priors were pluggable (no "prior" entry) was trained with.
+_DEFAULT_DESCRIPTION = {"prior": "Laplace()"}
 
 
 def save_checkpoint(path, step, model, guide, optim_state, loss, batches, history, wall_time, x, route,
@@ -206,10 +210,11 @@ def check_resumable(state, path, model, guide, loss, route, fingerprint):
     """Refuse a checkpoint that belongs to another run: other data, model, guide, objective or route."""
     expected = _describe(model, guide, loss, route)
     for key, value in expected.items():
-        if state["run"].get(key) != value:
+        theirs = state["run"].get(key, _DEFAULT_DESCRIPTION.get(key))
+        if theirs != value:
             raise ValueError(f"resume: checkpoint {path!r} was written by a run with {key} "
-                             f"{state['run'].get(key)!r}, this run has {value!r}; resume with the same model, "
-                             f"guide, loss and optimizer")
+                             f"{theirs!r}, this run has {value!r}; resume with the same model, "
+                             f"prior, guide, loss and optimizer")
     data = state["data"]
     if data["shape"] != fingerprint["shape"] or data["dtype"] != fingerprint["dtype"]:
         raise ValueError(f"resume: checkpoint {path!r} was trained on data of shape {tuple(data['shape'])} and "

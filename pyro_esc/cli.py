@@ -23,6 +23,7 @@ from . import experiments
 from ._checks import check_device
 from .annealing import Annealing
 from .em import DEFAULT_CHUNK, DEFAULT_MOMENTUM, EM, MIN_CHUNK
+from .priors import registered_priors
 
 
 #: ``pyro-esc patches``' step limit when neither --steps nor --epochs is given.
@@ -85,6 +86,9 @@ def build_parser():
     bars.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                       help="dtype of the data, model and guide (default float32; an L-BFGS run that stalls on "
                            "float32's resolution goes on in float64 either way, and ends in this dtype)")
+    bars.add_argument("--prior", choices=registered_priors(), default="laplace",
+                      help="prior over the codes (default laplace: sparse coding; gaussian: probabilistic PCA, "
+                           "which finds the bars' subspace but not the bars themselves)")
     bars.add_argument("--no-reference", action="store_true",
                       help="skip fitting the posteriors at the generating dictionary (the reference ELBO)")
     _common(bars, steps=None, lr=0.2, out="runs/bars",
@@ -190,10 +194,11 @@ def _bars(args):
                                   optimizer=args.optimizer, n_init=args.n_init,
                                   tol="auto" if args.tol is None else args.tol, reference=not args.no_reference,
                                   dtype=getattr(torch, args.dtype), warm_start=args.warm_start,
-                                  hidden=None if args.hidden is None else tuple(args.hidden))
+                                  hidden=None if args.hidden is None else tuple(args.hidden), prior=args.prior)
     path = _write_metrics(args.out, "bars_metrics.json", result)
     _save_model(args.out, "bars_model.pt", result, whitening=None)
-    print(f"{experiments.GUIDE_LABELS[args.guide]}, {args.objective}, {result.optimizer}: ELBO per data point "
+    prior = "" if args.prior == "laplace" else f", {args.prior} prior"
+    print(f"{experiments.GUIDE_LABELS[args.guide]}{prior}, {args.objective}, {result.optimizer}: ELBO per data point "
           f"{result.elbo:.4f}; {result.bars_found} of {2 * args.side} bars found (cosine > 0.95) in "
           f"{result.wall_time_s:.1f} s")
     if result.reference_elbo is not None:

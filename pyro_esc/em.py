@@ -54,7 +54,6 @@ import pyro
 from pyro.infer.autoguide import AutoNormal
 
 from ._checks import check_int, check_positive
-from .gaussian import folded_normal_mean
 from .guides import LocalMultivariateNormal
 from .model import MODEL_PARAMETERS
 from .objectives import EntropyELBO, NonFiniteObjectiveError
@@ -194,12 +193,13 @@ class _Rows:
 class _Statistics:
     """Sums over the points seen of what the M-step and the ELBO need (float64), in the current gauge."""
 
-    def __init__(self, data_dim, n_latents, device):
+    def __init__(self, data_dim, n_latents, device, prior):
         like = dict(dtype=torch.float64, device=device)
+        self.prior = prior
         self.count = 0
         self.second = torch.zeros(n_latents, n_latents, **like)  # sum nu nu^T + T
         self.cross = torch.zeros(data_dim, n_latents, **like)  # sum x nu^T
-        self.abs_sum = torch.zeros(n_latents, **like)  # sum E|z|
+        self.statistic_sum = torch.zeros(n_latents, **like)  # sum E phi(z), the prior's statistic (E|z| for Laplace)
         self.entropy = torch.zeros((), **like)  # sum H[q]
         self.sq_norm = torch.zeros((), **like)  # sum ||x||^2
 
@@ -211,7 +211,7 @@ class _Statistics:
         self.count += int(sign) * x.size(0)
         self.second += sign * (mean.T @ mean + covariance_sum)
         self.cross += sign * (x.T @ mean)
-        self.abs_sum += sign * folded_normal_mean(mean, posterior.stddev.to(self.cross)).sum(0)
+        self.statistic_sum += sign * self.prior.expected_statistic(mean, posterior.stddev.to(self.cross)).sum(0)
         self.entropy += sign * posterior.point_entropies().to(self.cross).sum()
         self.sq_norm += sign * x.square().sum()
 
@@ -219,7 +219,7 @@ class _Statistics:
         """Express the sums for z -> factor * z (factor (H,) > 0)."""
         self.second *= factor.unsqueeze(0) * factor.unsqueeze(1)
         self.cross *= factor
-        self.abs_sum *= factor
+        self.statistic_sum *= factor ** self.prior.degree  # phi(c z) = c^degree phi(z)
         self.entropy += self.count * factor.log().sum()
 
     def squared_error(self, dictionary):
@@ -229,13 +229,14 @@ class _Statistics:
                 + ((dictionary.T @ dictionary) * self.second).sum()).clamp_min(0)
 
     def state_dict(self):
-        return {"count": self.count, "second": self.second, "cross": self.cross, "abs_sum": self.abs_sum,
+        return {"count": self.count, "second": self.second, "cross": self.cross, "statistic_sum": self.statistic_sum,
                 "entropy": self.entropy, "sq_norm": self.sq_norm}
 
     def load_state_dict(self, state):
         self.count = int(state["count"])
-        for name in ("second", "cross", "abs_sum", "entropy", "sq_norm"):
-            getattr(self, name).copy_(state[name])
+        for name in ("second", "cross", "statistic_sum", "entropy", "sq_norm"):
+            # "abs_sum": the statistic's name in checkpoints written before priors were pluggable.
+            getattr(self, name).copy_(state["abs_sum" if name == "statistic_sum" and name not in state else name])
 
 
 class EMStep:
@@ -268,6 +269,10 @@ class EMStep:
             raise ValueError(f"the EM route solves per-point Gaussian guides (AutoNormal: diagonal, "
                              f"LocalMultivariateNormal: full covariance); {type(guide).__name__} is neither: "
                              f"use optimizer='lbfgs', 'rowwise' or 'svi'")
+        if model.prior.degree is None:
+            raise ValueError(f"optimizer='em' rescales the latents, which needs a prior whose statistic is "
+                             f"homogeneous (Prior.degree); {model.prior!r} has none: use optimizer='lbfgs' or "
+                             f"'rowwise'")
         self.model, self.guide, self.loss = model, guide, loss
         kwargs = {} if first_batch is None else {"subsample": first_batch}
         # One evaluation sets model (initialised from the data) and guide up, as for the other routes.
@@ -283,7 +288,7 @@ class EMStep:
         self.tol = tol
         with torch.no_grad():
             n_latents = model.dictionary.size(1)
-        self.statistics = _Statistics(x.size(1), n_latents, x.device)
+        self.statistics = _Statistics(x.size(1), n_latents, x.device, self.model.prior)
         # The dictionary before the last M-step (for the momentum), None after a restart.
         self.previous = None
         # Which points have been solved (the others' rows still hold the guide's initial values).
@@ -309,7 +314,7 @@ class EMStep:
             self._maximise(x.size(1))
         value = self._value(self.statistics, x.size(0))
         if chunk_done:  # the next chunk's statistics start afresh
-            self.statistics = _Statistics(x.size(1), self.statistics.second.size(0), x.device)
+            self.statistics = _Statistics(x.size(1), self.statistics.second.size(0), x.device, self.model.prior)
         return value, None
 
     def solve(self, x, subsample, statistics, tol=None):
@@ -326,7 +331,7 @@ class EMStep:
         betas = tuple(getattr(self.loss, "betas", (1.0, 1.0, 1.0)))
         solved = solve_at(x_batch, dictionary, prior_scale, noise_var, self.family, init=stored, fresh=~seen,
                           tol=self.tol if tol is None else tol, max_iter=E_MAX_ITER, betas=betas,
-                          out_dtype=torch.float64)
+                          out_dtype=torch.float64, prior=self.model.prior)
         self.evaluations += int(solved.iterations.max()) if solved.iterations.numel() else 0
         statistics.add(x_batch, solved.posterior)
         self.rows.write(subsample, solved.posterior)
@@ -367,7 +372,8 @@ class EMStep:
 
     def _optimal_scales(self, statistics, data_dim):
         dictionary = self.model.dictionary.detach()
-        prior_scale = (statistics.abs_sum / statistics.count).clamp_min(torch.finfo(dictionary.dtype).tiny)
+        prior_scale = self.model.prior.optimal_scale(statistics.statistic_sum / statistics.count)
+        prior_scale = prior_scale.clamp_min(torch.finfo(dictionary.dtype).tiny)
         noise_var = statistics.squared_error(dictionary) / (statistics.count * data_dim)
         return prior_scale, noise_var
 
@@ -379,7 +385,7 @@ class EMStep:
             noise_var = self.model.noise_var.detach().to(torch.float64)
         count, data_dim = statistics.count, dictionary.size(0)
         elbo = (statistics.entropy / count
-                - (math.log(2.0) + prior_scale.log() + statistics.abs_sum / count / prior_scale).sum()
+                - self.model.prior.cross_entropy(statistics.statistic_sum / count, prior_scale)
                 - 0.5 * data_dim * (math.log(2 * math.pi) + noise_var.log())
                 - statistics.squared_error(dictionary) / (2 * noise_var * count))
         value = float(-num_data * elbo)
@@ -398,7 +404,7 @@ class EMStep:
         E-step makes the guide the model's own (and the reported ELBO the final model's).
         """
         batch_size = batch_size or SOLVE_BATCH
-        statistics = _Statistics(x.size(1), self.statistics.second.size(0), x.device)
+        statistics = _Statistics(x.size(1), self.statistics.second.size(0), x.device, self.model.prior)
         for start in range(0, x.size(0), batch_size):
             self.solve(x, torch.arange(start, min(start + batch_size, x.size(0)), device=x.device), statistics,
                        tol=SOLVER_TOL)

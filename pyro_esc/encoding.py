@@ -130,7 +130,7 @@ def _fit(model, guide, x, seed, fit_options):
 def fixed_copy(model, dtype, device):
     """A separate SparseCoding with ``model``'s W, lambda, sigma^2: nothing a fit does to it touches ``model``."""
     with torch.no_grad():
-        copy = SparseCoding(model.data_dim, model.n_latents).to(dtype=dtype, device=device)
+        copy = SparseCoding(model.data_dim, model.n_latents, prior=model.prior).to(dtype=dtype, device=device)
         copy.set_dictionary(model.dictionary.detach().to(dtype=dtype, device=device))
         copy.set_scales(model.prior_scale.detach().to(dtype=dtype, device=device),
                         model.noise_var.detach().to(dtype=dtype, device=device))

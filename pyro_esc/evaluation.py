@@ -77,7 +77,7 @@ def _check_evaluable(model, guide, x, where):
         check_tied_to(guide, x, where)
 
 
-def reference_elbo(x, dictionary, guide="local-full", seed=0, **fit_options):
+def reference_elbo(x, dictionary, guide="local-full", seed=0, prior="laplace", **fit_options):
     """The ELBO per data point that a given dictionary allows: a yardstick for learning.
 
     The dictionary is held fixed at ``dictionary`` (e.g. the generating one of
@@ -97,6 +97,7 @@ def reference_elbo(x, dictionary, guide="local-full", seed=0, **fit_options):
     :param guide: ``"local-full"`` (a full-covariance Gaussian per point), ``"local-diag"``, or a
         callable ``model -> guide`` (a guide the EM route does not solve is fitted with L-BFGS).
     :param int seed: seed for the guide's initialisation.
+    :param prior: the model's prior (a name or a :class:`~pyro_esc.priors.Prior`; default Laplace).
     :param fit_options: further arguments of :func:`~pyro_esc.fit` (e.g. ``steps``, ``tol``; default
         ``tol=1e-9``).
     :rtype: float
@@ -118,7 +119,7 @@ def reference_elbo(x, dictionary, guide="local-full", seed=0, **fit_options):
         raise ValueError(f"guide must be one of {sorted(factories)} or a callable model -> guide, got {guide!r}")
     make_guide = factories.get(guide, guide)
     with isolated():
-        model = SparseCoding(x.size(1), dictionary.size(1)).to(dtype=x.dtype, device=x.device)
+        model = SparseCoding(x.size(1), dictionary.size(1), prior=prior).to(dtype=x.dtype, device=x.device)
         model.set_dictionary(dictionary)
         fit_options.setdefault("progress", False)
         fit_options.setdefault("tol", 1e-9)

@@ -175,6 +175,8 @@ class BarsResult:
     warm_start: bool = False
     #: The encoder's hidden layer sizes for an amortised guide, else None.
     hidden: Optional[List[int]] = None
+    #: ``repr`` of the model's prior (``Laplace()``, ``Gaussian()``, ...).
+    prior: str = "Laplace()"
 
     def metrics(self):
         """The JSON-ready fields as a new dict (everything but ``dictionary``, ``history``, ``model``, ``guide_object``)."""
@@ -260,7 +262,7 @@ BARS_WARM_START_HIDDEN = (300,)
 def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3, steps=None, lr=0.2,
              batch_size=None, seed=0, device=None, out=None, progress=True, name=None, annealing=None,
              optimizer="auto", n_init=None, tol="auto", reference=True, init_seed=None, dtype=None,
-             finish_in_float64=True, warm_start=False, hidden=None):
+             finish_in_float64=True, warm_start=False, hidden=None, prior="laplace"):
     """Learn the bars test; return a :class:`BarsResult` and optionally draw the learned fields.
 
     Training, with ``optimizer="auto"``: for the guides in :data:`LBFGS_GUIDES` (per-point full
@@ -289,6 +291,9 @@ def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3,
         :data:`BARS_WARM_START_HIDDEN` with ``warm_start``, else ``AmortizedNormal``'s (100,)).
     :param bool reference: also fit the posteriors with the generating dictionary held fixed
         (:func:`~pyro_esc.evaluation.reference_elbo`) and report the learned ELBO minus that one.
+    :param prior: the model's prior, ``"laplace"`` (default; the bars' amplitudes are Laplace),
+        ``"gaussian"`` (probabilistic PCA, which finds the bars' subspace but not the bars) or any
+        :class:`~pyro_esc.priors.Prior`.
     :returns: :class:`BarsResult`: the final exact ELBO per data point, the reference ELBO and the
         gap, the bars found (optimal matching, cosine > 0.95), the matched cosines, how training
         ended, wall time and settings; plus the learned ``dictionary`` (matched to the true bars)
@@ -296,7 +301,7 @@ def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3,
     """
     _seed_everything(seed)
     x, true_dictionary = bars(n, side=side, noise=noise, seed=seed, dtype=dtype)
-    model = SparseCoding(x.size(1), true_dictionary.size(1))
+    model = SparseCoding(x.size(1), true_dictionary.size(1), prior=prior)
     if hidden is not None and not guide.startswith("amortized"):
         raise ValueError(f"hidden sets the encoder of amortised guides (amortized-*), got guide={guide!r}")
     if hidden is None and warm_start:
@@ -335,7 +340,7 @@ def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3,
     dictionary = model.dictionary.detach().cpu()
     recovery = bars_recovery(dictionary, true_dictionary)
     reference_value = reference_elbo(x.to(dictionary.device if device is None else device), true_dictionary,
-                                     seed=seed) if reference else None
+                                     seed=seed, prior=model.prior) if reference else None
     result = BarsResult(
         guide=guide, objective=objective, n=n, side=side, noise=noise, steps=history.step[-1],
         lr=lr if route_svi else None, batch_size=batch_size, seed=seed,
@@ -350,6 +355,7 @@ def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3,
         dictionary=dictionary[:, recovery.matching], history=history, model=model, guide_object=guide_object,
         warm_start=bool(warm_start),
         hidden=list(guide_object.hidden) if isinstance(guide_object, AmortizedNormal) else None,
+        prior=repr(model.prior),
     )
     if out is not None:
         label = name or f"bars_fields_{guide}"

@@ -466,20 +466,20 @@ class SparseCodingModule(pl.LightningModule):
         running = self.elbo.minibatch_statistics == "running"
         if full or not running:
             # One evaluation over the batch (also a joint guide's, whose entropy is not per point).
-            stats = BatchStatistics.of(evaluation)
-            current = torch.cat([stats.entropy.reshape(1), stats.abs_sum, stats.sq_error_sum.reshape(1)])
+            stats = BatchStatistics.of(evaluation, self.model.prior)
+            current = torch.cat([stats.entropy.reshape(1), stats.statistic_sum, stats.sq_error_sum.reshape(1)])
             others = torch.zeros_like(current)
             points = None
         else:
             check_distinct(subsample)
-            points = PointStatistics.of(x_batch, posterior, dictionary)
-            current = torch.cat([points.entropy.sum(0, keepdim=True), points.abs_mean.sum(0),
+            points = PointStatistics.of(x_batch, posterior, dictionary, self.model.prior)
+            current = torch.cat([points.entropy.sum(0, keepdim=True), points.statistic.sum(0),
                                  points.sq_error.sum(0, keepdim=True)])
             table = self._running_table(dictionary)
             # The stored rows of the points not in the batch (value only; no gradient).
-            stored = torch.cat([table.entropy.sum(0, keepdim=True), table.abs_mean.sum(0),
+            stored = torch.cat([table.entropy.sum(0, keepdim=True), table.statistic.sum(0),
                                 table.sq_error.sum(0, keepdim=True)])
-            in_batch = torch.cat([table.entropy[subsample].sum(0, keepdim=True), table.abs_mean[subsample].sum(0),
+            in_batch = torch.cat([table.entropy[subsample].sum(0, keepdim=True), table.statistic[subsample].sum(0),
                                   table.sq_error[subsample].sum(0, keepdim=True)])
             others = stored - in_batch
         count = current.new_tensor([float(index.numel())])
@@ -498,7 +498,7 @@ class SparseCodingModule(pl.LightningModule):
         if points is not None:
             self._table.store(subsample, points)
         statistics = BatchStatistics(num_data, num_points, x.size(1), sums[0], sums[1:-1], sums[-1])
-        return entropy_terms(statistics)
+        return entropy_terms(statistics, self.model.prior)
 
     def _running_table(self, dictionary):
         if self._table is None:
@@ -515,7 +515,7 @@ class SparseCodingModule(pl.LightningModule):
     def _chunk_points(self, chunk, dictionary):
         subsample = None if chunk.numel() == self._shard.size(0) else chunk
         posterior = gaussian_posterior(self.guide, self._shard, subsample)
-        return PointStatistics.of(self._shard.index_select(0, chunk), posterior, dictionary)
+        return PointStatistics.of(self._shard.index_select(0, chunk), posterior, dictionary, self.model.prior)
 
     def training_step(self, batch, batch_idx):
         index, x_batch = batch
@@ -540,7 +540,7 @@ class SparseCodingModule(pl.LightningModule):
     def update_scales(self, log=True):
         """Write Theorem 2's lambda*, sigma^2* of all the data into the model; return the exact ELBO per point.
 
-        An exact pass over the rank's shard in chunks, all-reduced: the sums S_H, S_|z|,
+        An exact pass over the rank's shard in chunks, all-reduced: the sums S_H, S_phi,
         S_sq at the current parameters. Refreshes the running table, if any. A collective
         call: every rank must call it.
         """
@@ -549,13 +549,14 @@ class SparseCodingModule(pl.LightningModule):
         rows = []
         if self._joint:
             # A joint Gaussian (one process only): its entropy is known for all points together.
-            stats = BatchStatistics.of(read_posterior(self.model, self.guide, (self._shard,), {}, "SparseCodingModule"))
-            sums = torch.cat([stats.entropy.reshape(1), stats.abs_sum, stats.sq_error_sum.reshape(1)])
+            stats = BatchStatistics.of(read_posterior(self.model, self.guide, (self._shard,), {}, "SparseCodingModule"),
+                                       self.model.prior)
+            sums = torch.cat([stats.entropy.reshape(1), stats.statistic_sum, stats.sq_error_sum.reshape(1)])
         for chunk in [] if self._joint else self._chunks():
             points = self._chunk_points(chunk, dictionary)
             if self._table is not None:
                 rows.append(points)
-            part = torch.cat([points.entropy.sum(0, keepdim=True), points.abs_mean.sum(0),
+            part = torch.cat([points.entropy.sum(0, keepdim=True), points.statistic.sum(0),
                               points.sq_error.sum(0, keepdim=True)])
             sums = part if sums is None else sums + part
         if self._table is not None:
@@ -563,7 +564,7 @@ class SparseCodingModule(pl.LightningModule):
         total = all_reduce_sum(sums)
         num_data = self._num_data
         statistics = BatchStatistics(num_data, num_data, self._shard.size(1), total[0], total[1:-1], total[-1])
-        terms = entropy_terms(statistics)
+        terms = entropy_terms(statistics, self.model.prior)
         terms.check_finite()
         self.model.assign_scales(terms.prior_scale, terms.noise_var)
         elbo = float(terms.elbo)

@@ -17,7 +17,6 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-import pyro.distributions as dist
 
 from ._checks import check_int, check_subsample
 from .gaussian import normal_log_normalizer
@@ -102,7 +101,7 @@ def log_likelihood(model, guide, x, num_samples=1000, subsample=None, batch_size
     with torch.no_grad(), seeded(seed, x.device):
         dictionary = model.read_dictionary().detach()
         prior_scale, noise_var = (value.detach() for value in model.read_scales())
-        prior = dist.Laplace(torch.zeros_like(prior_scale), prior_scale).to_event(1)
+        prior = model.prior.distribution(prior_scale).to_event(1)
         blocks = [points[start:start + batch_size] for start in range(0, points.numel(), batch_size)]
         sample_blocks = [min(sample_batch_size, num_samples - start) for start in range(0, num_samples, sample_batch_size)]
         estimates, errors, sizes = [], [], []

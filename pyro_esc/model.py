@@ -1,4 +1,4 @@
-"""The Laplace-prior / Gaussian-noise sparse coding model as a Pyro model (docs/theory.md, The model)."""
+"""The sparse coding model (a prior over latents, Gaussian noise) as a Pyro model (docs/theory.md, The model)."""
 
 import warnings
 
@@ -11,18 +11,25 @@ from pyro.nn import PyroModule, PyroParam, pyro_method
 
 from ._checks import check_data_cached, check_int, check_positive_tensor, check_subsample
 from ._pyro_internals import stored_unconstrained
+from .priors import get_prior
 
 #: The attribute names of :class:`SparseCoding`'s Pyro params: W (unnormalised), lambda, sigma^2.
 MODEL_PARAMETERS = ("raw_dictionary", "prior_scale", "noise_var")
 
 
 class SparseCoding(PyroModule):
-    r"""Probabilistic sparse coding with a Laplace prior and Gaussian noise.
+    r"""Probabilistic sparse coding with a Laplace prior (or another) and Gaussian noise.
 
     For data points x^(n) in R^D and latents z in R^H::
 
-        p(z)   = prod_h Laplace(z_h; 0, lambda_h)
+        p(z)   = prod_h Laplace(z_h; 0, lambda_h)          (prior="laplace", the default)
         p(x|z) = Normal(x; W z, sigma^2 I_D),   ||W_:h|| = 1 for every column h
+
+    ``prior="gaussian"`` puts Normal(0, s_h^2) on the latents instead, which makes the model
+    probabilistic PCA; any :class:`~pyro_esc.priors.Prior` plugs in the same way, and every
+    objective, the solver, :func:`~pyro_esc.encode`, :func:`~pyro_esc.log_likelihood` and
+    saving ask the model's ``prior`` (README, "Adding a prior"). ``prior_scale`` is the
+    prior's scale: lambda for Laplace, the standard deviation s for the Gaussian.
 
     The unit-length columns remove the scale ambiguity between W and lambda.
     Parameters are stored as Pyro params (``raw_dictionary``, whose columns are
@@ -43,7 +50,8 @@ class SparseCoding(PyroModule):
     columns are randomly chosen data points (normalised; a zero point is
     replaced by noise), sigma^2 is half the mean per-dimension data variance
     and lambda_h = sqrt(mean ||x||^2 / (2 H)), the scale at which H unit
-    columns with Laplace amplitudes reproduce the data's energy. Randomness
+    columns with Laplace amplitudes reproduce the data's energy (for another prior, the
+    scale at which its latents have variance mean ||x||^2 / H). Randomness
     comes from torch's generator (``pyro.set_rng_seed``).
 
     :param int data_dim: D, the dimension of a data point.
@@ -55,10 +63,19 @@ class SparseCoding(PyroModule):
         (default none: ``raw_dictionary``, ``prior_scale``, ``noise_var``).
         Two models in one param store need different names, as for any
         PyroModule.
+    :param prior: ``"laplace"`` (default), ``"gaussian"``, another registered name, or a
+        :class:`~pyro_esc.priors.Prior`.
+
+    Example::
+
+        >>> from pyro_esc import SparseCoding
+        >>> SparseCoding(data_dim=16, n_latents=8, prior="gaussian")
+        SparseCoding(data_dim=16, n_latents=8, prior=Gaussian())
     """
 
-    def __init__(self, data_dim, n_latents, init="data", name=""):
+    def __init__(self, data_dim, n_latents, init="data", name="", prior="laplace"):
         super().__init__(name=name)
+        self.prior = get_prior(prior)
         self.data_dim = check_int(data_dim, "data_dim")
         self.n_latents = check_int(n_latents, "n_latents")
         if init not in ("data", "random"):
@@ -71,7 +88,7 @@ class SparseCoding(PyroModule):
         self.register_buffer("initialized", torch.tensor(False))
 
     def extra_repr(self):
-        return f"data_dim={self.data_dim}, n_latents={self.n_latents}"
+        return f"data_dim={self.data_dim}, n_latents={self.n_latents}, prior={self.prior!r}"
 
     # ------------------------------------------------------------------ views
 
@@ -106,7 +123,7 @@ class SparseCoding(PyroModule):
         prior_scale = self.prior_scale
         noise_scale = self.noise_var.sqrt()
         with self.create_plates(x, subsample, subsample_size) as index:
-            z = pyro.sample("z", dist.Laplace(torch.zeros_like(prior_scale), prior_scale).to_event(1))
+            z = pyro.sample("z", self.prior.distribution(prior_scale).to_event(1))
             observed = x if index.size(0) == x.size(0) else x.index_select(0, index)
             pyro.sample("x", dist.Normal(z @ dictionary.T, noise_scale).to_event(1), obs=observed)
         return z
@@ -159,7 +176,8 @@ class SparseCoding(PyroModule):
             columns[:, degenerate] = torch.randn(dim, int(degenerate.sum()), **like)
             columns = columns / columns.norm(dim=0)
             noise_var = 0.5 * x.var(0, unbiased=False).mean().clamp_min(1e-12)
-            prior_scale = (x.square().sum(1).mean() / (2 * self.n_latents)).sqrt().clamp_min(1e-6)
+            # The scale at which H unit columns reproduce the data's energy: latent variance mean ||x||^2 / H.
+            prior_scale = self.prior.scale_for_variance(x.square().sum(1).mean() / self.n_latents).clamp_min(1e-6)
             self.raw_dictionary = PyroParam(columns)
             self.prior_scale = PyroParam(prior_scale.expand(self.n_latents).clone(), constraints.positive)
             self.noise_var = PyroParam(noise_var, constraints.positive)
@@ -225,8 +243,7 @@ class SparseCoding(PyroModule):
     def sample(self, n):
         """Draw n samples (z, x) from the generative model; z is (n, H), x is (n, D)."""
         n = check_int(n, "n")
-        prior_scale = self.prior_scale.detach()
-        z = dist.Laplace(torch.zeros_like(prior_scale), prior_scale).sample((n,))
+        z = self.prior.distribution(self.prior_scale.detach()).sample((n,))
         mean = z @ self.dictionary.detach().T
         x = mean + self.noise_var.detach().sqrt() * torch.randn_like(mean)
         return z, x

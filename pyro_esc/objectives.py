@@ -21,12 +21,7 @@ import torch
 from pyro.infer import ELBO
 
 from .annealing import Annealing
-from .gaussian import (
-    isotropic_normal_entropy,
-    laplace_cross_entropy_from_abs_mean,
-    laplace_entropy,
-    normal_log_normalizer,
-)
+from .gaussian import isotropic_normal_entropy, normal_log_normalizer
 from .posterior import gaussian_posterior
 from .statistics import (  # noqa: F401 - BatchStatistics, batch_statistics, RunningStatistics: public here too
     BatchStatistics,
@@ -48,7 +43,7 @@ class EntropyTerms(NamedTuple):
     """
 
     posterior_entropy: torch.Tensor  #: 1/N sum_n H[q^(n)] (estimated from the batch)
-    prior_entropy: torch.Tensor  #: H[p(z)] = sum_h log(2 e lambda_h*)
+    prior_entropy: torch.Tensor  #: H[p(z)] at the optimal scales (sum_h log(2 e lambda_h*) for Laplace)
     likelihood_entropy: torch.Tensor  #: E[H[p(x|z)]] = D/2 log(2 pi e sigma^2*)
     prior_scale: torch.Tensor  #: lambda*
     noise_var: torch.Tensor  #: sigma^2*
@@ -83,13 +78,13 @@ class EntropyTerms(NamedTuple):
                if float(self.noise_var.detach()) <= 0 else ""))
 
 
-def entropy_terms(statistics):
-    """:class:`EntropyTerms` from :class:`BatchStatistics` (Theorems 1 and 2)."""
-    prior_scale = statistics.optimal_prior_scale
+def entropy_terms(statistics, prior):
+    """:class:`EntropyTerms` from :class:`BatchStatistics` under ``prior`` (Theorems 1 and 2)."""
+    prior_scale = statistics.optimal_prior_scale(prior)
     noise_var = statistics.optimal_noise_var
     return EntropyTerms(
         posterior_entropy=statistics.entropy / statistics.num_points,
-        prior_entropy=laplace_entropy(prior_scale),
+        prior_entropy=prior.entropy(prior_scale),
         likelihood_entropy=isotropic_normal_entropy(noise_var, statistics.data_dim),
         prior_scale=prior_scale,
         noise_var=noise_var,
@@ -107,6 +102,11 @@ class EntropyELBO(ELBO):
         sigma^2*  = 1/(N D) sum_n E_q[||x^(n) - W z||^2]
 
         L_H = 1/N sum_n H[q^(n)] - sum_h log(2 e lambda_h*) - D/2 log(2 pi e sigma^2*)
+
+    That is the Laplace prior. The same holds for any prior of :mod:`pyro_esc.priors` (the
+    model's ``prior``): its scales s* are the closed-form optimum for the mean statistic
+    E_q[phi(z)], and the prior term is its entropy H[p(z; s*)] (for the Gaussian prior,
+    s_h*^2 = 1/N sum_n E_q[z_h^2] and the model is probabilistic PCA).
 
     For Gaussian guides every term is analytic (docs/theory.md, Gaussian posteriors), so
     the objective and its gradients are deterministic. By the envelope argument
@@ -208,17 +208,17 @@ class EntropyELBO(ELBO):
     def _terms(self, model, guide, args, kwargs, training):
         evaluation = read_posterior(model, guide, args, kwargs, "EntropyELBO")
         if evaluation.subsample is None or self.minibatch_statistics == "batch":
-            return entropy_terms(BatchStatistics.of(evaluation))
+            return entropy_terms(BatchStatistics.of(evaluation, model.prior), model.prior)
         x, subsample, x_batch, posterior, dictionary = evaluation
         if posterior.is_joint:
             raise ValueError("running minibatch statistics need per-point posteriors; this guide is joint")
         check_distinct(subsample)
-        points = PointStatistics.of(x_batch, posterior, dictionary)
+        points = PointStatistics.of(x_batch, posterior, dictionary, model.prior)
         table = self._table(model, guide, x, dictionary, create=training)
         statistics = table.combine(subsample, points)
         if training:
             table.store(subsample, points)
-        return entropy_terms(statistics)
+        return entropy_terms(statistics, model.prior)
 
     def _table(self, model, guide, x, dictionary, create):
         # The running table of (model, guide, x): the stored one, or one pass over the data.
@@ -237,7 +237,7 @@ class EntropyELBO(ELBO):
                           "statistics are rebuilt with a pass over all N points; pass the same, unchanged tensor "
                           "every step to keep minibatch steps O(batch).", RuntimeWarning, stacklevel=4)
         with torch.no_grad():
-            full = PointStatistics.of(x, gaussian_posterior(guide, x, None), dictionary)
+            full = PointStatistics.of(x, gaussian_posterior(guide, x, None), dictionary, model.prior)
         table = RunningStatistics(model, guide, x, full)
         if create:
             # Forget tables whose model or guide is gone, then keep this one.
@@ -320,13 +320,13 @@ class EntropyELBO(ELBO):
         if subsample is not None and keeps_table:
             check_distinct(subsample)
             table = self._table(model, guide, x, dictionary, create=True)
-            table.store(subsample, PointStatistics.of(x_batch, posterior, dictionary))
-            terms = entropy_terms(table.totals())
+            table.store(subsample, PointStatistics.of(x_batch, posterior, dictionary, model.prior))
+            terms = entropy_terms(table.totals(), model.prior)
         else:
-            terms = entropy_terms(BatchStatistics.of(evaluation))
+            terms = entropy_terms(BatchStatistics.of(evaluation, model.prior), model.prior)
             if subsample is None and table is not None and table.belongs_to(model, guide, x):
                 # A full pass refreshes every row of an existing table (an exact resynchronisation).
-                table.store(None, PointStatistics.of(x, posterior, dictionary))
+                table.store(None, PointStatistics.of(x, posterior, dictionary, model.prior))
         terms.check_finite()
         model.assign_scales(terms.prior_scale, terms.noise_var)
         return terms
@@ -355,7 +355,7 @@ class EntropyELBO(ELBO):
         if not has_table:
             raise ValueError("update_scales needs the running statistics of this model, guide and data tensor, "
                              "which a minibatch training call (training_loss, loss_and_grads or update) builds")
-        terms = entropy_terms(table.totals())
+        terms = entropy_terms(table.totals(), model.prior)
         terms.check_finite()
         model.assign_scales(terms.prior_scale, terms.noise_var)
         return terms
@@ -389,6 +389,9 @@ class AnalyticELBO(ELBO):
             = - D/2 log(2 pi sigma^2) - E||x^(n) - W z||^2 / (2 sigma^2)
               - sum_h [ log(2 lambda_h) + E|z_h| / lambda_h ] + H[q^(n)]
 
+    (the Laplace prior's cross-entropy; any prior of :mod:`pyro_esc.priors` gives its own
+    through ``model.prior.cross_entropy``).
+
     The loss is -sum_n F_n (scaled by N / B for minibatches), like Pyro's
     ``Trace_ELBO`` but exact. lambda and sigma^2 are read inside the model's
     Pyro context, so SVI learns them by gradient. At Theorem 2's lambda*,
@@ -406,7 +409,7 @@ class AnalyticELBO(ELBO):
         elbo_sum = (stats.entropy
                     + batch * normal_log_normalizer(noise_var, dim)
                     - stats.sq_error_sum / (2 * noise_var)
-                    - batch * laplace_cross_entropy_from_abs_mean(stats.abs_sum / batch, prior_scale))
+                    - batch * model.prior.cross_entropy(stats.statistic_sum / batch, prior_scale))
         loss = -(stats.num_data / batch) * elbo_sum
         if not bool(torch.isfinite(loss)):
             raise NonFiniteObjectiveError(

@@ -54,6 +54,9 @@ def nuts_posterior(model, x, points, num_samples=500, warmup_steps=500, num_chai
         U(z) = -sum_{n in points} [ sum_h log Laplace(z_nh; 0, lambda_h) + log Normal(x_n; W z_n, sigma^2 I) ]
              = sum_{n in points} [ sum_h |z_nh| / lambda_h + ||x_n - W z_n||^2 / (2 sigma^2) ] + const
 
+    for the Laplace prior; for the model's prior in general ``sum_h c(s_h) phi(z_nh)`` replaces
+    ``sum_h |z_nh| / lambda_h`` (:mod:`pyro_esc.priors`).
+
     One NUTS run samples all chosen points' latents jointly (they are
     independent given the parameters; the diagonal mass matrix adapts to each).
     The Laplace prior's kinks on the axes make U non-smooth there; NUTS copes,
@@ -98,13 +101,15 @@ def nuts_posterior(model, x, points, num_samples=500, warmup_steps=500, num_chai
     x_points = x.index_select(0, points)
     # The negative log joint up to its constant (NUTS needs none): plain tensor operations,
     # because the potential and its gradient run thousands of times.
-    inverse_scale = prior_scale.reciprocal()
+    prior = model.prior
+    penalty = prior.penalty(prior_scale)
     half_precision = 0.5 / noise_var
 
     def potential(params):
         z = params["z"]
-        return (z.abs() @ inverse_scale).sum() + half_precision * (x_points - z @ dictionary.T).square().sum()
+        return (prior.statistic(z) @ penalty).sum() + half_precision * (x_points - z @ dictionary.T).square().sum()
 
+    # The ridge start: the posterior mean under a Normal(0, s^2) prior at the prior's scales (exact for the Gaussian).
     gram = dictionary.T @ dictionary + torch.diag(noise_var / prior_scale.square())
     ridge = torch.linalg.solve(gram, dictionary.T @ x_points.T).T  # (P, H)
 

@@ -14,15 +14,15 @@ import torch
 import pyro
 
 from ._checks import check_data_cached, check_int, check_positive, check_subsample
-from .gaussian import expected_squared_errors, folded_normal_mean, laplace_cross_entropy_from_abs_mean
-from .gaussian import normal_log_normalizer
+from .gaussian import expected_squared_errors, normal_log_normalizer
 from .guides import AmortizedNormal, inverse_softplus, scale_tril_from_packed
 from .posterior import GaussianPosterior
+from .priors import get_prior
 
 __all__ = ["SemiAmortized", "point_elbos"]
 
 
-def point_elbos(posterior, x, dictionary, prior_scale, noise_var):
+def point_elbos(posterior, x, dictionary, prior_scale, noise_var, prior="laplace"):
     r"""The standard ELBO of every point at given W, lambda, sigma^2 (closed form), shape (B,).
 
     ::
@@ -37,10 +37,13 @@ def point_elbos(posterior, x, dictionary, prior_scale, noise_var):
     :param torch.Tensor dictionary: W, shape (D, H).
     :param torch.Tensor prior_scale: lambda, shape (H,).
     :param torch.Tensor noise_var: sigma^2, a scalar.
+    :param prior: the :class:`~pyro_esc.priors.Prior` (or its name) whose cross-entropy replaces the
+        Laplace term above (default ``"laplace"``).
     """
-    abs_mean = folded_normal_mean(posterior.mean, posterior.stddev)
+    prior = get_prior(prior)
+    statistic = prior.expected_statistic(posterior.mean, posterior.stddev)
     errors = expected_squared_errors(x, dictionary, posterior.mean, posterior.trace_terms(dictionary))
-    return (posterior.point_entropies() - laplace_cross_entropy_from_abs_mean(abs_mean, prior_scale)
+    return (posterior.point_entropies() - prior.cross_entropy(statistic, prior_scale)
             + normal_log_normalizer(noise_var, x.size(1)) - errors / (2 * noise_var))
 
 
@@ -161,7 +164,7 @@ class SemiAmortized:
         model = self.model
         with torch.no_grad():
             return (model.dictionary.detach().to(like), model.prior_scale.detach().to(like),
-                    model.noise_var.detach().to(like))
+                    model.noise_var.detach().to(like), model.prior)
 
     # ---------------------------------------------------------------- refinement
 

@@ -28,6 +28,7 @@ from ._pyro_internals import module_name, param_fullname
 from .data.whitening import Whitening
 from .guides import AmortizedNormal, LocalMultivariateNormal
 from .model import MODEL_PARAMETERS, SparseCoding
+from .priors import get_prior
 
 __all__ = ["MODEL_FORMAT", "Loaded", "load", "save"]
 
@@ -110,11 +111,16 @@ def _model_state(model):
     with torch.no_grad():
         return {"data_dim": model.data_dim, "n_latents": model.n_latents, "name": module_name(model),
                 "dictionary": model.dictionary.detach().clone(), "prior_scale": model.prior_scale.detach().clone(),
-                "noise_var": model.noise_var.detach().clone()}
+                "noise_var": model.noise_var.detach().clone(),
+                "prior": {"name": model.prior.name, "config": model.prior.config()}}
 
 
 def _build_model(state):
-    model = SparseCoding(state["data_dim"], state["n_latents"], name=state["name"])
+    # Files written before priors were pluggable have no "prior": they are Laplace models. A prior is
+    # stored as data (its registered name and settings), never as code.
+    prior = state.get("prior", {"name": "laplace", "config": {}})
+    model = SparseCoding(state["data_dim"], state["n_latents"], name=state["name"],
+                         prior=get_prior(prior["name"], **prior["config"]))
     _check_store_free([param_fullname(model, name) for name in MODEL_PARAMETERS])
     like = {"dtype": state["dictionary"].dtype, "device": state["dictionary"].device}
     model.to(**like)

@@ -28,6 +28,7 @@ from .encoding import encode
 from .evaluation import held_out_elbo
 from .guides import AmortizedNormal, LocalMultivariateNormal
 from .model import SparseCoding
+from .priors import get_prior
 from .training import ConvergenceWarning as FitConvergenceWarning
 from .training import fit as _fit
 
@@ -120,9 +121,11 @@ class SparseCodingEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
     :param float transform_tol: the tolerance of that solve, in nats per point.
     :param random_state: None, an int or a ``numpy.random.RandomState``: seeds the
         initialisation (the seed of :func:`~pyro_esc.fit`); an int gives reproducible fits.
+    :param prior: the prior over the codes: ``"laplace"`` (default, sparse coding), ``"gaussian"``
+        (probabilistic PCA) or a :class:`~pyro_esc.priors.Prior`.
 
     Fitted attributes: ``components_`` (n_components, n_features), the dictionary W^T with
-    unit-norm rows (scikit-learn's orientation); ``prior_scale_`` (n_components,), lambda;
+    unit-norm rows (scikit-learn's orientation); ``prior_scale_`` (n_components,), the prior's scale (lambda);
     ``noise_var_``, sigma^2; ``elbo_``, the final training ELBO per sample; ``n_iter_``;
     ``converged_``; ``n_components_``; ``n_features_in_`` (and ``feature_names_in_`` for
     data frames); ``guide_state_`` (an amortised guide's encoder weights, else None).
@@ -132,7 +135,7 @@ class SparseCodingEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
 
     def __init__(self, n_components=None, *, guide="local-diag", solver="auto", max_iter=None, tol=1e-7,
                  n_init=1, learning_rate=0.2, hidden=(100,), transform_max_iter=None, transform_tol=1e-9,
-                 random_state=None):
+                 random_state=None, prior="laplace"):
         self.n_components = n_components
         self.guide = guide
         self.solver = solver
@@ -144,6 +147,7 @@ class SparseCodingEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         self.transform_max_iter = transform_max_iter
         self.transform_tol = transform_tol
         self.random_state = random_state
+        self.prior = prior
 
     # ------------------------------------------------------------ tags and names
 
@@ -170,6 +174,7 @@ class SparseCodingEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
             n_components = int(self.n_components)
         if self.guide not in GUIDES:
             raise ValueError(f"guide must be one of {GUIDES}, got {self.guide!r}")
+        get_prior(self.prior)  # a ValueError naming the registered priors
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
         for name in ("max_iter", "transform_max_iter"):
@@ -233,7 +238,7 @@ class SparseCodingEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         seed = self._seed()
         x = torch.tensor(X, dtype=torch.float64)
         with isolated(), _sklearn_convergence_warnings():
-            model = SparseCoding(x.size(1), n_components)
+            model = SparseCoding(x.size(1), n_components, prior=self.prior)
             guide = self._make_guide(model)
             if solver in ("em", "lbfgs"):
                 options = dict(optimizer=solver, tol=float(self.tol), steps=self.max_iter)
@@ -268,7 +273,7 @@ class SparseCodingEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         Call inside :func:`_isolated`: its parameters live in the current param store.
         """
         n_features, n_components = self.n_features_in_, self.n_components_
-        model = SparseCoding(n_features, n_components).to(torch.float64)
+        model = SparseCoding(n_features, n_components, prior=self.prior).to(torch.float64)
         model.set_dictionary(torch.as_tensor(self.components_.T.copy(), dtype=torch.float64))
         model.set_scales(torch.as_tensor(self.prior_scale_, dtype=torch.float64),
                          torch.tensor(self.noise_var_, dtype=torch.float64))

@@ -6,10 +6,15 @@ independent problems, one Gaussian q^(n) = Normal(nu, T) per point::
     F_n(nu, T) = H[q] - sum_h [log(2 lambda_h) + E_q|z_h| / lambda_h]
                  - D/2 log(2 pi sigma^2) - (||x - W nu||^2 + tr(W^T W T)) / (2 sigma^2)
 
+(written for the Laplace prior; another prior of :mod:`pyro_esc.priors` replaces the prior term
+by A(s_h) + c(s_h) E_q[phi(z_h)], and E|z_h|, its derivatives and 1 / lambda_h below by
+E_q[phi(z_h)], its derivatives and the prior's penalty c(s_h)).
+
 Each is small (H means and a diagonal or an H x H covariance), smooth and **concave**: in
 the mean and the Cholesky factor (or the marginal scales) of q, E|z_h| = E|nu_h + (L eps)_h|
 is convex, the entropy log det L concave and the quadratic terms concave, because the
-Laplace prior and the Gaussian likelihood are log-concave. So every point has one optimum,
+Laplace prior and the Gaussian likelihood are log-concave (so is the Gaussian prior, for which
+the optimum is the exact posterior and Newton's first full step reaches it). So every point has one optimum,
 and Newton's method with a line search finds it. This module solves all points of a batch
 at once, every point to its own tolerance, and exploits the structure:
 
@@ -42,6 +47,7 @@ import torch
 from ._checks import check_data, check_int
 from .gaussian import LOG_2PI, LOG_2PI_E
 from .posterior import GaussianPosterior
+from .priors import Laplace, get_prior
 
 __all__ = ["COVARIANCES", "SolvedPosteriors", "solve_posteriors"]
 
@@ -54,8 +60,6 @@ DEFAULT_MAX_ITER = 100
 #: Above this latent dimension the diagonal family's Newton systems are solved by conjugate gradients.
 CG_LATENT_DIM = 16
 
-_SQRT_2 = math.sqrt(2.0)
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 #: Armijo's sufficient-increase fraction and the most step halvings a line search tries.
 _ARMIJO = 1e-4
 _HALVINGS = 40
@@ -74,20 +78,13 @@ class _Model(NamedTuple):
     """The fixed model in the solver's terms (effective scales: annealing weights applied)."""
 
     gram: torch.Tensor  #: G = W^T W, (H, H)
-    penalty: torch.Tensor  #: 1 / lambda_eff, (H,)
+    penalty: torch.Tensor  #: the prior's weight of phi at the effective scales (1 / lambda_eff for Laplace), (H,)
     precision: torch.Tensor  #: 1 / sigma^2_eff, a scalar
+    prior: object  #: the :class:`~pyro_esc.priors.Prior`
 
     @property
     def gram_diagonal(self):
         return self.gram.diagonal()
-
-
-def _moments(mean, scale):
-    """erf(nu / (sqrt 2 tau)), g = dE|z|/dtau, and E|z| for z ~ Normal(nu, tau^2), elementwise."""
-    ratio = mean / (scale * _SQRT_2)
-    erf = torch.erf(ratio)
-    density = torch.exp(-ratio.square()).mul_(_SQRT_2_OVER_PI)
-    return erf, density, scale * density + mean * erf
 
 
 def _quadratic(mean, projection, gram):
@@ -100,18 +97,16 @@ def _quadratic(mean, projection, gram):
 
 
 def _diag_objective(model, projection, mean, scale):
-    # sum log tau - c . E|z| - s/2 (nu^T G nu - 2 nu^T b + sum_h G_hh tau_h^2): F up to constants.
-    _, _, abs_mean = _moments(mean, scale)
+    # sum log tau - c . E phi(z) - s/2 (nu^T G nu - 2 nu^T b + sum_h G_hh tau_h^2): F up to constants.
+    statistic = model.prior.expected_statistic(mean, scale)
     quadratic, _ = _quadratic(mean, projection, model.gram)
     trace = scale.square() @ model.gram_diagonal
-    return scale.log().sum(-1) - abs_mean @ model.penalty - 0.5 * model.precision * (quadratic + trace)
+    return scale.log().sum(-1) - statistic @ model.penalty - 0.5 * model.precision * (quadratic + trace)
 
 
 def _diag_scale_at_zero_mean(model, like):
-    # The optimal tau given nu = 0: 1 = c g tau + s G_hh tau^2 with g = sqrt(2/pi), a quadratic in tau.
-    linear = model.penalty * _SQRT_2_OVER_PI
-    curvature = model.precision * model.gram_diagonal
-    scale = 2 / (linear + (linear.square() + 4 * curvature).sqrt())
+    # The optimal tau given nu = 0 (for Laplace: 1 = c g tau + s G_hh tau^2 with g = sqrt(2/pi)).
+    scale = model.prior.posterior_scale_at_zero_mean(model.penalty, model.precision * model.gram_diagonal)
     return scale.to(like).expand_as(like).clone()
 
 
@@ -170,14 +165,14 @@ def _solve_system(model, diagonal, rhs, use_cg, tol):
 def _diag_direction(model, projection, mean, scale, use_cg, tol):
     """The Newton direction in (nu, tau) and the slope of F along it (tau eliminated by its diagonal blocks)."""
     penalty, precision = model.penalty, model.precision
-    erf, density, _ = _moments(mean, scale)
-    grad_mean = precision * (projection - mean @ model.gram) - penalty * erf
-    grad_scale = 1 / scale - penalty * density - precision * model.gram_diagonal * scale
-    # -Hessian blocks: K_mm = s G + diag(c g / tau), K_ms = diag(-c g nu / tau^2),
-    # K_ss = diag(1 / tau^2 + c g nu^2 / tau^3 + s G_hh).
-    curvature = penalty * density / scale
-    cross = -curvature * mean / scale
-    scale_block = 1 / scale.square() + curvature * (mean / scale).square() + precision * model.gram_diagonal
+    _, d_mean, d_scale, d2_mean, d2_mean_scale, d2_scale = model.prior.statistic_derivatives(mean, scale)
+    grad_mean = precision * (projection - mean @ model.gram) - penalty * d_mean
+    grad_scale = 1 / scale - penalty * d_scale - precision * model.gram_diagonal * scale
+    # -Hessian blocks: K_mm = s G + diag(c E''_nu), K_ms = diag(c E''_nu,tau), K_ss = diag(1 / tau^2 + c E''_tau + s G_hh)
+    # (for Laplace E''_nu = g / tau, E''_nu,tau = -g nu / tau^2, E''_tau = g nu^2 / tau^3).
+    curvature = penalty * d2_mean
+    cross = penalty * d2_mean_scale
+    scale_block = 1 / scale.square() + penalty * d2_scale + precision * model.gram_diagonal
     schur = (curvature - cross.square() / scale_block).clamp_min(0)
     step_mean = _solve_system(model, schur, grad_mean - cross / scale_block * grad_scale, use_cg, tol)
     step_scale = (grad_scale - cross * step_mean) / scale_block
@@ -275,11 +270,11 @@ def _full_state(model, projection, mean, diagonal):
     factor, info = torch.linalg.cholesky_ex(precision_matrix)
     covariance = torch.cholesky_inverse(factor)
     scale = covariance.diagonal(dim1=-2, dim2=-1).clamp_min(torch.finfo(mean.dtype).tiny).sqrt()
-    _, _, abs_mean = _moments(mean, scale)
+    statistic = model.prior.expected_statistic(mean, scale)
     quadratic, _ = _quadratic(mean, projection, model.gram)
     trace = (covariance * model.gram).sum((-2, -1))
     log_det = -2 * factor.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-    value = 0.5 * log_det - abs_mean @ model.penalty - 0.5 * model.precision * (quadratic + trace)
+    value = 0.5 * log_det - statistic @ model.penalty - 0.5 * model.precision * (quadratic + trace)
     value = torch.where(info == 0, value, torch.full_like(value, -math.inf))
     return value, covariance, scale
 
@@ -289,21 +284,21 @@ def _solve_full(model, projection, mean, scale, tol, max_iter):
     iterations = torch.zeros(batch, dtype=torch.long, device=mean.device)
     converged = torch.zeros(batch, dtype=torch.bool, device=mean.device)
     # d parameterises the covariance: T = (s G + diag(d))^-1, the form of every optimum. Start from the
-    # curvature of the prior term at the initial marginal scales.
-    _, density, _ = _moments(mean, scale)
-    diagonal = model.penalty * density / scale
+    # curvature of the prior term at the initial marginal scales (c g / tau for Laplace).
+    diagonal = model.penalty * model.prior.statistic_derivatives(mean, scale)[3]
     value, covariance, scale = _full_state(model, projection, mean, diagonal)
     active = torch.arange(batch, device=mean.device)
     for _ in range(max_iter):
         if active.numel() == 0:
             break
         b, m, d, cov, t = projection[active], mean[active], diagonal[active], covariance[active], scale[active]
-        erf, density, _ = _moments(m, t)
-        grad_mean = model.precision * (b - m @ model.gram) - model.penalty * erf
+        _, d_mean, _, d2_mean, _, _ = model.prior.statistic_derivatives(m, t)
+        grad_mean = model.precision * (b - m @ model.gram) - model.penalty * d_mean
         # Newton in nu: the Hessian of -F in nu at the fixed point of d is T^-1, so the step is T grad.
         step_mean = (cov @ grad_mean.unsqueeze(-1)).squeeze(-1)
         # The fixed-point direction of d: dF = 1/2 u^T (T o T) u >= 0 along u = d* - d (an ascent direction).
-        step_diagonal = model.penalty * density / t - d
+        # d* = c dE/dtau / tau = c d2E/dnu2 (E of a Gaussian-smoothed phi solves the heat equation).
+        step_diagonal = model.penalty * d2_mean - d
         slope = (grad_mean * step_mean).sum(-1) + 0.5 * (
             step_diagonal.unsqueeze(-2) @ cov.square() @ step_diagonal.unsqueeze(-1)).reshape(-1)
         alpha = _largest_step(d, step_diagonal)  # d stays > 0: T stays positive definite
@@ -328,9 +323,9 @@ def _solve_full(model, projection, mean, scale, tol, max_iter):
 # ---------------------------------------------------------------- the public function
 
 
-def _point_elbos(x, dictionary, prior_scale, noise_var, mean, scale, covariance=None):
+def _point_elbos(x, dictionary, prior_scale, noise_var, mean, scale, covariance=None, prior=None):
     """The standard ELBO of every point at (W, lambda, sigma^2), in closed form (see the module docstring)."""
-    _, _, abs_mean = _moments(mean, scale)
+    prior = Laplace() if prior is None else prior
     if covariance is None:
         entropy = 0.5 * mean.size(-1) * LOG_2PI_E + scale.log().sum(-1)
         trace = scale.square() @ dictionary.square().sum(0)
@@ -339,7 +334,7 @@ def _point_elbos(x, dictionary, prior_scale, noise_var, mean, scale, covariance=
         entropy = 0.5 * mean.size(-1) * LOG_2PI_E + factor.diagonal(dim1=-2, dim2=-1).log().sum(-1)
         trace = (covariance * (dictionary.T @ dictionary)).sum((-2, -1))
     residual = (x - mean @ dictionary.T).square().sum(-1)
-    return (entropy - (math.log(2.0) + prior_scale.log() + abs_mean / prior_scale).sum(-1)
+    return (entropy - prior.cross_entropy(prior.expected_statistic(mean, scale), prior_scale)
             - 0.5 * x.size(-1) * (LOG_2PI + noise_var.log()) - (residual + trace) / (2 * noise_var))
 
 
@@ -402,16 +397,19 @@ def solve_posteriors(model, x, covariance="diag", *, init=None, tol=DEFAULT_TOL,
         prior_scale, noise_var = model.prior_scale.detach(), model.noise_var.detach()
     out_dtype = x.dtype if x.is_floating_point() else dictionary.dtype
     return solve_at(x, dictionary, prior_scale, noise_var, covariance, init=init, tol=tol, max_iter=max_iter,
-                    betas=betas, dtype=dtype, out_dtype=out_dtype)
+                    betas=betas, dtype=dtype, out_dtype=out_dtype, prior=model.prior)
 
 
 @torch.no_grad()
 def solve_at(x, dictionary, prior_scale, noise_var, covariance="diag", *, init=None, tol=DEFAULT_TOL,
-             max_iter=DEFAULT_MAX_ITER, betas=(1.0, 1.0, 1.0), dtype=torch.float64, out_dtype=None, fresh=None):
-    """:func:`solve_posteriors` at explicit W (D, H), lambda (H,) and sigma^2 (a scalar).
+             max_iter=DEFAULT_MAX_ITER, betas=(1.0, 1.0, 1.0), dtype=torch.float64, out_dtype=None, fresh=None,
+             prior="laplace"):
+    """:func:`solve_posteriors` at explicit W (D, H), prior scales (H,) and sigma^2 (a scalar).
 
     :param torch.Tensor fresh: optional (B,) bool: rows of ``init`` to ignore (they start from the default).
+    :param prior: the :class:`~pyro_esc.priors.Prior` (or its name) the scales belong to.
     """
+    prior = get_prior(prior)
     if covariance not in COVARIANCES:
         raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
     if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and tol > 0):
@@ -424,8 +422,8 @@ def solve_at(x, dictionary, prior_scale, noise_var, covariance="diag", *, init=N
     like = dict(dtype=dtype, device=dictionary.device)
     x_work = x.to(**like)
     dictionary, prior_scale, noise_var = (value.to(**like) for value in (dictionary, prior_scale, noise_var))
-    model = _Model(gram=dictionary.T @ dictionary, penalty=beta_p / (beta_q * prior_scale),
-                   precision=beta_x / (beta_q * noise_var))
+    model = _Model(gram=dictionary.T @ dictionary, penalty=(beta_p / beta_q) * prior.penalty(prior_scale),
+                   precision=beta_x / (beta_q * noise_var), prior=prior)
     projection = x_work @ dictionary
     mean = torch.zeros_like(projection)
     scale = _diag_scale_at_zero_mean(model, mean)
@@ -442,11 +440,11 @@ def solve_at(x, dictionary, prior_scale, noise_var, covariance="diag", *, init=N
         use_cg = dictionary.size(1) > CG_LATENT_DIM
         mean, scale, converged, iterations = _solve_diag(model, projection, mean, scale, tol, max_iter, use_cg)
         posterior = GaussianPosterior.from_scale(mean, scale)
-        elbo = _point_elbos(x_work, dictionary, prior_scale, noise_var, mean, scale)
+        elbo = _point_elbos(x_work, dictionary, prior_scale, noise_var, mean, scale, prior=prior)
     else:
         mean, cov, converged, iterations = _solve_full(model, projection, mean, scale, tol, max_iter)
         cov = 0.5 * (cov + cov.transpose(-1, -2))
         scale = cov.diagonal(dim1=-2, dim2=-1).sqrt()
         posterior = GaussianPosterior.from_covariance(mean, cov)
-        elbo = _point_elbos(x_work, dictionary, prior_scale, noise_var, mean, scale, cov)
+        elbo = _point_elbos(x_work, dictionary, prior_scale, noise_var, mean, scale, cov, prior=prior)
     return SolvedPosteriors(posterior.to(out_dtype), elbo.to(out_dtype), converged, iterations)

@@ -4,8 +4,11 @@ The closed-form objectives depend on the guide and the dictionary only through
 three sums over data points (Theorem 2 and the Gaussian closed forms of :mod:`pyro_esc.gaussian`)::
 
     S_H   = sum_n H[q^(n)]                  (posterior entropy)
-    S_|z| = sum_n E_q[|z^(n)|]              (shape (H,); gives lambda* = S_|z| / N)
+    S_phi = sum_n E_q[phi(z^(n))]           (shape (H,); the prior's statistic, e.g. |z| for Laplace:
+                                             gives its optimal scale, lambda* = S_phi / N for Laplace)
     S_sq  = sum_n E_q||x^(n) - W z||^2      (gives sigma^2* = S_sq / (N D))
+
+The statistic phi and the optimal scale come from the model's prior (:mod:`pyro_esc.priors`).
 
 - :func:`read_posterior` reads the guide and the dictionary for one evaluation
   (inside the model's Pyro context, so SVI trains the dictionary) and rejects
@@ -26,7 +29,7 @@ from pyro.poutine.seed_messenger import SeedMessenger
 from pyro.poutine.trace_messenger import TraceMessenger
 
 from ._pyro_internals import active_handlers
-from .gaussian import expected_squared_error, expected_squared_errors, folded_normal_mean
+from .gaussian import expected_squared_error, expected_squared_errors
 from .model import SparseCoding
 from .posterior import gaussian_posterior
 
@@ -81,31 +84,31 @@ def read_posterior(model, guide, args, kwargs, objective="the closed-form object
 class BatchStatistics(NamedTuple):
     """Expected sufficient statistics of the B data points of one evaluation.
 
-    ``abs_sum`` and ``sq_error_sum`` determine Theorem 2's optimal scales::
+    ``statistic_sum`` and ``sq_error_sum`` determine Theorem 2's optimal scales::
 
-        lambda_h* = 1/B     sum_n E_q[|z_h|]
-        sigma^2*  = 1/(B D) sum_n E_q[||x^(n) - W z||^2]
+        s_h*     = prior.optimal_scale(1/B sum_n E_q[phi(z_h)])   (lambda_h* = 1/B sum_n E_q|z_h| for Laplace)
+        sigma^2* = 1/(B D) sum_n E_q[||x^(n) - W z||^2]
     """
 
     num_data: int  #: N, the size of the full data set (the loss is scaled to it)
     num_points: int  #: B, the points in this batch
     data_dim: int  #: D
     entropy: torch.Tensor  #: sum_n H[q^(n)] over the batch (the joint entropy for joint guides)
-    abs_sum: torch.Tensor  #: sum_n E|z^(n)|, shape (H,)
+    statistic_sum: torch.Tensor  #: sum_n E_q[phi(z^(n))], the prior's statistic, shape (H,)
     sq_error_sum: torch.Tensor  #: sum_n E||x^(n) - W z||^2
 
     @classmethod
-    def of(cls, evaluation):
-        """The sums over the batch of an :class:`Evaluation`."""
+    def of(cls, evaluation, prior):
+        """The sums over the batch of an :class:`Evaluation` under ``prior`` (a :class:`~pyro_esc.priors.Prior`)."""
         posterior, x_batch, dictionary = evaluation.posterior, evaluation.x_batch, evaluation.dictionary
-        abs_sum = folded_normal_mean(posterior.mean, posterior.stddev).sum(0)
+        statistic_sum = prior.expected_statistic(posterior.mean, posterior.stddev).sum(0)
         sq_error_sum = expected_squared_error(x_batch, dictionary, posterior.mean, posterior.trace_term(dictionary))
-        return cls(evaluation.x.size(0), x_batch.size(0), x_batch.size(1), posterior.entropy, abs_sum, sq_error_sum)
+        return cls(evaluation.x.size(0), x_batch.size(0), x_batch.size(1), posterior.entropy, statistic_sum,
+                   sq_error_sum)
 
-    @property
-    def optimal_prior_scale(self):
-        """Theorem 2's lambda* for this batch."""
-        return self.abs_sum / self.num_points
+    def optimal_prior_scale(self, prior):
+        """Theorem 2's optimal prior scale for this batch (lambda* = mean E|z| for Laplace)."""
+        return prior.optimal_scale(self.statistic_sum / self.num_points)
 
     @property
     def optimal_noise_var(self):
@@ -119,20 +122,20 @@ def batch_statistics(model, guide, *args, **kwargs):
     Reads the dictionary inside the model's Pyro context (so SVI trains it) and
     the guide through :func:`~pyro_esc.posterior.gaussian_posterior`.
     """
-    return BatchStatistics.of(read_posterior(model, guide, args, kwargs))
+    return BatchStatistics.of(read_posterior(model, guide, args, kwargs), model.prior)
 
 
 class PointStatistics(NamedTuple):
-    """Per-point expected statistics: entropy (B,), E|z| (B, H), E||x - W z||^2 (B,)."""
+    """Per-point expected statistics: entropy (B,), E_q[phi(z)] (B, H), E||x - W z||^2 (B,)."""
 
     entropy: torch.Tensor
-    abs_mean: torch.Tensor
+    statistic: torch.Tensor
     sq_error: torch.Tensor
 
     @classmethod
-    def of(cls, x_batch, posterior, dictionary):
+    def of(cls, x_batch, posterior, dictionary, prior):
         return cls(posterior.point_entropies(),
-                   folded_normal_mean(posterior.mean, posterior.stddev),
+                   prior.expected_statistic(posterior.mean, posterior.stddev),
                    expected_squared_errors(x_batch, dictionary, posterior.mean, posterior.trace_terms(dictionary)))
 
 
@@ -148,12 +151,12 @@ def _reference(value):
 class RunningStatistics:
     """The per-point statistics of a whole data set, kept for minibatch training.
 
-    For every data point n it holds H[q^(n)], E|z^(n)| and E||x^(n) - W z||^2
+    For every data point n it holds H[q^(n)], E_q[phi(z^(n))] and E||x^(n) - W z||^2
     as last stored. A minibatch evaluation (:meth:`combine`) uses the current
     values for the batch and the stored ones for every other point::
 
         S = sum_{n in batch} s_n(current) + sum_{n not in batch} s_n(stored)
-        lambda* = S_|z| / N,  sigma^2* = S_sq / (N D),  L_H = S_H / N - ...
+        s* = prior.optimal_scale(S_phi / N),  sigma^2* = S_sq / (N D),  L_H = S_H / N - ...
 
     Its value is the full-data L_H up to the staleness of the stored rows; its
     gradient flows through the batch only, scaled by N / B as in Pyro's
@@ -181,7 +184,7 @@ class RunningStatistics:
         self._data = weakref.ref(x)
         self._data_version = x._version
         self.entropy = points.entropy.detach().clone()
-        self.abs_mean = points.abs_mean.detach().clone()
+        self.statistic = points.statistic.detach().clone()
         self.sq_error = points.sq_error.detach().clone()
         self.resum_every = self.num_data if resum_every is None else int(resum_every)
         if self.resum_every < 1:
@@ -191,7 +194,7 @@ class RunningStatistics:
     @torch.no_grad()
     def _resum(self):
         # Running totals (float64) of each column of the table, and rows stored since they were exact.
-        self._totals = [column.double().sum(0) for column in (self.entropy, self.abs_mean, self.sq_error)]
+        self._totals = [column.double().sum(0) for column in (self.entropy, self.statistic, self.sq_error)]
         self._stored_since_resum = 0
 
     def belongs_to(self, model, guide, x):
@@ -209,19 +212,19 @@ class RunningStatistics:
             others = (total - stored.index_select(0, subsample).double().sum(0)).to(current.dtype)
             return others + current_sum * gain - (current_sum * (gain - 1)).detach()
 
-        entropy, abs_sum, sq_error = (mix(total, stored, current) for total, stored, current in
-                                      zip(self._totals, (self.entropy, self.abs_mean, self.sq_error), points))
-        return BatchStatistics(self.num_data, self.num_data, self.data_dim, entropy, abs_sum, sq_error)
+        entropy, statistic_sum, sq_error = (mix(total, stored, current) for total, stored, current in
+                                            zip(self._totals, (self.entropy, self.statistic, self.sq_error), points))
+        return BatchStatistics(self.num_data, self.num_data, self.data_dim, entropy, statistic_sum, sq_error)
 
     def totals(self):
         """:class:`BatchStatistics` of the stored table itself (no gradient; O(H))."""
-        entropy, abs_sum, sq_error = (total.to(self.entropy.dtype) for total in self._totals)
-        return BatchStatistics(self.num_data, self.num_data, self.data_dim, entropy, abs_sum, sq_error)
+        entropy, statistic_sum, sq_error = (total.to(self.entropy.dtype) for total in self._totals)
+        return BatchStatistics(self.num_data, self.num_data, self.data_dim, entropy, statistic_sum, sq_error)
 
     @torch.no_grad()
     def store(self, subsample, points):
         """Overwrite the rows ``subsample`` (all rows for None) with ``points``: the table's one writer."""
-        columns = (self.entropy, self.abs_mean, self.sq_error)
+        columns = (self.entropy, self.statistic, self.sq_error)
         if subsample is None:
             for column, new in zip(columns, points):
                 column.copy_(new.detach())
@@ -236,13 +239,15 @@ class RunningStatistics:
             self._resum()
 
     def state_dict(self):
-        return {"entropy": self.entropy, "abs_mean": self.abs_mean, "sq_error": self.sq_error}
+        return {"entropy": self.entropy, "statistic": self.statistic, "sq_error": self.sq_error}
 
     @classmethod
     def from_state(cls, model, guide, x, state):
         """Rebuild a table for ``(model, guide, x)`` from :meth:`state_dict` (no pass over the data)."""
         like = dict(dtype=x.dtype, device=x.device)
-        points = PointStatistics(state["entropy"].to(**like), state["abs_mean"].to(**like),
+        # "abs_mean": the statistic's name in checkpoints written before priors were pluggable.
+        statistic = state["statistic"] if "statistic" in state else state["abs_mean"]
+        points = PointStatistics(state["entropy"].to(**like), statistic.to(**like),
                                  state["sq_error"].to(**like))
         if points.entropy.shape != (x.size(0),):
             raise ValueError(f"running statistics are for {points.entropy.size(0)} points, x has {x.size(0)}")

@@ -1,6 +1,7 @@
 """Independent routes that the tests compare the closed-form code against, and the one
 registry of the guides that the tests run by name (:data:`GUIDES`, :func:`guide_problem`)."""
 
+import functools
 import math
 import re
 from pathlib import Path
@@ -231,6 +232,16 @@ def assert_same_posterior(first, second, dictionary):
         assert torch.allclose(first.trace_terms(dictionary), second.trace_terms(dictionary))
 
 
+@functools.lru_cache(maxsize=None)
+def readme_prior_module():
+    """The README's "Adding a prior" block, executed as written (once: it registers its prior); its namespace."""
+    section = README.read_text().split("### Adding a prior", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace = {}
+    exec(compile(code, "README.md: Adding a prior", "exec"), namespace)  # noqa: S102 - our own README
+    return namespace
+
+
 # ------------------------------------------------------------ the guide registry
 
 
@@ -304,9 +315,9 @@ assert set(AUTOGUIDES) | set(PACKAGE_GUIDES) == set(GUIDES) and not set(AUTOGUID
 assert set(FULL_COVARIANCE_GUIDES) <= set(CORRELATED_GUIDES) <= set(PROTOCOL_GUIDES) <= set(PACKAGE_GUIDES)
 
 
-def guide_problem(guide_name, num=30, side=3, seed=3, dtype=None):
+def guide_problem(guide_name, num=30, side=3, seed=3, dtype=None, prior="laplace"):
     """``(model, guide, x)``: ``num`` side x side bars (``seed``), a SparseCoding model with
-    2 * side latents, and the named guide of :data:`GUIDES` set up on x, at random parameters.
+    2 * side latents (and ``prior``), and the named guide of :data:`GUIDES` set up on x, at random parameters.
 
     :param dtype: of the data; ``None`` is the default dtype (float64 under the ``float64`` fixture).
     """
@@ -314,7 +325,7 @@ def guide_problem(guide_name, num=30, side=3, seed=3, dtype=None):
     from pyro_esc.data import bars
 
     x, _ = bars(num, side=side, seed=seed, dtype=torch.get_default_dtype() if dtype is None else dtype)
-    model = SparseCoding(x.size(1), 2 * side)
+    model = SparseCoding(x.size(1), 2 * side, prior=prior)
     guide = GUIDES[guide_name](model, x)
     randomize_guide(guide, x)
     return model, guide, x

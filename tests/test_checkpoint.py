@@ -81,7 +81,8 @@ def test_a_checkpoint_holds_only_plain_values(tmp_path):
     assert envelope["format"] == CHECKPOINT_FORMAT and len(envelope["sha256"]) == 64
     state = load_checkpoint(path)
     assert state["step"] == 3
-    assert state["run"] == {"model": "SparseCoding", "guide": "AutoNormal", "loss": "EntropyELBO", "route": "torch"}
+    assert state["run"] == {"model": "SparseCoding", "guide": "AutoNormal", "loss": "EntropyELBO", "route": "torch",
+                            "prior": "Laplace()"}
     assert state["data"]["shape"] == [40, 9] and state["data"]["dtype"] == "float32"
     assert state["param_store"]["constraints"]["AutoNormal.scales.z"] is constraints.softplus_positive
 

@@ -47,6 +47,25 @@ def test_bars_writes_fields_and_metrics(tmp_path, capsys):
     assert metrics["annealing"].startswith("Annealing(num_steps=2, posterior=linear(2)")
 
 
+def test_bars_with_a_gaussian_prior_reaches_the_ppca_maximum_likelihood(tmp_path, capsys):
+    import pyro
+    import torch
+
+    from pyro_esc import load
+    from pyro_esc.data import bars
+    from pyro_esc.ppca import ppca_maximum_likelihood
+
+    out = tmp_path / "bars"
+    assert main(["bars", "--prior", "gaussian", "--n", "200", "--side", "3", "--noise", "0.1", "--dtype", "float64",
+                 "--no-reference", "--out", str(out), "--quiet"]) == 0
+    metrics = json.loads((out / "bars_metrics.json").read_text())
+    assert metrics["prior"] == "Gaussian()" and "gaussian prior" in capsys.readouterr().out
+    x, _ = bars(200, side=3, noise=0.1, seed=0, dtype=torch.float64)
+    assert abs(metrics["elbo"] - float(ppca_maximum_likelihood(x, 6).log_likelihood)) < 1e-5
+    pyro.clear_param_store()
+    assert load(out / "bars_model.pt").model.prior.name == "gaussian"
+
+
 def test_patches_writes_fields_and_metrics(tmp_path):
     out = tmp_path / "patches"
     code = main(["patches", "--n", "200", "--size", "6", "--latents", "8", "--steps", "3", "--batch-size", "50",

@@ -13,7 +13,7 @@ from pyro_esc.experiments import BarsResult, PatchesResult, patch_data, run_bars
 BARS_KEYS = ["guide", "objective", "n", "side", "noise", "steps", "lr", "batch_size", "seed", "init_seed", "dtype",
              "annealing", "optimizer", "n_init", "converged", "stop_reason", "elbo", "reference_elbo",
              "elbo_minus_reference", "restart_elbos", "bars_found", "all_bars_found", "cosines", "wall_time_s",
-             "noise_var", "warm_start", "hidden"]
+             "noise_var", "warm_start", "hidden", "prior"]
 # The keys of patches_metrics.json and of each "patches" entry of metrics.json, in order.
 PATCHES_KEYS = ["guide", "objective", "annealing", "n", "size", "n_latents", "steps", "epochs", "batch_size", "lr",
                 "seed", "route", "optimizer", "elbo", "wall_time_s", "sparseness", "mean_field_spread_px",

@@ -183,8 +183,8 @@ def test_running_totals_stay_exact_over_ten_thousand_incremental_updates():
         table.store(subsample, rows(64))
     assert table._stored_since_resum == 640_000
     totals = table.totals()
-    fresh = (table.entropy.double().sum(), table.abs_mean.double().sum(0), table.sq_error.double().sum())
-    for kept, exact in zip((totals.entropy, totals.abs_sum, totals.sq_error_sum), fresh):
+    fresh = (table.entropy.double().sum(), table.statistic.double().sum(0), table.sq_error.double().sum())
+    for kept, exact in zip((totals.entropy, totals.statistic_sum, totals.sq_error_sum), fresh):
         assert torch.allclose(kept.double(), exact, rtol=1e-6, atol=0)
     # By default the totals are summed afresh once every N stored rows: 31 x 64 < 2000 <= 32 x 64.
     table = RunningStatistics(model, guide, x, rows(n))
@@ -213,9 +213,9 @@ def test_combine_uses_the_totals_not_a_fresh_sum():
     expected = table.entropy.clone()
     expected[batch] = 2.0
     assert torch.isclose(combined.entropy, expected.sum())
-    expected_abs = table.abs_mean.clone()
+    expected_abs = table.statistic.clone()
     expected_abs[batch] = 2.0
-    assert torch.allclose(combined.abs_sum, expected_abs.sum(0))
+    assert torch.allclose(combined.statistic_sum, expected_abs.sum(0))
 
 
 def test_auto_picks_the_em_route_for_per_point_guides_on_minibatches():

@@ -163,7 +163,7 @@ def test_clone_get_params_set_params(small_data):
     params = est.get_params()
     assert params["n_components"] == 2 and params["guide"] == "amortized" and params["random_state"] == 0
     assert set(params) == {"n_components", "guide", "solver", "max_iter", "tol", "n_init", "learning_rate",
-                           "hidden", "transform_max_iter", "transform_tol", "random_state"}
+                           "hidden", "transform_max_iter", "transform_tol", "random_state", "prior"}
     est.fit(small_data)
     copy = clone(est)
     assert copy.get_params() == params
