@@ -51,14 +51,13 @@ import torch
 from torch.distributions import transform_to
 
 import pyro
-from pyro.infer.autoguide import AutoNormal
 
 from ._checks import check_int, check_positive
-from .guides import LocalMultivariateNormal
+from .guides import covariance_family  # noqa: F401 - public here too
 from .model import MODEL_PARAMETERS
 from .objectives import EntropyELBO, NonFiniteObjectiveError
 from .posterior import gaussian_posterior
-from .rows import batch_rows, offers_row_access, per_point_parameters
+from .rows import batch_rows, per_point_parameters
 from .solver import DEFAULT_TOL as SOLVER_TOL
 from .solver import solve_at
 from ._pyro_internals import param_fullname
@@ -128,18 +127,6 @@ class EM:
         if batch_size >= num_data:
             return num_data
         return min(num_data, max(MIN_CHUNK, min(DEFAULT_CHUNK, num_data // 10)))
-
-
-def covariance_family(guide):
-    """``"diag"`` for ``AutoNormal``, ``"full"`` for :class:`~pyro_esc.LocalMultivariateNormal`, else None.
-
-    The EM route solves these two families (their rows are one Gaussian per point).
-    """
-    if isinstance(guide, LocalMultivariateNormal):
-        return "full"
-    if type(guide) is AutoNormal and offers_row_access(guide):
-        return "diag"
-    return None
 
 
 class _Rows:

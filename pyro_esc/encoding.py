@@ -20,7 +20,7 @@ from pyro.infer.autoguide import (
 from ._checks import check_data
 from ._isolation import isolated
 from .convergence import ConvergenceWarning
-from .em import covariance_family
+from .guides import covariance_family
 from .model import SparseCoding
 from .objectives import AnalyticELBO
 from .posterior import gaussian_posterior

@@ -24,7 +24,7 @@ training data's lambda*, sigma^2*, so on the training data the two agree.
 import torch
 
 from ._isolation import check_tied_to, isolated, own_parameters
-from .objectives import AnalyticELBO, EntropyELBO
+from .objectives import AnalyticELBO, EntropyELBO, analytic_elbo_per_point, entropy_elbo_per_point  # noqa: F401
 
 
 def training_elbo(model, guide, x):
@@ -38,18 +38,6 @@ def training_elbo(model, guide, x):
     _check_evaluable(model, guide, x, "training_elbo")
     with own_parameters(model, guide):
         return entropy_elbo_per_point(model, guide, x)
-
-
-def entropy_elbo_per_point(model, guide, x):
-    """:func:`training_elbo` as the training loop evaluates it: in the current scope, on any x."""
-    with torch.no_grad():
-        return -EntropyELBO().loss(model, guide, x) / x.size(0)
-
-
-def analytic_elbo_per_point(model, guide, x):
-    """:func:`held_out_elbo` as the training loop evaluates it: in the current scope, on any x."""
-    with torch.no_grad():
-        return -AnalyticELBO().loss(model, guide, x) / x.size(0)
 
 
 def held_out_elbo(model, guide, x):
@@ -104,7 +92,7 @@ def reference_elbo(x, dictionary, guide="local-full", seed=0, prior="laplace", *
     """
     from pyro.infer.autoguide import AutoNormal
 
-    from .em import covariance_family
+    from .guides import covariance_family
     from .guides import LocalMultivariateNormal
     from .model import SparseCoding
     from .training import fit

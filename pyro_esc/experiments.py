@@ -28,7 +28,6 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 from . import plots
-from ._pyro_internals import module_name
 from .data import Whitening, bars, image_patches
 from .evaluation import reference_elbo
 from .guides import AmortizedNormal, LocalMultivariateNormal
@@ -38,7 +37,7 @@ from .objectives import AnalyticELBO, EntropyELBO
 from .posterior import gaussian_posterior
 from .history import History
 from .em import EM
-from .training import auto_route, decaying_adam, fit
+from .training import AMORTIZED_LR, auto_route, bars_optimizer, decaying_adam, fit  # noqa: F401 - public here too
 from .warm_start import fit_amortized
 
 #: Guides by the names the command line uses.
@@ -232,17 +231,6 @@ class PatchesResult:
 
 
 # ---------------------------------------------------------------------- bars
-
-
-#: Initial learning rate of the encoders of amortised guides (an MLP's output moves by about
-#: lr x fan-in per Adam step, so it needs a smaller rate than per-point parameters).
-AMORTIZED_LR = 0.003
-
-
-def bars_optimizer(guide_object, steps, lr=0.2):
-    """The tuned bars recipe: :func:`~pyro_esc.training.decaying_adam`, encoders at :data:`AMORTIZED_LR`."""
-    prefix = module_name(guide_object) + "." if isinstance(guide_object, AmortizedNormal) else None
-    return decaying_adam(lr, steps, lr_for=lambda name: AMORTIZED_LR if prefix and name.startswith(prefix) else None)
 
 
 #: Guides for which `run_bars` trains with L-BFGS on the exact objective by default; the others keep

@@ -27,7 +27,7 @@ from torch import nn
 import pyro
 import pyro.distributions as dist
 from pyro.distributions import constraints
-from pyro.infer.autoguide import AutoGuide
+from pyro.infer.autoguide import AutoGuide, AutoNormal
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
 from pyro.infer.autoguide.utils import deep_setattr
 from pyro.nn import PyroModule, PyroParam, pyro_method
@@ -36,7 +36,7 @@ from pyro.ops.tensor_utils import periodic_repeat
 from ._checks import check_data_cached, check_int, check_positive, check_subsample
 from ._pyro_internals import param_fullname
 from .posterior import GaussianPosterior
-from .rows import substituted_rows
+from .rows import offers_row_access, substituted_rows
 
 __all__ = ["ACTIVATIONS", "AmortizedNormal", "LocalMultivariateNormal", "scale_tril_from_packed"]
 
@@ -539,3 +539,16 @@ class AmortizedNormal(PyroModule):
         if self.covariance == "lowrank":
             return GaussianPosterior.from_low_rank(loc, *scale)
         return GaussianPosterior.from_scale_tril(loc, scale)
+
+
+def covariance_family(guide):
+    """``"diag"`` for ``AutoNormal``, ``"full"`` for :class:`~pyro_esc.LocalMultivariateNormal`, else None.
+
+    The one switch on a guide's covariance family: the EM route, the per-point solver (encode), the
+    standard units of fit and the estimator ask it. These two families have one Gaussian per point.
+    """
+    if isinstance(guide, LocalMultivariateNormal):
+        return "full"
+    if type(guide) is AutoNormal and offers_row_access(guide):
+        return "diag"
+    return None

@@ -431,3 +431,15 @@ class AnalyticELBO(ELBO):
 
     def _get_trace(self, model, guide, args, kwargs):
         raise NotImplementedError("AnalyticELBO is closed form: it draws no traces")
+
+
+def entropy_elbo_per_point(model, guide, x):
+    """:func:`training_elbo` as the training loop evaluates it: in the current scope, on any x."""
+    with torch.no_grad():
+        return -EntropyELBO().loss(model, guide, x) / x.size(0)
+
+
+def analytic_elbo_per_point(model, guide, x):
+    """:func:`held_out_elbo` as the training loop evaluates it: in the current scope, on any x."""
+    with torch.no_grad():
+        return -AnalyticELBO().loss(model, guide, x) / x.size(0)

@@ -106,7 +106,7 @@ class SparseCodingEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         dictionary in closed form, until convergence; local guides), ``"lbfgs"`` (L-BFGS on the
         exact full-data objective until convergence), ``"adam"`` (the tuned bars recipe: Adam with
         gradient clipping, ``learning_rate`` decaying to a fifth over ``max_iter`` steps, encoders
-        at :data:`~pyro_esc.experiments.AMORTIZED_LR`) or ``"auto"`` (default: EM for
+        at :data:`~pyro_esc.training.AMORTIZED_LR`) or ``"auto"`` (default: EM for
         ``"local-diag"``, L-BFGS for ``"local-full"``, the faster of the two for each on the
         digits; Adam for amortised guides).
     :param int max_iter: the step limit of training (None: 20000 for EM and L-BFGS, which stop
@@ -243,7 +243,7 @@ class SparseCodingEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
             if solver in ("em", "lbfgs"):
                 options = dict(optimizer=solver, tol=float(self.tol), steps=self.max_iter)
             else:
-                from .experiments import bars_optimizer
+                from .training import bars_optimizer
 
                 steps = ADAM_DEFAULT_STEPS if self.max_iter is None else int(self.max_iter)
                 options = dict(optimizer="svi", steps=steps,

@@ -36,7 +36,8 @@ import math
 
 import torch
 
-from .em import _Rows, covariance_family
+from .em import _Rows
+from .guides import covariance_family
 from .model import SparseCoding
 
 __all__ = ["REFERENCE_RMS", "data_rms", "data_unit", "in_standard_units", "rescale", "trains_in_standard_units"]

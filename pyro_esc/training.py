@@ -34,6 +34,7 @@ from pyro.infer.autoguide import AutoGuide
 
 from ._checks import check_data, check_device, check_int, check_magnitude, check_positive
 from ._isolation import check_owns_its_parameters, tie_to_data
+from ._pyro_internals import module_name
 from .annealing import Annealing
 from .checkpoint import (  # noqa: F401 - CHECKPOINT_FORMAT and load_checkpoint: public here too
     CHECKPOINT_FORMAT,
@@ -43,11 +44,11 @@ from .checkpoint import (  # noqa: F401 - CHECKPOINT_FORMAT and load_checkpoint:
     save_checkpoint,
 )
 from .convergence import Convergence, ConvergenceWarning  # noqa: F401 - ConvergenceWarning: public here too
-from .em import EM, EMStep, covariance_family
-from .evaluation import analytic_elbo_per_point, entropy_elbo_per_point
+from .em import EM, EMStep
+from .guides import AmortizedNormal, covariance_family
 from .history import BATCH, CHUNK, EXACT, MONTE_CARLO, RUNNING, History
 from .model import MODEL_PARAMETERS
-from .objectives import AnalyticELBO, EntropyELBO, NonFiniteObjectiveError
+from .objectives import AnalyticELBO, EntropyELBO, NonFiniteObjectiveError, analytic_elbo_per_point, entropy_elbo_per_point
 from .restarts import check_restartable, reinitialize, restore, snapshot
 from .rows import offers_row_access
 from .rowwise import RowwiseStep
@@ -921,6 +922,17 @@ def decaying_adam(lr, steps, decay_to=0.2, betas=(0.9, 0.99), clip_norm=10.0, lr
         return {"lr": rate, "lrd": decay, "betas": tuple(betas), "clip_norm": clip_norm}
 
     return pyro.optim.ClippedAdam(options)
+
+
+#: Initial learning rate of the encoders of amortised guides (an MLP's output moves by about
+#: lr x fan-in per Adam step, so it needs a smaller rate than per-point parameters).
+AMORTIZED_LR = 0.003
+
+
+def bars_optimizer(guide_object, steps, lr=0.2):
+    """The tuned bars recipe: :func:`decaying_adam`, encoders at :data:`AMORTIZED_LR`."""
+    prefix = module_name(guide_object) + "." if isinstance(guide_object, AmortizedNormal) else None
+    return decaying_adam(lr, steps, lr_for=lambda name: AMORTIZED_LR if prefix and name.startswith(prefix) else None)
 
 
 #: The dtypes fit trains in. float16 and bfloat16 resolve about 3 significant digits: the ELBO's sums lose
