@@ -4,21 +4,21 @@ Implements "Learning Sparse Codes with Entropy-Based ELBOs" (Velychko, Damm,
 Fischer, Lücke; AISTATS 2024) on top of Pyro and PyTorch.
 """
 
-from . import kl  # noqa: F401 - registers the closed-form KL(Gaussian || Laplace) with torch
-from .em import EM
-from .encoding import encode
-from .evaluation import held_out_elbo, reference_elbo, training_elbo
-from .guides import AmortizedNormal, LocalMultivariateNormal
-from .likelihood import LogLikelihood, log_likelihood
-from .model import SparseCoding
-from .objectives import AnalyticELBO, EntropyELBO, NonFiniteObjectiveError
-from .posterior import GaussianPosterior, gaussian_posterior
-from .refinement import SemiAmortized
+from .distributions import kl  # noqa: F401 - registers the closed-form KL(Gaussian || Laplace) with torch
+from .train.em import EM
+from .apps.encoding import encode
+from .evaluate.elbo import held_out_elbo, reference_elbo, training_elbo
+from .variational.guides import AmortizedNormal, LocalMultivariateNormal
+from .evaluate.likelihood import LogLikelihood, log_likelihood
+from .models.sparse_coding import SparseCoding
+from .infer.objectives import AnalyticELBO, EntropyELBO, NonFiniteObjectiveError
+from .variational.posterior import GaussianPosterior, gaussian_posterior
+from .variational.semi_amortized import SemiAmortized
 from .saving import load, save
-from .solver import SolvedPosteriors, solve_posteriors
-from .history import History
-from .training import fit
-from .warm_start import fit_amortized
+from .infer.solver import SolvedPosteriors, solve_posteriors
+from .train.history import History
+from .train.loop import fit
+from .apps.warm_start import fit_amortized
 
 __version__ = "0.1.0"
 

@@ -21,8 +21,8 @@ import pyro
 
 from . import experiments
 from ._checks import check_device
-from .annealing import Annealing
-from .em import DEFAULT_CHUNK, DEFAULT_MOMENTUM, EM, MIN_CHUNK
+from .infer.annealing import Annealing
+from .train.em import DEFAULT_CHUNK, DEFAULT_MOMENTUM, EM, MIN_CHUNK
 from .priors import registered_priors
 
 
@@ -179,7 +179,7 @@ def _write_metrics(out, name, result):
 def _save_model(out, name, result, whitening):
     # The model (and an amortised guide's encoder, and the whitening) beside the metrics, for
     # pyro_esc.load; per-point posteriors describe only the training points and stay out.
-    from .guides import AmortizedNormal
+    from .variational.guides import AmortizedNormal
     from .saving import save
 
     guide = result.guide_object if isinstance(result.guide_object, AmortizedNormal) else None
@@ -260,7 +260,7 @@ def _denoise(args):
     from PIL import Image
 
     from .data.images import read_image
-    from .denoising import denoise
+    from .apps.denoising import denoise
     from .saving import load
 
     model = None

@@ -29,16 +29,16 @@ from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 from . import plots
 from .data import Whitening, bars, image_patches
-from .evaluation import reference_elbo
-from .guides import AmortizedNormal, LocalMultivariateNormal
-from .metrics import bars_recovery, code_sparseness, field_spread
-from .model import SparseCoding
-from .objectives import AnalyticELBO, EntropyELBO
-from .posterior import gaussian_posterior
-from .history import History
-from .em import EM
-from .training import AMORTIZED_LR, auto_route, bars_optimizer, decaying_adam, fit  # noqa: F401 - public here too
-from .warm_start import fit_amortized
+from .evaluate.elbo import reference_elbo
+from .variational.guides import AmortizedNormal, LocalMultivariateNormal
+from .evaluate.metrics import bars_recovery, code_sparseness, field_spread
+from .models.sparse_coding import SparseCoding
+from .infer.objectives import AnalyticELBO, EntropyELBO
+from .variational.posterior import gaussian_posterior
+from .train.history import History
+from .train.em import EM
+from .train.loop import AMORTIZED_LR, auto_route, bars_optimizer, decaying_adam, fit  # noqa: F401 - public here too
+from .apps.warm_start import fit_amortized
 
 #: Guides by the names the command line uses.
 GUIDES = ("local-full", "local-diag", "amortized-full", "amortized-diag", "amortized-lowrank", "joint-full")

@@ -26,8 +26,8 @@ import pyro
 from ._files import read_plain
 from ._pyro_internals import module_name, param_fullname
 from .data.whitening import Whitening
-from .guides import AmortizedNormal, LocalMultivariateNormal
-from .model import MODEL_PARAMETERS, SparseCoding
+from .variational.guides import AmortizedNormal, LocalMultivariateNormal
+from .models.sparse_coding import MODEL_PARAMETERS, SparseCoding
 from .priors import get_prior
 
 __all__ = ["MODEL_FORMAT", "Loaded", "load", "save"]

@@ -53,7 +53,7 @@ def test_bars_with_a_gaussian_prior_reaches_the_ppca_maximum_likelihood(tmp_path
 
     from pyro_esc import load
     from pyro_esc.data import bars
-    from pyro_esc.ppca import ppca_maximum_likelihood
+    from pyro_esc.evaluate.ppca import ppca_maximum_likelihood
 
     out = tmp_path / "bars"
     assert main(["bars", "--prior", "gaussian", "--n", "200", "--side", "3", "--noise", "0.1", "--dtype", "float64",

@@ -1,5 +1,5 @@
 """Probabilistic PCA, exact end to end: SparseCoding(prior="gaussian") against Tipping & Bishop's
-closed-form maximum-likelihood solution (pyro_esc.ppca), an independent reference for the whole
+closed-form maximum-likelihood solution (pyro_esc.evaluate.ppca), an independent reference for the whole
 machine (objective, L-BFGS route, float64 finish, EM route, log-likelihood, standard units)."""
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 import pyro
 
 from pyro_esc import LocalMultivariateNormal, SparseCoding, fit, log_likelihood
-from pyro_esc.ppca import ppca_log_likelihood, ppca_maximum_likelihood
+from pyro_esc.evaluate.ppca import ppca_log_likelihood, ppca_maximum_likelihood
 
 
 def ppca_data(n=2000, dim=8, latents=3, seed=0, unit=1.0):

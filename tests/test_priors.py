@@ -236,7 +236,7 @@ def test_em_refuses_a_prior_without_a_homogeneous_statistic(float64):
 
 
 def test_scikit_learn_estimator_with_a_gaussian_prior_is_ppca(float64):
-    from pyro_esc.ppca import ppca_maximum_likelihood
+    from pyro_esc.evaluate.ppca import ppca_maximum_likelihood
     from pyro_esc.sklearn import SparseCodingEstimator
 
     model = gaussian_model(seed=3)

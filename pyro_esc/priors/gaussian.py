@@ -8,7 +8,7 @@ r"""The Gaussian prior: p(z_h) = Normal(z_h; 0, s_h^2). With it the model is pro
 
 The true posterior of every point is Gaussian, so with a full-covariance guide the ELBO can
 reach the log-likelihood itself, and the maximum-likelihood model is known in closed form
-(Tipping & Bishop 1999; :func:`pyro_esc.ppca.ppca_log_likelihood`).
+(Tipping & Bishop 1999; :func:`pyro_esc.evaluate.ppca.ppca_log_likelihood`).
 """
 
 
@@ -16,7 +16,7 @@ import torch
 
 import pyro.distributions as dist
 
-from ..gaussian import LOG_2PI, LOG_2PI_E
+from ..distributions.gaussian import LOG_2PI, LOG_2PI_E
 from .base import Prior
 
 

@@ -16,7 +16,7 @@ import torch
 
 import pyro.distributions as dist
 
-from ..gaussian import LOG_2E, folded_normal_mean
+from ..distributions.gaussian import LOG_2E, folded_normal_mean
 from .base import Prior
 
 _LOG_2 = math.log(2.0)

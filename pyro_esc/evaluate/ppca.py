@@ -19,7 +19,7 @@ value, which makes PPCA an end-to-end test of the whole machine (tests/test_ppca
 Example::
 
     >>> import torch
-    >>> from pyro_esc.ppca import ppca_maximum_likelihood
+    >>> from pyro_esc.evaluate.ppca import ppca_maximum_likelihood
     >>> x = torch.randn(500, 5, dtype=torch.float64) * torch.tensor([3.0, 2.0, 1.0, 1.0, 1.0], dtype=torch.float64)
     >>> solution = ppca_maximum_likelihood(x, n_latents=2)
     >>> solution.dictionary.shape, solution.prior_scale.shape
@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import check_data, check_int
+from .._checks import check_data, check_int
 
 __all__ = ["PPCASolution", "ppca_log_likelihood", "ppca_maximum_likelihood"]
 
@@ -77,7 +77,7 @@ def ppca_log_likelihood(model, x):
     :param x: data (N, D).
     :returns: (N,) in float64.
     """
-    from .priors import Gaussian
+    from ..priors import Gaussian
 
     if not isinstance(getattr(model, "prior", None), Gaussian):
         raise ValueError(f"ppca_log_likelihood needs a SparseCoding with prior='gaussian', got "

@@ -1,0 +1,445 @@
+"""Closed-form objectives for :class:`~pyro_esc.SparseCoding` with Gaussian guides.
+
+Both objectives follow Pyro's convention: the loss is minus the sum over data
+points of the per-point ELBO, i.e. -N F, so values are directly comparable
+with :class:`pyro.infer.Trace_ELBO` on the same model and guide.
+
+- :class:`EntropyELBO` is the entropy-based objective L_H (docs/theory.md, The entropy-based objective), in
+  which lambda and sigma^2 are eliminated at their optimum (Theorem 2).
+- :class:`AnalyticELBO` is the standard ELBO F in closed form at the model's
+  current lambda and sigma^2 (docs/theory.md, The ELBO and Gaussian posteriors).
+
+Neither draws a sample; both read the guide through the protocol of
+:mod:`pyro_esc.posterior`.
+"""
+
+import warnings
+from typing import NamedTuple
+
+import torch
+
+from pyro.infer import ELBO
+
+from .annealing import Annealing
+from ..distributions.gaussian import isotropic_normal_entropy, normal_log_normalizer
+from ..variational.posterior import gaussian_posterior
+from .statistics import (  # noqa: F401 - BatchStatistics, batch_statistics, RunningStatistics: public here too
+    BatchStatistics,
+    PointStatistics,
+    RunningStatistics,
+    batch_statistics,
+    check_distinct,
+    read_posterior,
+)
+
+class NonFiniteObjectiveError(FloatingPointError):
+    """Raised when an objective evaluates to NaN or inf; the message names the term."""
+
+
+class EntropyTerms(NamedTuple):
+    """The three entropies of Theorem 1 at Theorem 2's scales, per data point.
+
+    ``elbo`` = L_H = posterior_entropy - prior_entropy - likelihood_entropy.
+    """
+
+    posterior_entropy: torch.Tensor  #: 1/N sum_n H[q^(n)] (estimated from the batch)
+    prior_entropy: torch.Tensor  #: H[p(z)] at the optimal scales (sum_h log(2 e lambda_h*) for Laplace)
+    likelihood_entropy: torch.Tensor  #: E[H[p(x|z)]] = D/2 log(2 pi e sigma^2*)
+    prior_scale: torch.Tensor  #: lambda*
+    noise_var: torch.Tensor  #: sigma^2*
+    num_data: int  #: N
+
+    @property
+    def elbo(self):
+        """L_H, the ELBO per data point at the optimal scales."""
+        return self.posterior_entropy - self.prior_entropy - self.likelihood_entropy
+
+    def weighted_elbo(self, beta_q=1.0, beta_p=1.0, beta_x=1.0):
+        """beta_q H[q] - beta_p H[p(z)] - beta_x H[p(x|z)] (docs/theory.md, Annealing; all ones give ``elbo``)."""
+        return beta_q * self.posterior_entropy - beta_p * self.prior_entropy - beta_x * self.likelihood_entropy
+
+    def check_finite(self, value=None):
+        """Raise :class:`NonFiniteObjectiveError` naming every term that is NaN or inf.
+
+        :param value: the objective computed from these terms, if at hand (saves recomputing it).
+        """
+        if bool(torch.isfinite(self.elbo if value is None else value)):
+            return
+        bad = [name for name in ("posterior_entropy", "prior_entropy", "likelihood_entropy")
+               if not bool(torch.isfinite(getattr(self, name)))]
+        raise NonFiniteObjectiveError(
+            f"EntropyELBO is not finite: term(s) {', '.join(bad)} = "
+            + ", ".join(f"{float(getattr(self, name).detach()):g}" for name in bad)
+            + f" (lambda* in [{float(self.prior_scale.detach().min()):g}, {float(self.prior_scale.detach().max()):g}], "
+            f"sigma^2* = {float(self.noise_var.detach()):g})"
+            + ("; sigma^2* <= 0 is rounding: E||x - W z||^2 is tiny beside the posterior covariances' terms, so the "
+               "posteriors' scale is far from the data's. If the data are in unusual units, standardise them "
+               "(divide by their standard deviation), or train in float64"
+               if float(self.noise_var.detach()) <= 0 else ""))
+
+
+def entropy_terms(statistics, prior):
+    """:class:`EntropyTerms` from :class:`BatchStatistics` under ``prior`` (Theorems 1 and 2)."""
+    prior_scale = statistics.optimal_prior_scale(prior)
+    noise_var = statistics.optimal_noise_var
+    return EntropyTerms(
+        posterior_entropy=statistics.entropy / statistics.num_points,
+        prior_entropy=prior.entropy(prior_scale),
+        likelihood_entropy=isotropic_normal_entropy(noise_var, statistics.data_dim),
+        prior_scale=prior_scale,
+        noise_var=noise_var,
+        num_data=statistics.num_data,
+    )
+
+
+class EntropyELBO(ELBO):
+    r"""The entropy-based ELBO with lambda and sigma^2 eliminated in closed form.
+
+    At the stationary point of the ELBO in lambda and sigma^2 (Theorem 1) the
+    ELBO is a sum of entropies, and that point is closed form (Theorem 2)::
+
+        lambda_h* = 1/N     sum_n E_q[|z_h|]
+        sigma^2*  = 1/(N D) sum_n E_q[||x^(n) - W z||^2]
+
+        L_H = 1/N sum_n H[q^(n)] - sum_h log(2 e lambda_h*) - D/2 log(2 pi e sigma^2*)
+
+    That is the Laplace prior. The same holds for any prior of :mod:`pyro_esc.priors` (the
+    model's ``prior``): its scales s* are the closed-form optimum for the mean statistic
+    E_q[phi(z)], and the prior term is its entropy H[p(z; s*)] (for the Gaussian prior,
+    s_h*^2 = 1/N sum_n E_q[z_h^2] and the model is probabilistic PCA).
+
+    For Gaussian guides every term is analytic (docs/theory.md, Gaussian posteriors), so
+    the objective and its gradients are deterministic. By the envelope argument
+    (docs/theory.md, The entropy-based objective) the gradients with respect to the guide and the dictionary equal those
+    of the standard ELBO at lambda*, sigma^2*, so maximising L_H maximises the
+    ELBO with the scales always at their optimum.
+
+    ``loss``, ``differentiable_loss`` and ``loss_and_grads`` return -N L_H
+    (Pyro's sign and scale). **Evaluating is pure**: ``loss``,
+    ``differentiable_loss`` and :meth:`terms` change neither the model, nor the
+    guide, nor what the next call returns. Note that L_H is the ELBO at the
+    scales that are optimal *for the data evaluated*: on the training data it is
+    the training ELBO; on held-out data it re-fits lambda and sigma^2 to that data,
+    so for a held-out ELBO at the trained scales use
+    :func:`~pyro_esc.evaluation.held_out_elbo`.
+
+    **The one state-changing call** is :meth:`update`: it writes lambda*,
+    sigma^2* into the model (so that other ELBOs, e.g. Trace_ELBO or
+    AnalyticELBO, evaluate the same point) and keeps the running minibatch
+    statistics current. :func:`~pyro_esc.fit` calls it after every step; in a
+    hand-written ``SVI`` loop, call ``elbo.update(model, guide, *args)`` after
+    the steps (or after each step, to follow the scales). The scales are set,
+    not optimised: they stay out of SVI's parameter capture and optimiser.
+
+    **Minibatches** (``subsample`` / ``subsample_size`` in the model's
+    arguments), ``minibatch_statistics="running"`` (default): lambda*, sigma^2*
+    and the entropy average come from a per-point table of the whole data set
+    (:class:`~pyro_esc.statistics.RunningStatistics`), with the batch's rows
+    at the current parameters and every other row as stored when its point was
+    last visited. A table belongs to one (model, guide, data tensor) and is
+    built by the first training call (``loss_and_grads``, :meth:`training_loss`
+    or :meth:`update`) with one pass over the data; ``loss_and_grads`` stores the
+    rows it evaluated and :meth:`update` the rows at the parameters after the
+    step. Its sums are running totals, so reading and updating it costs
+    O(batch) (:class:`~pyro_esc.statistics.RunningStatistics`).
+    Without a table, ``loss`` and ``differentiable_loss`` compute every row
+    afresh (the exact full-data value, O(N)). The value is a running estimate
+    of the full-data objective; :func:`~pyro_esc.fit` records exact full-data
+    values separately (``History.eval_elbo``).
+
+    ``minibatch_statistics="batch"`` estimates lambda*, sigma^2* from the batch
+    alone and scales by N / B. It needs no table but is **biased**: log of a
+    batch mean is not the mean of the logs, so the estimate is too high, the
+    more so the smaller the batch (README, "Minibatch statistics", has the
+    measurement).
+
+    **Annealing** (docs/theory.md, Annealing): with ``annealing``, an
+    :class:`~pyro_esc.annealing.Annealing`, the optimised objective is
+    beta_q H[q] - beta_p H[p(z)] - beta_x H[p(x|z)] with the weights after the
+    training step set by :meth:`set_annealing_step` (whoever owns the step
+    count calls it: :func:`~pyro_esc.fit` does, before every step). The weights
+    apply identically through ``SVI`` (``loss_and_grads``),
+    ``differentiable_loss`` and Pyro's ``ELBOModule``; ``loss`` and the value
+    ``loss_and_grads`` returns are always the true, unweighted -N L_H.
+
+    :param annealing: optional :class:`~pyro_esc.annealing.Annealing`.
+    :param str minibatch_statistics: ``"running"`` or ``"batch"`` (see above).
+
+    Reference: D. Velychko, S. Damm, A. Fischer, J. Lücke, "Learning Sparse
+    Codes with Entropy-Based ELBOs", AISTATS 2024.
+    """
+
+    def __init__(self, annealing=None, minibatch_statistics="running"):
+        super().__init__(num_particles=1)
+        if annealing is not None and not isinstance(annealing, Annealing):
+            raise ValueError(f"annealing must be a pyro_esc.annealing.Annealing or None, got {annealing!r}")
+        if minibatch_statistics not in ("running", "batch"):
+            raise ValueError(f"minibatch_statistics must be 'running' or 'batch', got {minibatch_statistics!r}")
+        self.annealing = annealing
+        self.minibatch_statistics = minibatch_statistics
+        self.annealing_step = 0
+        # Running tables by (model, guide); each checks that it belongs to the data it is used with.
+        self._tables = {}
+
+    # ------------------------------------------------------------ annealing
+
+    @property
+    def betas(self):
+        """The weights (beta_q, beta_p, beta_x) that the optimised objective uses now."""
+        return (1.0, 1.0, 1.0) if self.annealing is None else self.annealing.betas(self.annealing_step)
+
+    def set_annealing_step(self, step):
+        """Use the annealing weights after ``step`` completed training steps (0 before the first).
+
+        The documented way to drive the schedule: :func:`~pyro_esc.fit` calls it
+        before every step; a hand-written loop calls it too. Without annealing it
+        only records the step.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        self.annealing_step = step
+
+    # ------------------------------------------------------------ evaluation
+
+    def terms(self, model, guide, *args, **kwargs):
+        """The :class:`EntropyTerms` at the current guide and dictionary (differentiable, pure)."""
+        return self._terms(model, guide, args, kwargs, training=False)
+
+    def _terms(self, model, guide, args, kwargs, training):
+        evaluation = read_posterior(model, guide, args, kwargs, "EntropyELBO")
+        if evaluation.subsample is None or self.minibatch_statistics == "batch":
+            return entropy_terms(BatchStatistics.of(evaluation, model.prior), model.prior)
+        x, subsample, x_batch, posterior, dictionary = evaluation
+        if posterior.is_joint:
+            raise ValueError("running minibatch statistics need per-point posteriors; this guide is joint")
+        check_distinct(subsample)
+        points = PointStatistics.of(x_batch, posterior, dictionary, model.prior)
+        table = self._table(model, guide, x, dictionary, create=training)
+        statistics = table.combine(subsample, points)
+        if training:
+            table.store(subsample, points)
+        return entropy_terms(statistics, model.prior)
+
+    def _table(self, model, guide, x, dictionary, create):
+        # The running table of (model, guide, x): the stored one, or one pass over the data.
+        # Only a training call (create=True) keeps a new table; evaluation stays pure.
+        key = (id(model), id(guide))
+        table = self._tables.get(key)
+        if table is not None and table.belongs_to(model, guide, x):
+            return table
+        if not create and torch.is_grad_enabled():
+            warnings.warn("EntropyELBO: no running statistics for this model, guide and data tensor, so every "
+                          "row is computed afresh (a pass over all N points). When training with minibatches "
+                          "outside fit, call elbo.update(...) or train through SVI (loss_and_grads), which keep "
+                          "them; pass the same data tensor every step.", RuntimeWarning, stacklevel=4)
+        elif create and table is not None:
+            warnings.warn("EntropyELBO: the data tensor changed (a new tensor, or changed in place), so the running "
+                          "statistics are rebuilt with a pass over all N points; pass the same, unchanged tensor "
+                          "every step to keep minibatch steps O(batch).", RuntimeWarning, stacklevel=4)
+        with torch.no_grad():
+            full = PointStatistics.of(x, gaussian_posterior(guide, x, None), dictionary, model.prior)
+        table = RunningStatistics(model, guide, x, full)
+        if create:
+            # Forget tables whose model or guide is gone, then keep this one.
+            self._tables = {k: t for k, t in self._tables.items() if t._model() is not None and t._guide() is not None}
+            self._tables[key] = table
+        return table
+
+    def _losses(self, model, guide, args, kwargs, training=False):
+        loss, optimised, _ = self._evaluate(model, guide, args, kwargs, training)
+        return loss, optimised
+
+    def _evaluate(self, model, guide, args, kwargs, training=False):
+        terms = self._terms(model, guide, args, kwargs, training)
+        loss = -terms.num_data * terms.elbo
+        terms.check_finite(loss)
+        betas = self.betas
+        if betas == (1.0, 1.0, 1.0):
+            return loss, loss, terms
+        return loss, -terms.num_data * terms.weighted_elbo(*betas), terms
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        """The optimised loss as a differentiable tensor: -N L_H, or its annealed version (pure)."""
+        return self._losses(model, guide, args, kwargs)[1]
+
+    def differentiable_loss_and_terms(self, model, guide, *args, **kwargs):
+        """:meth:`differentiable_loss` and the :class:`EntropyTerms` it was computed from, in one evaluation (pure).
+
+        For a stepper that evaluates the point it ends on anyway (L-BFGS's line search) and can
+        hand those terms to :meth:`update_scales` instead of evaluating again.
+        """
+        _, optimised, terms = self._evaluate(model, guide, args, kwargs)
+        return optimised, terms
+
+    def loss(self, model, guide, *args, **kwargs):
+        """-N L_H as a float (never annealed; pure)."""
+        with torch.no_grad():
+            return float(self._losses(model, guide, args, kwargs)[0])
+
+    def loss_and_grads(self, model, guide, *args, **kwargs):
+        """SVI's training call: backpropagates the optimised (possibly annealed) loss; returns -N L_H.
+
+        With running minibatch statistics it builds the table on its first call
+        and stores the rows it evaluated. It does not write the model's scales
+        (see :meth:`update`).
+        """
+        loss, optimised = self.training_loss(model, guide, *args, **kwargs)
+        optimised.backward(retain_graph=self.retain_graph)
+        return loss.item()
+
+    def training_loss(self, model, guide, *args, **kwargs):
+        """The training evaluation without the backward pass: ``(-N L_H, optimised loss tensor)``.
+
+        As :meth:`loss_and_grads`, it builds the running table on a first
+        minibatch call and stores the rows it evaluated; the optimised loss is the
+        annealed one (the same tensor as -N L_H without annealing). For steppers
+        that differentiate with respect to tensors of their own
+        (:class:`~pyro_esc.rowwise.RowwiseStep`).
+        """
+        return self._losses(model, guide, args, kwargs, training=True)
+
+    # ------------------------------------------------------------ the training action
+
+    @torch.no_grad()
+    def update(self, model, guide, *args, **kwargs):
+        """Commit the current guide and dictionary: the one call that changes state.
+
+        For the points in the arguments (the batch, or all points) it stores
+        their statistics at the current parameters in the running table (built
+        with one pass over the data if there is none and the arguments are a
+        minibatch), then writes lambda*, sigma^2* (of the whole table, or of the
+        evaluated data) into the model with ``model.assign_scales``.
+
+        :returns: the :class:`EntropyTerms` after the update: exact full-data
+            values for full-batch arguments, the running estimate for a minibatch.
+        """
+        evaluation = read_posterior(model, guide, args, kwargs, "EntropyELBO")
+        x, subsample, x_batch, posterior, dictionary = evaluation
+        table = self._tables.get((id(model), id(guide)))
+        keeps_table = self.minibatch_statistics == "running" and not posterior.is_joint
+        if subsample is not None and keeps_table:
+            check_distinct(subsample)
+            table = self._table(model, guide, x, dictionary, create=True)
+            table.store(subsample, PointStatistics.of(x_batch, posterior, dictionary, model.prior))
+            terms = entropy_terms(table.totals(), model.prior)
+        else:
+            terms = entropy_terms(BatchStatistics.of(evaluation, model.prior), model.prior)
+            if subsample is None and table is not None and table.belongs_to(model, guide, x):
+                # A full pass refreshes every row of an existing table (an exact resynchronisation).
+                table.store(None, PointStatistics.of(x, posterior, dictionary, model.prior))
+        terms.check_finite()
+        model.assign_scales(terms.prior_scale, terms.noise_var)
+        return terms
+
+    @torch.no_grad()
+    def update_scales(self, model, guide, x, terms=None):
+        """Write lambda*, sigma^2* into the model without evaluating again: :meth:`update` for steppers.
+
+        - ``terms=None``: those of the running table of ``(model, guide, x)`` (O(H)), for a
+          stepper whose training evaluation (:meth:`training_loss`) already stored the batch's rows;
+        - ``terms``: the full-data :class:`EntropyTerms` of the current parameters, which the
+          stepper evaluated last (:meth:`differentiable_loss_and_terms`). If a running table
+          belongs to ``(model, guide, x)`` this is :meth:`update` instead, which also refreshes it.
+
+        :returns: the :class:`EntropyTerms` written.
+        :raises ValueError: without ``terms``, if there is no running table for this model, guide and data.
+        """
+        table = self._tables.get((id(model), id(guide)))
+        has_table = table is not None and table.belongs_to(model, guide, x)
+        if terms is not None:
+            if has_table:
+                return self.update(model, guide, x)
+            terms = EntropyTerms(*(value.detach() if isinstance(value, torch.Tensor) else value for value in terms))
+            model.assign_scales(terms.prior_scale, terms.noise_var)
+            return terms
+        if not has_table:
+            raise ValueError("update_scales needs the running statistics of this model, guide and data tensor, "
+                             "which a minibatch training call (training_loss, loss_and_grads or update) builds")
+        terms = entropy_terms(table.totals(), model.prior)
+        terms.check_finite()
+        model.assign_scales(terms.prior_scale, terms.noise_var)
+        return terms
+
+    # ------------------------------------------------------------ checkpoints
+
+    def state_dict(self, model=None, guide=None, x=None):
+        """The annealing step and, given ``(model, guide, x)``, their running table (for checkpoints)."""
+        table = None if model is None else self._tables.get((id(model), id(guide)))
+        keep = table is not None and table.belongs_to(model, guide, x)
+        return {"annealing_step": self.annealing_step, "running": table.state_dict() if keep else None}
+
+    def load_state_dict(self, state, model=None, guide=None, x=None):
+        """Restore :meth:`state_dict`; a running table is re-attached to ``(model, guide, x)``."""
+        self.annealing_step = int(state["annealing_step"])
+        if state["running"] is not None:
+            if x is None or model is None or guide is None:
+                raise ValueError("restoring running statistics needs the model, guide and data x they belong to")
+            self._tables[(id(model), id(guide))] = RunningStatistics.from_state(model, guide, x, state["running"])
+
+    def _get_trace(self, model, guide, args, kwargs):
+        raise NotImplementedError("EntropyELBO is closed form: it draws no traces")
+
+
+class AnalyticELBO(ELBO):
+    r"""The standard ELBO in closed form, at the model's current lambda and sigma^2.
+
+    For Gaussian q^(n) (docs/theory.md, The ELBO and Gaussian posteriors), summing over data points::
+
+        F_n = E_q[log p(x^(n)|z)] + E_q[log p(z)] + H[q^(n)]
+            = - D/2 log(2 pi sigma^2) - E||x^(n) - W z||^2 / (2 sigma^2)
+              - sum_h [ log(2 lambda_h) + E|z_h| / lambda_h ] + H[q^(n)]
+
+    (the Laplace prior's cross-entropy; any prior of :mod:`pyro_esc.priors` gives its own
+    through ``model.prior.cross_entropy``).
+
+    The loss is -sum_n F_n (scaled by N / B for minibatches), like Pyro's
+    ``Trace_ELBO`` but exact. lambda and sigma^2 are read inside the model's
+    Pyro context, so SVI learns them by gradient. At Theorem 2's lambda*,
+    sigma^2* it equals :class:`EntropyELBO` exactly.
+    """
+
+    def __init__(self):
+        super().__init__(num_particles=1)
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        """-sum_n F_n as a differentiable tensor."""
+        stats = batch_statistics(model, guide, *args, **kwargs)
+        prior_scale, noise_var = model.read_scales()
+        batch, dim = stats.num_points, stats.data_dim
+        elbo_sum = (stats.entropy
+                    + batch * normal_log_normalizer(noise_var, dim)
+                    - stats.sq_error_sum / (2 * noise_var)
+                    - batch * model.prior.cross_entropy(stats.statistic_sum / batch, prior_scale))
+        loss = -(stats.num_data / batch) * elbo_sum
+        if not bool(torch.isfinite(loss)):
+            raise NonFiniteObjectiveError(
+                f"AnalyticELBO is not finite (entropy {float(stats.entropy):g}, squared error "
+                f"{float(stats.sq_error_sum):g}, sigma^2 {float(noise_var):g}, "
+                f"lambda in [{float(prior_scale.min()):g}, {float(prior_scale.max()):g}])")
+        return loss
+
+    def loss(self, model, guide, *args, **kwargs):
+        """-sum_n F_n as a float."""
+        with torch.no_grad():
+            return float(self.differentiable_loss(model, guide, *args, **kwargs))
+
+    def loss_and_grads(self, model, guide, *args, **kwargs):
+        """-sum_n F_n as a float; also backpropagates it into the parameters' ``.grad``."""
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        loss.backward(retain_graph=self.retain_graph)
+        return loss.item()
+
+    def _get_trace(self, model, guide, args, kwargs):
+        raise NotImplementedError("AnalyticELBO is closed form: it draws no traces")
+
+
+def entropy_elbo_per_point(model, guide, x):
+    """:func:`training_elbo` as the training loop evaluates it: in the current scope, on any x."""
+    with torch.no_grad():
+        return -EntropyELBO().loss(model, guide, x) / x.size(0)
+
+
+def analytic_elbo_per_point(model, guide, x):
+    """:func:`held_out_elbo` as the training loop evaluates it: in the current scope, on any x."""
+    with torch.no_grad():
+        return -AnalyticELBO().loss(model, guide, x) / x.size(0)

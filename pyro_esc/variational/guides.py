@@ -1,0 +1,554 @@
+"""Gaussian guides for :class:`~pyro_esc.SparseCoding` beyond Pyro's autoguides.
+
+- :class:`LocalMultivariateNormal`: one full-covariance Gaussian per data point,
+  q(z^(n)) = Normal(nu^(n), L^(n) L^(n)^T), created lazily from the model like
+  Pyro's ``AutoNormal`` and subsampled through the model's ``"data"`` plate.
+- :class:`AmortizedNormal`: an MLP encoder x -> (nu, covariance) with a diagonal,
+  low-rank-plus-diagonal or full covariance head, configurable depth, width,
+  residual blocks and activation, which also encodes data it has never seen.
+
+Both are ordinary Pyro guides (``Trace_ELBO``, ``TraceMeanField_ELBO`` and
+``Predictive`` run them) and both implement the guide protocol
+``gaussian_posterior(x, subsample=None)`` of :mod:`pyro_esc.posterior`, so the
+closed-form objectives read their parameters directly, without sampling.
+
+Writing a new Gaussian guide: see :mod:`pyro_esc.posterior` and the README
+section "Adding a Gaussian guide".
+"""
+
+import functools
+import numbers
+from contextlib import ExitStack
+from operator import attrgetter
+
+import torch
+from torch import nn
+
+import pyro
+import pyro.distributions as dist
+from pyro.distributions import constraints
+from pyro.infer.autoguide import AutoGuide, AutoNormal
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_feasible
+from pyro.infer.autoguide.utils import deep_setattr
+from pyro.nn import PyroModule, PyroParam, pyro_method
+from pyro.ops.tensor_utils import periodic_repeat
+
+from .._checks import check_data_cached, check_int, check_positive, check_subsample
+from .._pyro_internals import param_fullname
+from .posterior import GaussianPosterior
+from .rows import offers_row_access, substituted_rows
+
+__all__ = ["ACTIVATIONS", "AmortizedNormal", "LocalMultivariateNormal", "scale_tril_from_packed"]
+
+
+def inverse_softplus(value):
+    """softplus^-1(y) = log(expm1(y)) = y + log(-expm1(-y)), stable for small and large y > 0.
+
+    Elementwise on a tensor (y <= 0, which softplus never gives, is clamped to the dtype's
+    smallest positive number), or on a Python float.
+    """
+    if not isinstance(value, torch.Tensor):
+        return float(inverse_softplus(torch.tensor(value, dtype=torch.float64)))
+    value = value.clamp_min(torch.finfo(value.dtype).tiny)
+    return value + torch.log(-torch.expm1(-value))
+
+
+def scale_tril_from_packed(diagonal, off_diagonal):
+    """Assemble lower-triangular Cholesky factors from their packed entries.
+
+        L_hh = diagonal_h,   L_ij = off_diagonal_k  for i > j, k running row by row
+        (the order of ``torch.tril_indices(H, H, -1)``)
+
+    :param torch.Tensor diagonal: the diagonals, shape (..., H) (positive for a valid factor).
+    :param torch.Tensor off_diagonal: the strictly lower entries, shape (..., H (H - 1) / 2).
+    :returns: L, shape (..., H, H).
+    """
+    n_latents = diagonal.size(-1)
+    expected = tuple(diagonal.shape[:-1]) + (n_latents * (n_latents - 1) // 2,)
+    if tuple(off_diagonal.shape) != expected:
+        raise ValueError(f"off_diagonal must have shape {expected} "
+                         f"for diagonal of shape {tuple(diagonal.shape)}, got {tuple(off_diagonal.shape)}")
+    flat = _packed_positions(n_latents, diagonal.device)
+    values = torch.cat([diagonal, off_diagonal], -1)
+    batch = values.shape[:-1]
+    tril = values.new_zeros(batch + (n_latents * n_latents,)).index_copy(-1, flat, values)
+    return tril.reshape(batch + (n_latents, n_latents))
+
+
+@functools.lru_cache(maxsize=None)
+def _packed_positions(n_latents, device):
+    # Flat positions in an H x H matrix: the diagonal first, then tril_indices(H, H, -1).
+    rows, columns = torch.tril_indices(n_latents, n_latents, -1, device=device)
+    return torch.cat([torch.arange(n_latents, device=device) * (n_latents + 1), rows * n_latents + columns])
+
+
+def _is_real(support):
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support is constraints.real
+
+
+class LocalMultivariateNormal(AutoGuide):
+    r"""One full-covariance Gaussian per data point, created lazily from the model.
+
+    For every latent site of the model (for :class:`~pyro_esc.SparseCoding`, the
+    site ``"z"``) and every data point n::
+
+        q(z^(n)) = Normal(nu^(n), T^(n)),   T^(n) = L^(n) L^(n)^T,
+        L^(n) lower triangular with L_hh = softplus(r_hh) > 0
+
+    Parameters per site: ``locs.<site>`` (N, H), ``scale_diags.<site>`` (N, H)
+    and ``scale_offdiags.<site>`` (N, H (H - 1) / 2), the strictly lower entries
+    of L packed row by row (see :func:`scale_tril_from_packed`): N H (H + 3) / 2
+    numbers in all, never N^2. Unlike ``AutoMultivariateNormal`` (one Gaussian
+    over all N H latents, (N H)^2 numbers), points are independent, so the guide
+    scales to large N and supports minibatches.
+
+    The diagonal is positive through softplus, as in Pyro's ``AutoNormal``
+    (``softplus_positive``): for the small scales that posteriors reach,
+    softplus is close to exp, so Adam's steps change L_hh by a relative amount
+    and the entropy sum_h log L_hh is nearly linear in the parameter; for large
+    values it is linear, so a large step cannot blow a scale up by a factor
+    e^step as exp would. The diagonal is a separate parameter so that the
+    constraint applies to it alone.
+
+    All parameters carry ``event_dim=1``, so inside the ``"data"`` plate
+    Pyro slices them to the minibatch. By default the guide takes its plates
+    from ``model.create_plates`` (when the model has it, as SparseCoding
+    does), so ``guide(x, subsample=idx)`` and ``subsample_size`` follow the
+    model. Initialisation: nu from ``init_loc_fn`` (zeros by default, the
+    prior's centre), L = ``init_scale`` * I.
+
+    The latent sites must be real-valued vectors (event shape (H,)) in one
+    plate at dim -1. :meth:`gaussian_posterior` (the protocol of
+    :mod:`pyro_esc.posterior`) reads the parameters directly, so
+    :class:`~pyro_esc.EntropyELBO` never samples.
+
+    :param callable model: the Pyro model (e.g. a :class:`~pyro_esc.SparseCoding`).
+    :param callable init_loc_fn: per-site initialisation of the means
+        (see Pyro's ``autoguide.initialization``); default ``init_to_feasible`` (zeros).
+    :param float init_scale: initial L = init_scale * I; default 0.1.
+    :param callable create_plates: plates for ``guide(*args, **kwargs)`` as for
+        any autoguide; default ``model.create_plates`` if the model has one.
+    """
+
+    def __init__(self, model, *, init_loc_fn=init_to_feasible, init_scale=0.1, create_plates=None):
+        self.init_loc_fn = init_loc_fn
+        self._init_scale = check_positive(init_scale, "init_scale")
+        if create_plates is None:
+            create_plates = getattr(model, "create_plates", None)
+        super().__init__(InitMessenger(init_loc_fn)(model), create_plates=create_plates)
+
+    def _setup_prototype(self, *args, **kwargs):
+        super()._setup_prototype(*args, **kwargs)
+        self.locs = PyroModule()
+        self.scale_diags = PyroModule()
+        self.scale_offdiags = PyroModule()
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            value = site["value"].detach()
+            frames = [frame for frame in site["cond_indep_stack"] if frame.vectorized]
+            if (not _is_real(site["fn"].support) or site["fn"].event_dim != 1 or value.dim() != 2
+                    or len(frames) != 1 or frames[0].dim != -1):
+                raise ValueError(
+                    f"LocalMultivariateNormal needs every latent site to be a real vector (event shape (H,)) "
+                    f"in one plate at dim -1; site {name!r} has support {site['fn'].support}, value shape "
+                    f"{tuple(value.shape)} and plates {[frame.name for frame in frames]}")
+            frame = frames[0]
+            full_size = frame.full_size or frame.size
+            loc = value.clone()
+            if full_size != frame.size:
+                # The prototype ran on a minibatch: repeat it to all points, as AutoNormal does.
+                loc = periodic_repeat(loc, full_size, 0).contiguous()
+            n_latents = loc.size(-1)
+            diagonal = torch.full_like(loc, self._init_scale)
+            off_diagonal = loc.new_zeros(full_size, n_latents * (n_latents - 1) // 2)
+            deep_setattr(self.locs, name, PyroParam(loc, constraints.real, event_dim=1))
+            deep_setattr(self.scale_diags, name, PyroParam(diagonal, constraints.softplus_positive, event_dim=1))
+            deep_setattr(self.scale_offdiags, name, PyroParam(off_diagonal, constraints.real, event_dim=1))
+
+    def _site_params(self, name):
+        # Read inside a plate, these are the minibatch's rows (event_dim=1).
+        loc = attrgetter(name)(self.locs)
+        diagonal = attrgetter(name)(self.scale_diags)
+        off_diagonal = attrgetter(name)(self.scale_offdiags)
+        return loc, diagonal, off_diagonal
+
+    def forward(self, *args, **kwargs):
+        """Sample every latent site from its per-point MultivariateNormal.
+
+        Takes the model's arguments; returns a dict from site name to sample.
+        """
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        plates = self._create_plates(*args, **kwargs)
+        result = {}
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            with ExitStack() as stack:
+                for frame in site["cond_indep_stack"]:
+                    if frame.vectorized:
+                        stack.enter_context(plates[frame.name])
+                loc, diagonal, off_diagonal = self._site_params(name)
+                scale_tril = scale_tril_from_packed(diagonal, off_diagonal)
+                result[name] = pyro.sample(name, dist.MultivariateNormal(loc, scale_tril=scale_tril))
+        return result
+
+    @pyro_method
+    def gaussian_posterior(self, x, subsample=None):
+        """The protocol of :mod:`pyro_esc.posterior`: q(z | x) for the points x[subsample].
+
+        Reads the parameters of site ``"z"`` without sampling; with ``subsample``
+        only the batch's rows are unpacked.
+
+        :param torch.Tensor x: all N data points, as passed to the model.
+        :param torch.Tensor subsample: optional indices of the minibatch.
+        :rtype: ~pyro_esc.GaussianPosterior
+        """
+        x = check_data_cached(x, "x")
+        subsample = check_subsample(subsample, x.size(0))
+        if self.prototype_trace is None:
+            self._setup_prototype(x, **({} if subsample is None else {"subsample": subsample}))
+        if "z" not in self.prototype_trace.nodes:
+            raise ValueError("LocalMultivariateNormal was built for a model without a latent site 'z'")
+        rows = substituted_rows(self.per_point_parameters(), subsample)
+        if rows is not None:
+            # The row-wise step hands over the batch's rows (pyro_esc.rows): nothing O(N) is read.
+            loc, diagonal, off_diagonal = rows
+            return GaussianPosterior.from_scale_tril(loc, scale_tril_from_packed(diagonal, off_diagonal))
+        loc, diagonal, off_diagonal = self._site_params("z")
+        if loc.size(0) != x.size(0):
+            raise ValueError(f"LocalMultivariateNormal holds parameters for {loc.size(0)} data points, "
+                             f"but x has {x.size(0)}; build a new guide for this data")
+        if subsample is not None:
+            loc, diagonal, off_diagonal = (value.index_select(0, subsample) for value in (loc, diagonal, off_diagonal))
+        return GaussianPosterior.from_scale_tril(loc, scale_tril_from_packed(diagonal, off_diagonal))
+
+    def per_point_parameters(self):
+        """Param-store names of the per-point parameters of site ``"z"`` (see :mod:`pyro_esc.rows`).
+
+        In the order (means, diagonals of L, packed off-diagonals of L); None before the guide has run.
+        """
+        if self.prototype_trace is None or "z" not in self.prototype_trace.nodes:
+            return None
+        return [param_fullname(module, "z") for module in (self.locs, self.scale_diags, self.scale_offdiags)]
+
+    @torch.no_grad()
+    def median(self, *args, **kwargs):
+        """The posterior median (= mean) of every latent site, shape (N, H), as a dict.
+
+        Takes the model's arguments (used only to set the guide up if it has never run).
+        """
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        return {name: self._read_loc(name).detach().clone() for name, _ in self.prototype_trace.iter_stochastic_nodes()}
+
+    @pyro_method
+    def _read_loc(self, name):
+        return attrgetter(name)(self.locs)
+
+
+#: Activations of :class:`AmortizedNormal` by name (an ``nn.Module`` class, built without arguments).
+ACTIVATIONS = {
+    "elu": nn.ELU,
+    "relu": nn.ReLU,
+    "relu6": nn.ReLU6,
+    "leaky_relu": nn.LeakyReLU,
+    "tanh": nn.Tanh,
+    "softplus": nn.Softplus,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+}
+#: Covariance heads of :class:`AmortizedNormal`.
+COVARIANCES = ("diag", "lowrank", "full")
+#: The low-rank head's default rank (capped at H), as in the authors' encoders.
+DEFAULT_RANK = 5
+#: The low-rank head's default floor on the diagonal scales s (the authors add 1e-3 too): without
+#: one, a line search can drive s to 0 and the determinant lemma's R x R capacitance overflows.
+DEFAULT_LOWRANK_MIN_SCALE = 1e-3
+
+
+def _check_activation(activation):
+    # Returns (name or None, module class).
+    if isinstance(activation, str):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)} or an nn.Module class, "
+                             f"got {activation!r}")
+        return activation, ACTIVATIONS[activation]
+    if isinstance(activation, type) and issubclass(activation, nn.Module):
+        names = [name for name, cls in ACTIVATIONS.items() if cls is activation]
+        return (names[0] if names else None), activation
+    raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)} or an nn.Module class, got {activation!r}")
+
+
+class _ResidualBlock(PyroModule):
+    """h -> h + B act(A h + a) + b: one residual block of the encoder's trunk."""
+
+    def __init__(self, width, inner, activation):
+        super().__init__()
+        # PyroModule layers, so that their parameters enter Pyro's param store (and SVI trains them).
+        self.inner = PyroModule[nn.Linear](width, inner)
+        self.outer = PyroModule[nn.Linear](inner, width)
+        self.activation = activation()
+
+    def forward(self, features):
+        return features + self.outer(self.activation(self.inner(features)))
+
+    def reset_parameters(self):
+        self.inner.reset_parameters()
+        self.outer.reset_parameters()
+
+
+class AmortizedNormal(PyroModule):
+    r"""An amortised Gaussian guide: an MLP encoder x -> q(z | x).
+
+    For a data point x (shape (D,))::
+
+        h   = trunk(x)                (Linear + activation layers of sizes ``hidden``, then
+                                       ``blocks`` residual blocks h <- h + B act(A h + a) + b
+                                       of inner width ``block_width``)
+        nu  = M h + m                 (mean, shape (H,))
+        diag:     q(z | x) = Normal(nu, diag(s)^2),             s = softplus(S h + c) + min_scale
+        lowrank:  q(z | x) = Normal(nu, F F^T + diag(s)^2),     F = (R h + r) as (H, rank)
+        full:     q(z | x) = Normal(nu, L L^T),  L_hh = s_h, L_ij (i > j) from
+                  C h + c' packed row by row (H (H - 1) / 2 outputs)
+
+    The default activation is ELU: smooth and without dead units, so every unit
+    learns from the start. The authors' encoders (Velychko et al. 2024) are, in
+    these terms, ``hidden=(10 D, 10 D), activation="relu6", covariance="lowrank",
+    rank=5`` (they use separate networks per head; here the heads share the trunk)
+    and ``hidden=(2 D,), blocks=2, block_width=3 D`` (residual).
+
+    Initialisation, so that training starts from the same useful posteriors
+    as the local guides (nu = 0, L = ``init_scale`` * I) for every input: the
+    output layers start with weights ``out_init`` times their default and
+    biases 0, except the scales' bias, softplus^-1(init_scale); the low-rank
+    factor F then starts small (entries of order ``out_init``), but not exactly
+    0, which would be a stationary point of the ELBO in F. Residual blocks start
+    with their second layer scaled by ``out_init`` too, so at the start a block is
+    nearly the identity. The other hidden layers keep PyTorch's default initialisation.
+
+    It has the model's call signature, ``guide(x, subsample=None,
+    subsample_size=None)``, with x all N points, and encodes only x[subsample]
+    inside a plate ``"data"`` (dim -1), so minibatches work as for the model.
+    :meth:`encode` encodes any x (e.g. held-out data); :meth:`gaussian_posterior`
+    is the protocol of :mod:`pyro_esc.posterior` (no sampling), for the low-rank
+    head a :class:`~pyro_esc.posterior.LowRankGaussianPosterior` (entropy by the
+    matrix determinant lemma, an R x R Cholesky factor per point).
+
+    Parameters follow the data's dtype and device: on the first call the
+    module is moved to x's (its parameters keep their identity).
+
+    :param int data_dim: D.
+    :param int n_latents: H.
+    :param tuple hidden: sizes of the hidden layers; default (100,). Empty: a linear encoder
+        (or, with ``blocks``, residual blocks of width D). With many latents make the layer
+        wider than H: on whitened patches with H = 144 the default learns a far worse
+        dictionary than one layer of 500 (BENCHMARKS.md, "Which encoder for the patches").
+    :param str covariance: ``"diag"`` (default), ``"lowrank"`` or ``"full"``.
+    :param float init_scale: initial posterior standard deviation; default 0.1.
+    :param float out_init: factor on the output layers' initial weights; default 0.01.
+    :param activation: the hidden layers' nonlinearity: a name of :data:`ACTIVATIONS`
+        (default ``"elu"``) or an ``nn.Module`` class built without arguments (and without parameters).
+    :param int blocks: residual blocks after the hidden layers; default 0.
+    :param int block_width: inner width of the residual blocks; default 3/2 of their width
+        (the last hidden size, or D), as the authors' 2 D -> 3 D -> 2 D blocks.
+    :param int rank: rank R of the low-rank head (``covariance="lowrank"`` only); default min(5, H).
+    :param float min_scale: a floor added to the scales, s = softplus(.) + min_scale; default
+        :data:`DEFAULT_LOWRANK_MIN_SCALE` for ``"lowrank"``, else 0.
+    """
+
+    def __init__(self, data_dim, n_latents, hidden=(100,), covariance="diag", init_scale=0.1, out_init=0.01, *,
+                 activation="elu", blocks=0, block_width=None, rank=None, min_scale=None):
+        super().__init__(name=type(self).__name__)
+        self.data_dim = check_int(data_dim, "data_dim")
+        self.n_latents = check_int(n_latents, "n_latents")
+        if isinstance(hidden, (int, str)) or not all(isinstance(size, int) for size in hidden):
+            raise ValueError(f"hidden must be a tuple of layer sizes (integers >= 1), got {hidden!r}")
+        self.hidden = tuple(check_int(size, "hidden") for size in hidden)
+        if covariance not in COVARIANCES:
+            raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
+        self.covariance = covariance
+        if covariance == "lowrank":
+            self.rank = min(DEFAULT_RANK, self.n_latents) if rank is None else check_int(rank, "rank")
+        elif rank is not None:
+            raise ValueError(f"rank applies to covariance='lowrank', not {covariance!r}")
+        else:
+            self.rank = None
+        self.activation_name, self._activation = _check_activation(activation)
+        self.blocks = check_int(blocks, "blocks", minimum=0)
+        width = self.hidden[-1] if self.hidden else self.data_dim
+        self.block_width = (max(1, round(1.5 * width)) if block_width is None
+                            else check_int(block_width, "block_width"))
+        if block_width is not None and not self.blocks:
+            raise ValueError("block_width applies to residual blocks (blocks >= 1)")
+        init_scale = check_positive(init_scale, "init_scale")
+        if min_scale is None:
+            min_scale = DEFAULT_LOWRANK_MIN_SCALE if covariance == "lowrank" else 0.0
+        if isinstance(min_scale, bool) or not isinstance(min_scale, numbers.Real) or not 0 <= min_scale < init_scale:
+            raise ValueError(f"min_scale must be a number >= 0 and below init_scale = {init_scale:g}, "
+                             f"got {min_scale!r}")
+        self.min_scale = float(min_scale)
+        out_init = float(out_init)
+        if not out_init >= 0:
+            raise ValueError(f"out_init must be >= 0, got {out_init!r}")
+
+        sizes = (self.data_dim,) + self.hidden
+        self.layers = PyroModule[nn.ModuleList](
+            [PyroModule[nn.Linear](a, b) for a, b in zip(sizes[:-1], sizes[1:])])
+        self.residual_blocks = PyroModule[nn.ModuleList](
+            [_ResidualBlock(width, self.block_width, self._activation) for _ in range(self.blocks)])
+        self.nonlinearity = self._activation()
+        self.loc_layer = PyroModule[nn.Linear](width, self.n_latents)
+        self.scale_layer = PyroModule[nn.Linear](width, self.n_latents)
+        if covariance == "full":
+            num_off = self.n_latents * (self.n_latents - 1) // 2
+        elif covariance == "lowrank":
+            num_off = self.n_latents * self.rank
+        else:
+            num_off = 0
+        # "off_diagonal_layer" holds L's strictly lower entries (full) or the factor F (lowrank).
+        self.off_diagonal_layer = PyroModule[nn.Linear](width, num_off) if num_off else None
+        self._init_scale, self._out_init = init_scale, out_init
+        self._initialize_outputs()
+        # A buffer, so a checkpoint remembers that the parameters were matched to data.
+        self.register_buffer("matched", torch.tensor(False))
+
+    @torch.no_grad()
+    def _initialize_outputs(self):
+        for layer in (self.loc_layer, self.scale_layer, self.off_diagonal_layer):
+            if layer is not None:
+                layer.weight.mul_(self._out_init)
+                layer.bias.zero_()
+        self.scale_layer.bias.fill_(inverse_softplus(self._init_scale - self.min_scale))
+        for block in self.residual_blocks:
+            block.outer.weight.mul_(self._out_init)
+            block.outer.bias.zero_()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Draw a fresh initialisation in place (torch's RNG), as at construction.
+
+        The parameters keep their identity, so the param store stays attached;
+        :func:`~pyro_esc.fit` calls it for each restart (``n_init``).
+        """
+        for layer in list(self.layers) + list(self.residual_blocks) + [self.loc_layer, self.scale_layer,
+                                                                        self.off_diagonal_layer]:
+            if layer is not None:
+                layer.reset_parameters()
+        self._initialize_outputs()
+
+    def config(self):
+        """The constructor's arguments as plain values: ``AmortizedNormal(**guide.config())`` rebuilds it.
+
+        :raises ValueError: if the activation is a class not named in :data:`ACTIVATIONS`.
+        """
+        if self.activation_name is None:
+            raise ValueError(f"the activation {self._activation.__name__} has no name in "
+                             f"pyro_esc.guides.ACTIVATIONS: only named activations can be stored as plain values")
+        config = {"data_dim": self.data_dim, "n_latents": self.n_latents, "hidden": list(self.hidden),
+                  "covariance": self.covariance, "init_scale": self._init_scale, "out_init": self._out_init,
+                  "activation": self.activation_name, "blocks": self.blocks, "min_scale": self.min_scale}
+        if self.blocks:
+            config["block_width"] = self.block_width
+        if self.rank is not None:
+            config["rank"] = self.rank
+        return config
+
+    def extra_repr(self):
+        text = f"data_dim={self.data_dim}, n_latents={self.n_latents}, hidden={self.hidden}, " \
+               f"covariance={self.covariance!r}"
+        if self.rank is not None:
+            text += f", rank={self.rank}"
+        if self.blocks:
+            text += f", blocks={self.blocks}, block_width={self.block_width}"
+        return text + f", activation={self.activation_name or self._activation.__name__!r}"
+
+    def _match(self, x):
+        # Follow the first data's dtype and device (nn.Module.to keeps parameter identity);
+        # later a mismatch is the user's error, as for the model.
+        weight = self.loc_layer._parameters["weight"]
+        if weight.dtype == x.dtype and weight.device == x.device:
+            return
+        if bool(self.matched):
+            raise ValueError(f"x has dtype {x.dtype} on {x.device}, but the guide's parameters are "
+                             f"{weight.dtype} on {weight.device}; convert x or the guide (guide.to(...))")
+        self.to(dtype=x.dtype, device=x.device)
+
+    @pyro_method
+    def encode(self, x):
+        """Encode data points: the posterior means and covariance parameters for each row of x.
+
+        :param torch.Tensor x: data, shape (B, D) (any points, seen in training or not).
+        :returns: ``(loc, scale)``: loc (B, H); scale (B, H) standard deviations for
+            ``covariance="diag"``, (B, H, H) Cholesky factors for ``"full"``, or for
+            ``"lowrank"`` the pair ``(cov_factor, cov_diag)``, F (B, H, R) and the
+            variances diag(s)^2 (B, H), as ``LowRankMultivariateNormal`` takes them.
+        """
+        x = check_data_cached(x, "x", self.data_dim)
+        self._match(x)
+        if not bool(self.matched):
+            self.matched.fill_(True)
+        features = x
+        for layer in self.layers:
+            features = self.nonlinearity(layer(features))
+        for block in self.residual_blocks:
+            features = block(features)
+        loc = self.loc_layer(features)
+        diagonal = nn.functional.softplus(self.scale_layer(features))
+        if self.min_scale:
+            diagonal = diagonal + self.min_scale
+        if self.covariance == "diag":
+            return loc, diagonal
+        if self.covariance == "lowrank":
+            factor = self.off_diagonal_layer(features).reshape(features.shape[:-1] + (self.n_latents, self.rank))
+            return loc, (factor, diagonal.square())
+        # With H = 1 there is no off-diagonal entry (and no layer for it).
+        off_diagonal = (diagonal[..., :0] if self.off_diagonal_layer is None
+                        else self.off_diagonal_layer(features))
+        return loc, scale_tril_from_packed(diagonal, off_diagonal)
+
+    def forward(self, x, subsample=None, subsample_size=None):
+        """Sample z ~ q(z | x^(n)) for the points of the ``"data"`` plate (the model's arguments).
+
+        :returns: z, shape (B, H).
+        """
+        x = check_data_cached(x, "x", self.data_dim)
+        subsample = check_subsample(subsample, x.size(0))
+        with pyro.plate("data", x.size(0), subsample=subsample, subsample_size=subsample_size, dim=-1) as index:
+            # As in the model: a full-size index is no subsample (Pyro slices nothing then).
+            x_batch = x if index.size(0) == x.size(0) else x.index_select(0, index)
+            loc, scale = self.encode(x_batch)
+            if self.covariance == "diag":
+                return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+            if self.covariance == "lowrank":
+                return pyro.sample("z", dist.LowRankMultivariateNormal(loc, *scale))
+            return pyro.sample("z", dist.MultivariateNormal(loc, scale_tril=scale))
+
+    @pyro_method
+    def gaussian_posterior(self, x, subsample=None):
+        """The protocol of :mod:`pyro_esc.posterior`: q(z | x) for the points x[subsample].
+
+        :param torch.Tensor x: all N data points, as passed to the model.
+        :param torch.Tensor subsample: optional indices of the minibatch.
+        :rtype: ~pyro_esc.GaussianPosterior
+        """
+        x = check_data_cached(x, "x", self.data_dim)
+        subsample = check_subsample(subsample, x.size(0))
+        loc, scale = self.encode(x if subsample is None else x.index_select(0, subsample))
+        if self.covariance == "diag":
+            return GaussianPosterior.from_scale(loc, scale)
+        if self.covariance == "lowrank":
+            return GaussianPosterior.from_low_rank(loc, *scale)
+        return GaussianPosterior.from_scale_tril(loc, scale)
+
+
+def covariance_family(guide):
+    """``"diag"`` for ``AutoNormal``, ``"full"`` for :class:`~pyro_esc.LocalMultivariateNormal`, else None.
+
+    The one switch on a guide's covariance family: the EM route, the per-point solver (encode), the
+    standard units of fit and the estimator ask it. These two families have one Gaussian per point.
+    """
+    if isinstance(guide, LocalMultivariateNormal):
+        return "full"
+    if type(guide) is AutoNormal and offers_row_access(guide):
+        return "diag"
+    return None
