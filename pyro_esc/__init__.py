@@ -4,21 +4,21 @@ Implements "Learning Sparse Codes with Entropy-Based ELBOs" (Velychko, Damm,
 Fischer, Lücke; AISTATS 2024) on top of Pyro and PyTorch.
 """
 
-from .distributions import kl  # noqa: F401 - registers the closed-form KL(Gaussian || Laplace) with torch
-from .train.em import EM
 from .apps.encoding import encode
+from .apps.warm_start import fit_amortized
+from .distributions import kl  # noqa: F401 - registers the closed-form KL(Gaussian || Laplace) with torch
 from .evaluate.elbo import held_out_elbo, reference_elbo, training_elbo
-from .variational.guides import AmortizedNormal, LocalMultivariateNormal
 from .evaluate.likelihood import LogLikelihood, log_likelihood
-from .models.sparse_coding import SparseCoding
 from .infer.objectives import AnalyticELBO, EntropyELBO, NonFiniteObjectiveError
-from .variational.posterior import GaussianPosterior, gaussian_posterior
-from .variational.semi_amortized import SemiAmortized
-from .saving import load, save
 from .infer.solver import SolvedPosteriors, solve_posteriors
+from .models.sparse_coding import SparseCoding
+from .saving import load, save
+from .train.em import EM
 from .train.history import History
 from .train.loop import fit
-from .apps.warm_start import fit_amortized
+from .variational.guides import AmortizedNormal, LocalMultivariateNormal
+from .variational.posterior import GaussianPosterior, gaussian_posterior
+from .variational.semi_amortized import SemiAmortized
 
 __version__ = "0.1.0"
 

@@ -22,8 +22,8 @@ import pyro
 from . import experiments
 from ._checks import check_device
 from .infer.annealing import Annealing
-from .train.em import DEFAULT_CHUNK, DEFAULT_MOMENTUM, EM, MIN_CHUNK
 from .priors import registered_priors
+from .train.em import DEFAULT_CHUNK, DEFAULT_MOMENTUM, EM, MIN_CHUNK
 
 
 #: ``pyro-esc patches``' step limit when neither --steps nor --epochs is given.

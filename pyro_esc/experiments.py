@@ -28,17 +28,19 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 from . import plots
+from .apps.warm_start import fit_amortized
 from .data import Whitening, bars, image_patches
 from .evaluate.elbo import reference_elbo
-from .variational.guides import AmortizedNormal, LocalMultivariateNormal
 from .evaluate.metrics import bars_recovery, code_sparseness, field_spread
-from .models.sparse_coding import SparseCoding
 from .infer.objectives import AnalyticELBO, EntropyELBO
-from .variational.posterior import gaussian_posterior
-from .train.history import History
+from .models.sparse_coding import SparseCoding
 from .train.em import EM
-from .train.loop import AMORTIZED_LR, auto_route, bars_optimizer, decaying_adam, fit  # noqa: F401 - public here too
-from .apps.warm_start import fit_amortized
+from .train.history import History
+from .train.loop import fit
+from .train.options import auto_route
+from .train.recipes import AMORTIZED_LR, bars_optimizer, decaying_adam  # noqa: F401 - public here too
+from .variational.guides import AmortizedNormal, LocalMultivariateNormal
+from .variational.posterior import gaussian_posterior
 
 #: Guides by the names the command line uses.
 GUIDES = ("local-full", "local-diag", "amortized-full", "amortized-diag", "amortized-lowrank", "joint-full")

@@ -26,9 +26,9 @@ import pyro
 from ._files import read_plain
 from ._pyro_internals import module_name, param_fullname
 from .data.whitening import Whitening
-from .variational.guides import AmortizedNormal, LocalMultivariateNormal
 from .models.sparse_coding import MODEL_PARAMETERS, SparseCoding
 from .priors import get_prior
+from .variational.guides import AmortizedNormal, LocalMultivariateNormal
 
 __all__ = ["MODEL_FORMAT", "Loaded", "load", "save"]
 

@@ -27,11 +27,12 @@ import torch
 from pyro.infer.autoguide import AutoNormal
 
 from .._checks import check_int
+from ..infer.solver import solve_posteriors
+from ..models.sparse_coding import SparseCoding
 from ..train._isolation import isolated
 from ..train.convergence import ConvergenceWarning
+from ..train.loop import fit
 from .encoding import fixed_copy
-from ..models.sparse_coding import SparseCoding
-from ..infer.solver import solve_posteriors
 
 __all__ = ["DEFAULT_STEPS", "Denoised", "default_latents", "denoise", "learn_dictionary"]
 
@@ -111,8 +112,6 @@ def learn_dictionary(image, patch_size=7, n_latents=None, max_patches=10000, see
     :param fit_options: further arguments of :func:`~pyro_esc.fit` (e.g. ``steps``, ``optimizer``).
     :returns: the trained model.
     """
-    from ..train.loop import fit
-
     image = _image(image)
     size = check_int(patch_size, "patch_size")
     x, _ = _patches(image, size, check_int(max_patches, "max_patches"), seed)
@@ -160,8 +159,6 @@ def denoise(image, patch_size=7, model=None, n_latents=None, max_patches=10000, 
         given dictionary and lambda*, sigma^2* of the noisy patches.
     """
     from sklearn.feature_extraction.image import reconstruct_from_patches_2d
-
-    from ..train.loop import fit
 
     image = _image(image)
     size = check_int(patch_size, "patch_size")

@@ -18,13 +18,14 @@ from pyro.infer.autoguide import (
     AutoMultivariateNormal,
 )
 from .._checks import check_data
+from ..infer.objectives import AnalyticELBO
+from ..infer.solver import DEFAULT_MAX_ITER, DEFAULT_TOL, solve_posteriors
+from ..models.sparse_coding import SparseCoding
 from ..train._isolation import isolated
 from ..train.convergence import ConvergenceWarning
+from ..train.loop import fit
 from ..variational.guides import covariance_family
-from ..models.sparse_coding import SparseCoding
-from ..infer.objectives import AnalyticELBO
 from ..variational.posterior import gaussian_posterior
-from ..infer.solver import DEFAULT_MAX_ITER, DEFAULT_TOL, solve_posteriors
 
 __all__ = ["encode"]
 
@@ -122,8 +123,6 @@ def encode(model, guide, x, seed=0, tol=None, max_iter=None, **fit_options):
 
 
 def _fit(model, guide, x, seed, fit_options):
-    from ..train.loop import fit
-
     return fit(model, guide, x, loss=AnalyticELBO(), optimizer="lbfgs", train_model=False, seed=seed, **fit_options)
 
 

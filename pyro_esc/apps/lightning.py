@@ -68,10 +68,10 @@ from pyro.infer.elbo import ELBOModule
 from torch.nn.parallel import DistributedDataParallel
 
 from .._checks import check_data, check_int
-from ..models.sparse_coding import SparseCoding
 from ..infer.objectives import EntropyELBO, entropy_terms
-from ..variational.posterior import gaussian_posterior
 from ..infer.statistics import BatchStatistics, PointStatistics, RunningStatistics, check_distinct, read_posterior
+from ..models.sparse_coding import SparseCoding
+from ..variational.posterior import gaussian_posterior
 
 __all__ = ["SparseCodingDataModule", "SparseCodingModule", "all_reduce_sum", "shard_ranges",
            "sum_gradients_hook"]

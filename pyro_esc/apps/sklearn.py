@@ -23,14 +23,15 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from pyro.infer.autoguide import AutoNormal
 
-from ..train._isolation import isolated
-from .encoding import encode
 from ..evaluate.elbo import held_out_elbo
-from ..variational.guides import AmortizedNormal, LocalMultivariateNormal
 from ..models.sparse_coding import SparseCoding
 from ..priors import get_prior
-from ..train.loop import ConvergenceWarning as FitConvergenceWarning
+from ..train._isolation import isolated
+from ..train.convergence import ConvergenceWarning as FitConvergenceWarning
 from ..train.loop import fit as _fit
+from ..train.recipes import bars_optimizer
+from ..variational.guides import AmortizedNormal, LocalMultivariateNormal
+from .encoding import encode
 
 __all__ = ["LOCAL_GUIDE_EXPECTED_FAILED_CHECKS", "SparseCodingEstimator"]
 
@@ -243,8 +244,6 @@ class SparseCodingEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
             if solver in ("em", "lbfgs"):
                 options = dict(optimizer=solver, tol=float(self.tol), steps=self.max_iter)
             else:
-                from ..train.loop import bars_optimizer
-
                 steps = ADAM_DEFAULT_STEPS if self.max_iter is None else int(self.max_iter)
                 options = dict(optimizer="svi", steps=steps,
                                optim=bars_optimizer(guide, steps, float(self.learning_rate)))

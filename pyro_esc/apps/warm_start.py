@@ -61,11 +61,13 @@ from tqdm.std import tqdm
 from .._checks import check_int, check_positive
 from .._pyro_internals import module_name
 from ..evaluate.elbo import held_out_elbo
-from ..variational.guides import AmortizedNormal, LocalMultivariateNormal
-from ..train.history import BATCH, EXACT, History
-from ..models.sparse_coding import MODEL_PARAMETERS, SparseCoding
 from ..infer.objectives import AnalyticELBO, EntropyELBO, NonFiniteObjectiveError
+from ..models.sparse_coding import MODEL_PARAMETERS, SparseCoding
+from ..train.history import BATCH, EXACT, History
+from ..train.loop import fit
+from ..train.options import _prepare_data
 from ..train.steppers import trainable_parameters
+from ..variational.guides import AmortizedNormal, LocalMultivariateNormal
 
 __all__ = ["AmortizedHistory", "fit_amortized", "DEFAULT_ENCODER_STEPS", "DEFAULT_MODEL_SAMPLES",
            "DEFAULT_SAMPLE_STEPS", "DEFAULT_SAMPLE_LR"]
@@ -155,7 +157,6 @@ def fit_amortized(model, encoder, data, loss=None, *, learn_dictionary=True, enc
         AmortizedNormal, a sampled objective or minibatches, a fit option the stages set
         themselves, or ``learn_dictionary=False`` with a model that was never initialised.
     """
-    from ..train.loop import _prepare_data, fit
 
     if not isinstance(model, SparseCoding):
         raise ValueError(f"model must be a pyro_esc.SparseCoding, got {type(model).__name__}")

@@ -23,8 +23,9 @@ training data's lambda*, sigma^2*, so on the training data the two agree.
 
 import torch
 
-from ..train._isolation import check_tied_to, isolated, own_parameters
 from ..infer.objectives import AnalyticELBO, EntropyELBO, analytic_elbo_per_point, entropy_elbo_per_point  # noqa: F401
+from ..train._isolation import check_tied_to, isolated, own_parameters
+from ..train.loop import fit
 
 
 def training_elbo(model, guide, x):
@@ -95,8 +96,6 @@ def reference_elbo(x, dictionary, guide="local-full", seed=0, prior="laplace", *
     from ..variational.guides import covariance_family
     from ..variational.guides import LocalMultivariateNormal
     from ..models.sparse_coding import SparseCoding
-    from ..train.loop import fit
-
     x = x.to(torch.float64)
     dictionary = torch.as_tensor(dictionary).to(x)
     if dictionary.dim() != 2 or dictionary.size(0) != x.size(1):

@@ -28,9 +28,9 @@ from pyro import poutine
 from pyro.infer import MCMC, NUTS
 
 from .._checks import check_data, check_int, check_subsample
-from .likelihood import seeded
 from ..models.sparse_coding import SparseCoding
 from ..variational.posterior import gaussian_posterior
+from .likelihood import seeded
 
 #: Thresholds above/below which :func:`nuts_posterior` warns.
 MAX_R_HAT = 1.05

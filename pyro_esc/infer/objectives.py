@@ -20,9 +20,9 @@ import torch
 
 from pyro.infer import ELBO
 
-from .annealing import Annealing
 from ..distributions.gaussian import isotropic_normal_entropy, normal_log_normalizer
 from ..variational.posterior import gaussian_posterior
+from .annealing import Annealing
 from .statistics import (  # noqa: F401 - BatchStatistics, batch_statistics, RunningStatistics: public here too
     BatchStatistics,
     PointStatistics,

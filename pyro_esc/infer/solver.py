@@ -46,8 +46,8 @@ import torch
 
 from .._checks import check_data, check_int
 from ..distributions.gaussian import LOG_2PI, LOG_2PI_E
-from ..variational.posterior import GaussianPosterior
 from ..priors import Laplace, get_prior
+from ..variational.posterior import GaussianPosterior
 
 __all__ = ["COVARIANCES", "SolvedPosteriors", "solve_posteriors"]
 

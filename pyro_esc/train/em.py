@@ -53,14 +53,14 @@ from torch.distributions import transform_to
 import pyro
 
 from .._checks import check_int, check_positive
-from ..variational.guides import covariance_family  # noqa: F401 - public here too
-from ..models.sparse_coding import MODEL_PARAMETERS
+from .._pyro_internals import param_fullname
 from ..infer.objectives import EntropyELBO, NonFiniteObjectiveError
-from ..variational.posterior import gaussian_posterior
-from ..variational.rows import batch_rows, per_point_parameters
 from ..infer.solver import DEFAULT_TOL as SOLVER_TOL
 from ..infer.solver import solve_at
-from .._pyro_internals import param_fullname
+from ..models.sparse_coding import MODEL_PARAMETERS
+from ..variational.guides import covariance_family  # noqa: F401 - public here too
+from ..variational.posterior import gaussian_posterior
+from ..variational.rows import batch_rows, per_point_parameters
 
 __all__ = ["DEFAULT_CHUNK", "DEFAULT_E_TOL", "DEFAULT_MOMENTUM", "EM", "EMStep", "MIN_CHUNK", "covariance_family"]
 

@@ -36,9 +36,9 @@ import math
 
 import torch
 
-from .em import _Rows
-from ..variational.guides import covariance_family
 from ..models.sparse_coding import SparseCoding
+from ..variational.guides import covariance_family
+from .em import _Rows
 
 __all__ = ["REFERENCE_RMS", "data_rms", "data_unit", "in_standard_units", "rescale", "trains_in_standard_units"]
 

@@ -15,9 +15,9 @@ import pyro
 
 from .._checks import check_data_cached, check_int, check_positive, check_subsample
 from ..distributions.gaussian import expected_squared_errors, normal_log_normalizer
+from ..priors import get_prior
 from .guides import AmortizedNormal, inverse_softplus, scale_tril_from_packed
 from .posterior import GaussianPosterior
-from ..priors import get_prior
 
 __all__ = ["SemiAmortized", "point_elbos"]
 
