@@ -25,7 +25,6 @@ import torch
 
 import pyro
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
-from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 from . import plots
 from .apps.warm_start import fit_amortized
@@ -39,22 +38,17 @@ from .train.history import History
 from .train.loop import fit
 from .train.options import auto_route
 from .train.recipes import AMORTIZED_LR, bars_optimizer, decaying_adam  # noqa: F401 - public here too
-from .variational.guides import AmortizedNormal, LocalMultivariateNormal
+from .variational.guides import AmortizedNormal
 from .variational.posterior import gaussian_posterior
+from .variational.registry import GUIDES as GUIDE_REGISTRY
+from .variational.registry import make_guide as registered_guide
 
-#: Guides by the names the command line uses.
-GUIDES = ("local-full", "local-diag", "amortized-full", "amortized-diag", "amortized-lowrank", "joint-full")
+#: Guides by the names the command line uses (the registry, :mod:`pyro_esc.variational.registry`).
+GUIDES = tuple(GUIDE_REGISTRY)
 #: Objectives by the names the command line uses.
 OBJECTIVES = ("entropy", "analytic", "trace", "trace-meanfield")
 
-GUIDE_LABELS = {
-    "local-full": "full covariance (LocalMultivariateNormal)",
-    "local-diag": "diagonal (AutoNormal)",
-    "amortized-full": "amortised, full covariance (AmortizedNormal)",
-    "amortized-diag": "amortised, diagonal (AmortizedNormal)",
-    "amortized-lowrank": "amortised, low-rank plus diagonal (AmortizedNormal)",
-    "joint-full": "joint full covariance (AutoMultivariateNormal)",
-}
+GUIDE_LABELS = {name: kind.label for name, kind in GUIDE_REGISTRY.items()}
 
 
 def fast_mode():
@@ -63,20 +57,10 @@ def fast_mode():
 
 
 def make_guide(name, model, hidden=(100,)):
-    """A guide for ``model`` by name (see :data:`GUIDES`)."""
-    if name == "local-full":
-        return LocalMultivariateNormal(model)
-    if name == "local-diag":
-        return AutoNormal(model, create_plates=model.create_plates)
-    if name == "amortized-full":
-        return AmortizedNormal(model.data_dim, model.n_latents, hidden=hidden, covariance="full")
-    if name == "amortized-diag":
-        return AmortizedNormal(model.data_dim, model.n_latents, hidden=hidden, covariance="diag")
-    if name == "amortized-lowrank":
-        return AmortizedNormal(model.data_dim, model.n_latents, hidden=hidden, covariance="lowrank")
-    if name == "joint-full":
-        return AutoMultivariateNormal(model)
-    raise ValueError(f"guide must be one of {GUIDES}, got {name!r}")
+    """A guide for ``model`` by name (see :data:`GUIDES`); ``hidden`` sets an amortised guide's encoder."""
+    if name in GUIDE_REGISTRY and GUIDE_REGISTRY[name].amortized:
+        return registered_guide(name, model, hidden=hidden)
+    return registered_guide(name, model)
 
 
 def make_loss(name):

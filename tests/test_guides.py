@@ -443,3 +443,33 @@ def test_guides_validate_their_inputs():
         guide(x, subsample=torch.tensor([10]))
     with pytest.raises(ValueError, match="init_scale"):
         LocalMultivariateNormal(SparseCoding(9, N_LATENTS), init_scale=-0.1)
+
+
+# ------------------------------------------------------------ the guide registry
+
+
+def test_the_registry_builds_each_guide_and_names_it_back():
+    from pyro_esc.variational.registry import GUIDES, guide_name, make_guide
+
+    for name in GUIDES:
+        pyro.clear_param_store()
+        model = SparseCoding(9, 4)
+        options = {"hidden": (5,)} if GUIDES[name].amortized else {}
+        assert guide_name(make_guide(name, model, **options)) == name
+    with pytest.raises(ValueError, match="one of"):
+        make_guide("local-lowrank", SparseCoding(9, 4))
+    with pytest.raises(ValueError, match="encoder"):
+        make_guide("local-full", SparseCoding(9, 4), hidden=(5,))
+
+
+def test_the_command_line_the_experiments_and_the_estimator_use_the_registry():
+    from pyro_esc import experiments
+    from pyro_esc.cli import build_parser
+    from pyro_esc.sklearn import GUIDES as ESTIMATOR_GUIDES
+    from pyro_esc.variational.registry import GUIDES
+
+    assert experiments.GUIDES == tuple(GUIDES)
+    choices = next(action.choices for action in build_parser()._subparsers._group_actions[0].choices["bars"]._actions
+                   if action.dest == "guide")
+    assert tuple(choices) == tuple(GUIDES)
+    assert {"amortized-diag" if name == "amortized" else name for name in ESTIMATOR_GUIDES} <= set(GUIDES)

@@ -21,8 +21,6 @@ from sklearn.exceptions import ConvergenceWarning as SklearnConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
-from pyro.infer.autoguide import AutoNormal
-
 from ..evaluate.elbo import held_out_elbo
 from ..models.sparse_coding import SparseCoding
 from ..priors import get_prior
@@ -30,7 +28,7 @@ from ..train._isolation import isolated
 from ..train.convergence import ConvergenceWarning as FitConvergenceWarning
 from ..train.loop import fit as _fit
 from ..train.recipes import bars_optimizer
-from ..variational.guides import AmortizedNormal, LocalMultivariateNormal
+from ..variational.registry import make_guide
 from .encoding import encode
 
 __all__ = ["LOCAL_GUIDE_EXPECTED_FAILED_CHECKS", "SparseCodingEstimator"]
@@ -208,13 +206,11 @@ class SparseCodingEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         return self.guide.startswith("amortized")
 
     def _make_guide(self, model):
-        if self.guide == "local-full":
-            return LocalMultivariateNormal(model)
-        if self.guide == "local-diag":
-            return AutoNormal(model, create_plates=model.create_plates)
-        covariance = "full" if self.guide == "amortized-full" else "diag"
-        return AmortizedNormal(model.data_dim, model.n_latents, hidden=tuple(int(size) for size in self.hidden),
-                               covariance=covariance)
+        # The estimator's names, in the guide registry's terms ("amortized" is the diagonal encoder).
+        name = {"amortized": "amortized-diag"}.get(self.guide, self.guide)
+        if self.guide.startswith("amortized"):
+            return make_guide(name, model, hidden=tuple(int(size) for size in self.hidden))
+        return make_guide(name, model)
 
     # ------------------------------------------------------------ fitting
 

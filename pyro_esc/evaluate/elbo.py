@@ -23,9 +23,13 @@ training data's lambda*, sigma^2*, so on the training data the two agree.
 
 import torch
 
+from .._pyro_internals import own_parameters
 from ..infer.objectives import AnalyticELBO, EntropyELBO, analytic_elbo_per_point, entropy_elbo_per_point  # noqa: F401
-from ..train._isolation import check_tied_to, isolated, own_parameters
+from ..models.sparse_coding import SparseCoding
+from ..train._isolation import check_tied_to, isolated
 from ..train.loop import fit
+from ..variational.guides import covariance_family
+from ..variational.registry import make_guide
 
 
 def training_elbo(model, guide, x):
@@ -91,26 +95,19 @@ def reference_elbo(x, dictionary, guide="local-full", seed=0, prior="laplace", *
         ``tol=1e-9``).
     :rtype: float
     """
-    from pyro.infer.autoguide import AutoNormal
-
-    from ..variational.guides import covariance_family
-    from ..variational.guides import LocalMultivariateNormal
-    from ..models.sparse_coding import SparseCoding
     x = x.to(torch.float64)
     dictionary = torch.as_tensor(dictionary).to(x)
     if dictionary.dim() != 2 or dictionary.size(0) != x.size(1):
         raise ValueError(f"dictionary must have shape (D, H) = ({x.size(1)}, H), got {tuple(dictionary.shape)}")
-    factories = {"local-full": LocalMultivariateNormal,
-                 "local-diag": lambda model: AutoNormal(model, create_plates=model.create_plates)}
-    if not callable(guide) and guide not in factories:
-        raise ValueError(f"guide must be one of {sorted(factories)} or a callable model -> guide, got {guide!r}")
-    make_guide = factories.get(guide, guide)
+    if not callable(guide) and guide not in ("local-full", "local-diag"):
+        raise ValueError(f"guide must be 'local-full', 'local-diag' or a callable model -> guide, got {guide!r}")
+    build = guide if callable(guide) else (lambda model: make_guide(guide, model))
     with isolated():
         model = SparseCoding(x.size(1), dictionary.size(1), prior=prior).to(dtype=x.dtype, device=x.device)
         model.set_dictionary(dictionary)
         fit_options.setdefault("progress", False)
         fit_options.setdefault("tol", 1e-9)
-        guide_object = make_guide(model)
+        guide_object = build(model)
         fit_options.setdefault("optimizer", "em" if covariance_family(guide_object) is not None else "lbfgs")
         history = fit(model, guide_object, x, train_dictionary=False, seed=seed, **fit_options)
     return history.final_elbo
