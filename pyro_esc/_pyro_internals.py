@@ -138,3 +138,23 @@ def module_name(module):
 def param_constraint(name):
     """The constraint that the param store keeps for the parameter ``name``."""
     return pyro.get_param_store()._constraints[name]
+
+
+@contextlib.contextmanager
+def own_parameters(*objects):
+    """Evaluate ``objects`` (models, guides) at their own parameters, whatever the current param-store scope holds.
+
+    A PyroModule reading a parameter adopts the tensor the store holds under its name, so a
+    model evaluated inside another model's scope would read (and keep) the other's values. In a
+    fresh scope of its own each module finds its names free and registers its own tensors; the
+    caller's store is untouched. An object that is not callable (a summary such as a
+    :class:`~pyro_esc.GaussianPosterior`) holds no parameters and needs no scope. A callable that
+    is not a PyroModule (a plain guide function using ``pyro.param``) keeps its parameters only in
+    the store, so then everything is read from the current store, as before.
+    """
+    reads_the_store = any(callable(value) and not isinstance(value, PyroModule) for value in objects)
+    if objects and not reads_the_store:
+        with pyro.get_param_store().scope():
+            yield
+    else:
+        yield

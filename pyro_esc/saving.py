@@ -17,18 +17,18 @@ from typing import NamedTuple, Optional
 
 import torch
 from pyro.distributions import constraints
-from pyro.infer.autoguide import AutoNormal
 from pyro.infer.autoguide.utils import deep_setattr
 from pyro.nn import PyroParam
 
 import pyro
 
 from ._files import read_plain
-from ._pyro_internals import module_name, param_fullname
+from ._pyro_internals import module_name, own_parameters, param_fullname
 from .data.whitening import Whitening
 from .models.sparse_coding import MODEL_PARAMETERS, SparseCoding
-from .priors import get_prior
-from .variational.guides import AmortizedNormal, LocalMultivariateNormal
+from .priors import get_prior, registered_priors
+from .variational.guides import AmortizedNormal
+from .variational.registry import guide_name, make_guide
 
 __all__ = ["MODEL_FORMAT", "Loaded", "load", "save"]
 
@@ -108,7 +108,7 @@ def load(path, map_location=None):
 
 
 def _model_state(model):
-    with torch.no_grad():
+    with torch.no_grad(), own_parameters(model):  # its own values, whatever the store holds under its names
         return {"data_dim": model.data_dim, "n_latents": model.n_latents, "name": module_name(model),
                 "dictionary": model.dictionary.detach().clone(), "prior_scale": model.prior_scale.detach().clone(),
                 "noise_var": model.noise_var.detach().clone(),
@@ -119,6 +119,10 @@ def _build_model(state):
     # Files written before priors were pluggable have no "prior": they are Laplace models. A prior is
     # stored as data (its registered name and settings), never as code.
     prior = state.get("prior", {"name": "laplace", "config": {}})
+    if prior["name"] not in registered_priors():
+        raise ValueError(f"the model in this file has the prior {prior['name']!r}, which no class in this process "
+                         f"registers: import the module that defines it (a pyro_esc.priors.Prior subclass with "
+                         f"name = {prior['name']!r}) before load")
     model = SparseCoding(state["data_dim"], state["n_latents"], name=state["name"],
                          prior=get_prior(prior["name"], **prior["config"]))
     _check_store_free([param_fullname(model, name) for name in MODEL_PARAMETERS])
@@ -145,9 +149,8 @@ def _guide_state(guide, per_point):
         config = guide.config()  # plain values; a ValueError for an activation that has no name
         state = {key: value.detach().clone() for key, value in guide.state_dict().items()}
         return {"kind": "amortized", "name": module_name(guide), "config": config, "state": state}
-    per_point_kinds = {LocalMultivariateNormal: "local-full", AutoNormal: "local-diag"}
-    kind = per_point_kinds.get(type(guide))
-    if kind is None:
+    kind = guide_name(guide)  # the registry's name: "local-full", "local-diag", ...
+    if kind not in ("local-full", "local-diag"):
         raise ValueError(f"save stores AmortizedNormal guides, and LocalMultivariateNormal or AutoNormal with "
                          f"per_point=True; got {type(guide).__name__}")
     if not per_point:
@@ -180,12 +183,12 @@ def _build_guide(state, model):
     num_data = values["locs"].size(0)
     dummy = torch.zeros(num_data, model.data_dim, dtype=values["locs"].dtype, device=values["locs"].device)
     if kind == "local-full":
-        guide = LocalMultivariateNormal(model)
+        guide = make_guide(kind, model)
         guide._setup_prototype(dummy)
         names = {"locs": constraints.real, "scale_diags": constraints.softplus_positive,
                  "scale_offdiags": constraints.real}
     elif kind == "local-diag":
-        guide = AutoNormal(model, create_plates=model.create_plates)
+        guide = make_guide(kind, model)
         guide._setup_prototype(dummy)
         names = {"locs": constraints.real, "scales": guide.scale_constraint}
     else:

@@ -69,3 +69,35 @@ def test_training_the_same_model_and_guide_again_continues():
     model, guide = trained(LocalMultivariateNormal, x, steps=10)
     history = fit(model, guide, x, steps=10, tol=None, progress=False)
     assert history.step[-1] == 10
+
+
+def test_encoding_and_evaluating_a_model_read_its_own_parameters_whatever_the_store_holds(tmp_path):
+    # Model A trained, the store cleared, model B (the same parameter names) trained in it: using A now must
+    # give what it gave before, and must not make A adopt B's tensors.
+    from pyro_esc import encode, load, log_likelihood, save, solve_posteriors
+    from pyro_esc.evaluate.ppca import ppca_log_likelihood
+
+    torch.manual_seed(0)
+    x = torch.randn(60, 9, dtype=torch.float64) * torch.linspace(2, 0.5, 9, dtype=torch.float64)
+    pyro.clear_param_store()
+    first = SparseCoding(9, 3, prior="gaussian")
+    first_guide = LocalMultivariateNormal(first)
+    fit(first, first_guide, x, steps=30, tol=None, progress=False)
+    before = parameters(first)
+    with pyro.get_param_store().scope():
+        solved = solve_posteriors(first, x[:5], "full").posterior.mean
+        encoded = encode(first, first_guide, x[:5]).mean
+        estimate = log_likelihood(first, encode(first, first_guide, x[:5]), x[:5], num_samples=8, seed=0).per_point
+        exact = ppca_log_likelihood(first, x[:5])
+    pyro.clear_param_store()
+    second = SparseCoding(9, 3, prior="gaussian")
+    fit(second, LocalMultivariateNormal(second), 3 * x, steps=30, tol=None, progress=False)
+    assert torch.allclose(solve_posteriors(first, x[:5], "full").posterior.mean, solved)
+    assert torch.allclose(encode(first, first_guide, x[:5]).mean, encoded)
+    q = encode(first, first_guide, x[:5])
+    assert torch.allclose(log_likelihood(first, q, x[:5], num_samples=8, seed=0).per_point, estimate)
+    assert torch.allclose(ppca_log_likelihood(first, x[:5]), exact)
+    save(tmp_path / "first.pt", first)
+    with pyro.get_param_store().scope():
+        assert torch.allclose(load(tmp_path / "first.pt").model.dictionary, first.dictionary.detach())
+    assert all(torch.equal(a, b) for a, b in zip(parameters(first), before))

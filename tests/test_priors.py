@@ -201,6 +201,15 @@ def test_save_and_load_keep_the_prior_and_checkpoints_refuse_another(float64, tm
     loaded = load(tmp_path / "model.pt")
     assert loaded.model.prior == readme_prior(1.3)
     assert torch.equal(loaded.model.prior_scale, model.prior_scale)
+    from pyro_esc.priors import base
+
+    pyro.clear_param_store()
+    registered = base._REGISTRY.pop("generalized-normal")  # as in a process that never imported the prior
+    try:
+        with pytest.raises(ValueError, match="'generalized-normal'.*import the module that defines it"):
+            load(tmp_path / "model.pt")
+    finally:
+        base._REGISTRY["generalized-normal"] = registered
     pyro.clear_param_store()
     other = SparseCoding(9, 6)  # Laplace
     with pytest.raises(ValueError, match="prior"):
@@ -222,6 +231,13 @@ def test_minibatch_routes_train_a_gaussian_prior_model(float64, optimizer):
     history = fit(trained, guide, x, optimizer=optimizer, batch_size=100, epochs=60, progress=False, seed=0)
     # A diagonal guide (row-wise) loses the posterior correlations, a bounded gap; EM is exact.
     assert best - history.final_elbo < (1e-3 if optimizer == "em" else 0.2)
+
+
+def test_a_subclass_registers_only_under_a_name_of_its_own():
+    class QuietLaplace(Laplace):  # inherits the name "laplace"
+        pass
+
+    assert get_prior("laplace") == Laplace() and type(get_prior("laplace")) is Laplace
 
 
 def test_em_refuses_a_prior_without_a_homogeneous_statistic(float64):

@@ -18,6 +18,7 @@ from pyro.infer.autoguide import (
     AutoMultivariateNormal,
 )
 from .._checks import check_data
+from .._pyro_internals import own_parameters
 from ..infer.objectives import AnalyticELBO
 from ..infer.solver import DEFAULT_MAX_ITER, DEFAULT_TOL, solve_posteriors
 from ..models.sparse_coding import SparseCoding
@@ -85,6 +86,12 @@ def encode(model, guide, x, seed=0, tol=None, max_iter=None, **fit_options):
     """
     if not isinstance(model, SparseCoding):
         raise ValueError(f"model must be a trained pyro_esc.SparseCoding, got {type(model).__name__}")
+    # The model's and the guide's own parameters, whatever the current param store holds under their names.
+    with own_parameters(model, guide):
+        return _encode(model, guide, x, seed, tol, max_iter, fit_options)
+
+
+def _encode(model, guide, x, seed, tol, max_iter, fit_options):
     x = check_data(x, "x", allow_numpy=True)
     if not x.is_floating_point():
         x = x.to(model.dictionary.dtype)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 
 from .._checks import check_int, check_subsample
+from .._pyro_internals import own_parameters
 from ..distributions.gaussian import normal_log_normalizer
 from ..models.sparse_coding import SparseCoding
 from ..variational.posterior import gaussian_posterior
@@ -98,7 +99,8 @@ def log_likelihood(model, guide, x, num_samples=1000, subsample=None, batch_size
     subsample = check_subsample(subsample, x.size(0))
     points = torch.arange(x.size(0), device=x.device) if subsample is None else subsample
 
-    with torch.no_grad(), seeded(seed, x.device):
+    # The model's and the guide's own parameters, whatever the current param store holds under their names.
+    with torch.no_grad(), seeded(seed, x.device), own_parameters(model, guide):
         dictionary = model.read_dictionary().detach()
         prior_scale, noise_var = (value.detach() for value in model.read_scales())
         prior = model.prior.distribution(prior_scale).to_event(1)

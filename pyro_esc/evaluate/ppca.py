@@ -32,6 +32,7 @@ from typing import NamedTuple
 import torch
 
 from .._checks import check_data, check_int
+from .._pyro_internals import own_parameters
 
 __all__ = ["PPCASolution", "ppca_log_likelihood", "ppca_maximum_likelihood"]
 
@@ -83,7 +84,7 @@ def ppca_log_likelihood(model, x):
         raise ValueError(f"ppca_log_likelihood needs a SparseCoding with prior='gaussian', got "
                          f"{getattr(model, 'prior', type(model).__name__)!r}")
     x = check_data(x, "x", allow_numpy=True).to(torch.float64)
-    with torch.no_grad():
+    with torch.no_grad(), own_parameters(model):  # its own W, s, sigma^2, whatever the store holds
         dictionary = model.dictionary.detach().to(torch.float64)
         scale = model.prior_scale.detach().to(torch.float64)
         noise_var = model.noise_var.detach().to(torch.float64)

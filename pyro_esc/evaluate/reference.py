@@ -28,6 +28,7 @@ from pyro import poutine
 from pyro.infer import MCMC, NUTS
 
 from .._checks import check_data, check_int, check_subsample
+from .._pyro_internals import own_parameters
 from ..models.sparse_coding import SparseCoding
 from ..variational.posterior import gaussian_posterior
 from .likelihood import seeded
@@ -95,7 +96,7 @@ def nuts_posterior(model, x, points, num_samples=500, warmup_steps=500, num_chai
     if not 0 < target_accept_prob < 1:
         raise ValueError(f"target_accept_prob must be in (0, 1), got {target_accept_prob!r}")
 
-    with torch.no_grad():
+    with torch.no_grad(), own_parameters(model):  # its own W, lambda, sigma^2, whatever the store holds
         dictionary = model.dictionary.detach()
         prior_scale, noise_var = model.prior_scale.detach(), model.noise_var.detach()
     x_points = x.index_select(0, points)

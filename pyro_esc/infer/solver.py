@@ -45,6 +45,7 @@ from typing import NamedTuple
 import torch
 
 from .._checks import check_data, check_int
+from .._pyro_internals import own_parameters
 from ..distributions.gaussian import LOG_2PI, LOG_2PI_E
 from ..priors import Laplace, get_prior
 from ..variational.posterior import GaussianPosterior
@@ -392,7 +393,7 @@ def solve_posteriors(model, x, covariance="diag", *, init=None, tol=DEFAULT_TOL,
     x = check_data(x, "x", allow_numpy=True)
     if x.size(1) != model.data_dim:
         raise ValueError(f"x must have D = {model.data_dim} columns (the model's data_dim), got {x.size(1)}")
-    with torch.no_grad():
+    with torch.no_grad(), own_parameters(model):  # the model's own W, lambda, sigma^2, whatever the store holds
         dictionary = model.dictionary.detach()
         prior_scale, noise_var = model.prior_scale.detach(), model.noise_var.detach()
     out_dtype = x.dtype if x.is_floating_point() else dictionary.dtype

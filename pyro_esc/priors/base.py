@@ -76,7 +76,9 @@ class Prior:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.name is not None:
+        # Only a class that names itself registers: a subclass of Laplace that inherits "laplace" must not
+        # take the name over from Laplace.
+        if cls.__dict__.get("name") is not None:
             _REGISTRY[cls.name] = cls
 
     # ------------------------------------------------------------ what a prior must give

@@ -6,8 +6,9 @@ import hashlib
 import torch
 
 import pyro
-from pyro.nn import PyroModule
 from pyro.util import get_rng_state, set_rng_state
+
+from .._pyro_internals import own_parameters  # noqa: F401 - its home is the utilities; public here too
 
 
 @contextlib.contextmanager
@@ -48,23 +49,6 @@ def check_owns_its_parameters(*modules):
             f"training would start from its values and overwrite them. Build, train and use each model in a "
             f"param-store scope of its own (with pyro.get_param_store().scope(): ...), or call "
             f"pyro.clear_param_store() first if the earlier model is no longer needed")
-
-
-@contextlib.contextmanager
-def own_parameters(*modules):
-    """Evaluate ``modules`` at their own parameters, whatever the current param-store scope holds.
-
-    A PyroModule reading a parameter adopts the tensor the store holds under its name, so a
-    model evaluated inside another model's scope would read (and keep) the other's values. In a
-    fresh scope of its own each module finds its names free and registers its own tensors; the
-    caller's store is untouched. Modules that keep their parameters only in the store (a plain
-    guide function using ``pyro.param``) are read from the current store, as before.
-    """
-    if modules and all(isinstance(module, PyroModule) for module in modules):
-        with pyro.get_param_store().scope():
-            yield
-    else:
-        yield
 
 
 #: At most this many rows (evenly spaced) identify the data a per-point guide was fitted to.
