@@ -247,3 +247,11 @@ def test_units_tabulates_each_route_and_scale(capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| lbfgs") or
             line.startswith("| em")]
     assert len(rows) == 4 and all("/10 |" in row for row in rows)
+
+
+def test_ppca_compares_each_route_with_the_closed_form(capsys):
+    load("ppca").main(["--n", "2000", "--sizes", "6", "2", "--seeds", "0", "--routes", "lbfgs-full", "lbfgs-diag"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [row[3] for row in rows] == ["lbfgs-full", "lbfgs-diag"]
+    assert all(float(row[4]) < 1e-9 for row in rows)  # an ELBO never exceeds the log-likelihood
+    assert abs(float(rows[0][4])) < 1e-5  # full covariances reach the maximum likelihood here

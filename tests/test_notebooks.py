@@ -20,7 +20,8 @@ pytest.importorskip("ipykernel")
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 EXPECTED = ("01_bars.ipynb", "02_natural_image_patches.ipynb", "03_compare_estimators.ipynb",
-            "04_custom_guide.ipynb", "05_denoising.ipynb", "06_your_own_images.ipynb")
+            "04_custom_guide.ipynb", "05_denoising.ipynb", "06_your_own_images.ipynb",
+            "07_sparse_coding_and_ppca.ipynb")
 #: Seconds one notebook may take in fast mode, all cells together (they take well under a minute).
 NOTEBOOK_TIMEOUT = 300
 KERNEL_NAME = "python3"
