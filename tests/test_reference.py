@@ -77,6 +77,25 @@ def test_nuts_matches_the_exact_posterior(float64):
     assert reference.posterior.attrs["max_r_hat"] < 1.05
 
 
+def test_nuts_samples_the_exact_posterior_of_a_gaussian_prior_model(float64):
+    # With prior="gaussian" the posterior is Gaussian in closed form: precision W^T W / sigma^2 + diag(1 / s^2).
+    model = SparseCoding(3, 2, init="random", prior="gaussian")
+    model.set_dictionary(torch.tensor([[1.0, 0.6], [0.3, 0.8], [0.5, -0.2]]))
+    model.set_scales(prior_scale=torch.tensor([1.0, 0.7]), noise_var=0.2)
+    _, x = model.sample(2)
+    reference = nuts_posterior(model, x, [0, 1], num_samples=300, warmup_steps=200, seed=1, progress=False)
+    mean, std, _ = posterior_moments(reference)
+    table = diagnostics(reference)
+    mcse_mean = table["mcse_mean"].values.reshape(2, 2)
+    mcse_sd = table["mcse_sd"].values.reshape(2, 2)
+    w, s = model.dictionary.detach(), model.prior_scale.detach()
+    covariance = torch.linalg.inv(w.T @ w / 0.2 + torch.diag(s.square().reciprocal()))
+    exact_mean = ((x @ w / 0.2) @ covariance).numpy()
+    exact_std = covariance.diagonal().sqrt().numpy()
+    assert np.all(np.abs(mean - exact_mean) < 4 * mcse_mean + 0.005)
+    assert np.all(np.abs(std - exact_std) < 4 * mcse_sd + 0.005)
+
+
 def test_reference_inference_data_layout(bars_reference):
     reference = bars_reference
     assert reference.posterior["z"].dims == ("chain", "draw", "point", "latent")

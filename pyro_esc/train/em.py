@@ -304,6 +304,11 @@ class EMStep:
             self.statistics = _Statistics(x.size(1), self.statistics.second.size(0), x.device, self.model.prior)
         return value, None
 
+    def commit(self, value, x, kwargs):
+        """After a step: nothing left to write (the M-step set W, lambda*, sigma^2* from the chunk's
+        statistics); see :meth:`~pyro_esc.train.steppers.SVIStep.commit`."""
+        return value, float(self.model.noise_var.detach())
+
     def solve(self, x, subsample, statistics, tol=None):
         """The E-step: the posteriors of ``subsample`` solved at the model, stored, and added to ``statistics``.
 

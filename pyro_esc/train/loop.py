@@ -455,7 +455,7 @@ def _fit_once(model, guide, x, options, seed, progress, callback, resume, contin
 
 
 def training_step(stepper, model, guide, x, kwargs, step, options, annealing_step=None):
-    """One training step on the route's stepper, then the explicit post-step update of an EntropyELBO.
+    """One training step: the route's stepper steps, then commits (an EntropyELBO's explicit scale update).
 
     :param int annealing_step: the completed steps the annealing weights are read at (default ``step - 1``;
         past the schedule's end once :func:`fit` has cut it, ``History.annealing_cut``).
@@ -470,32 +470,14 @@ def training_step(stepper, model, guide, x, kwargs, step, options, annealing_ste
     if isinstance(loss, EntropyELBO):
         loss.set_annealing_step(step - 1 if annealing_step is None else annealing_step)
     try:
+        # The stepper protocol: step, then commit the scales the step's parameters imply (each route its own way).
         value, grad_norm = stepper.step(x, kwargs)
-        if stepper.route == "em":
-            # The M-step set lambda*, sigma^2* (and W) itself, from the chunk's statistics.
-            noise_var = float(model.noise_var.detach())
-            if noise_var < NOISE_COLLAPSE * options.data_variance:
-                raise NonFiniteObjectiveError(
-                    f"the noise variance sigma^2* collapsed to {noise_var:g} (data variance "
-                    f"{options.data_variance:g}): the model reproduces the data exactly (data of rank < H?), "
-                    f"and the ELBO grows without bound")
-        elif isinstance(loss, EntropyELBO):
-            if stepper.route == "rowwise":
-                # The row-wise step stored the batch's rows itself (O(batch)); only the scales are left to write.
-                terms = loss.update_scales(model, guide, x)
-            else:
-                # L-BFGS has (nearly always) just evaluated the point it stopped at: write those terms.
-                evaluated = stepper.current_terms() if stepper.route == "torch" and not kwargs else None
-                terms = (loss.update(model, guide, x, **kwargs) if evaluated is None
-                         else loss.update_scales(model, guide, x, terms=evaluated))
-            value = float(-terms.num_data * terms.elbo)
-            if float(terms.noise_var) < NOISE_COLLAPSE * options.data_variance:
-                raise NonFiniteObjectiveError(
-                    f"the noise variance sigma^2* collapsed to {float(terms.noise_var):g} (data variance "
-                    f"{options.data_variance:g}): the model reproduces the data exactly (data of rank < H?), "
-                    f"and the ELBO grows without bound")
-        elif stepper.route == "torch":
-            value = loss.loss(model, guide, x, **kwargs)
+        value, noise_var = stepper.commit(value, x, kwargs)
+        if noise_var is not None and noise_var < NOISE_COLLAPSE * options.data_variance:
+            raise NonFiniteObjectiveError(
+                f"the noise variance sigma^2* collapsed to {noise_var:g} (data variance "
+                f"{options.data_variance:g}): the model reproduces the data exactly (data of rank < H?), "
+                f"and the ELBO grows without bound")
     except NonFiniteObjectiveError as error:
         raise NonFiniteObjectiveError(f"step {step}: {error}") from error
     except ValueError as error:

@@ -31,7 +31,7 @@ from torch.distributions import transform_to
 
 from ..infer.objectives import EntropyELBO, NonFiniteObjectiveError
 from ..variational.rows import batch_rows, per_point_parameters
-from .steppers import trainable_parameters
+from .steppers import _committed, trainable_parameters
 
 __all__ = ["RowwiseAdam", "RowwiseStep"]
 
@@ -170,6 +170,13 @@ class RowwiseStep:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
         return float(value.detach()), grad_norm
+
+    def commit(self, value, x, kwargs):
+        """After a step: an EntropyELBO's scales from the running table the step's evaluation stored rows in
+        (O(H)); see :meth:`~pyro_esc.train.steppers.SVIStep.commit`."""
+        if not isinstance(self.loss, EntropyELBO):
+            return value, None
+        return _committed(self.loss.update_scales(self.model, self.guide, x))
 
     def _evaluate(self, x, kwargs):
         if isinstance(self.loss, EntropyELBO):

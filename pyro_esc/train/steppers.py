@@ -81,6 +81,17 @@ class SVIStep:
         self.evaluations += 1
         return self.svi.step(x, **kwargs), None
 
+    def commit(self, value, x, kwargs):
+        """After a step: write the scales its parameters imply, if the objective eliminates them.
+
+        The second half of the stepper protocol (``step`` -> ``commit``): each route commits its own
+        scales. Returns ``(value, noise_var)``: the objective to record (-N ELBO, after the commit
+        where there is one) and the noise variance now in the model (None if this route set none).
+        """
+        if not isinstance(self.loss, EntropyELBO):
+            return value, None
+        return _committed(self.loss.update(self.model, self.guide, x, **kwargs))
+
     def set_lr(self, lr):
         # PyroOptim keeps one torch optimiser per parameter, created on first sight; after a resume the
         # restored states wait for it, and their param_groups (with the lr of the step they were saved at)
@@ -111,6 +122,11 @@ class SVIStep:
 
     def load_state_dict(self, state):
         self.optim.set_state(state)
+
+
+def _committed(terms):
+    """``(value, noise_var)`` of the EntropyTerms a commit wrote: what :meth:`SVIStep.commit` and its kin return."""
+    return float(-terms.num_data * terms.elbo), float(terms.noise_var)
 
 
 def trainable_parameters(model, guide, loss, x, frozen=(), kwargs=None):
@@ -231,6 +247,17 @@ class TorchStep:
             self.reset()
         return float(value.detach()) / self.scale, self.grad_norm
 
+    def commit(self, value, x, kwargs):
+        """After a step: as :meth:`SVIStep.commit`, reusing the terms L-BFGS evaluated last where it can."""
+        if not isinstance(self.loss, EntropyELBO):
+            # The step reported the value it started from; record the one it reached.
+            return self.loss.loss(self.model, self.guide, x, **kwargs), None
+        # L-BFGS has (nearly always) just evaluated the point it stopped at: write those terms.
+        evaluated = self.current_terms() if not kwargs else None
+        if evaluated is None:
+            return _committed(self.loss.update(self.model, self.guide, x, **kwargs))
+        return _committed(self.loss.update_scales(self.model, self.guide, x, terms=evaluated))
+
     def _flat_parameters(self):
         return torch.cat([p.detach().reshape(-1) for p in self.params])
 
@@ -245,8 +272,8 @@ class TorchStep:
         """EntropyELBO's terms at the current parameters if the last evaluation was there, else None.
 
         An L-BFGS step ends on the point its line search accepted, which (nearly always) it has just
-        evaluated: :func:`~pyro_esc.training.training_step` hands these terms to
-        ``EntropyELBO.update_scales`` instead of evaluating the same point again.
+        evaluated: :meth:`commit` hands these terms to ``EntropyELBO.update_scales`` instead of
+        evaluating the same point again.
         """
         if self._last is None or self._last_terms is None:
             return None
