@@ -46,9 +46,9 @@ import torch
 
 from .._checks import check_data, check_int
 from .._pyro_internals import own_parameters
-from ..distributions.gaussian import LOG_2PI, LOG_2PI_E
-from ..priors import Laplace, get_prior
+from ..priors import get_prior
 from ..variational.posterior import GaussianPosterior
+from ..variational.semi_amortized import point_elbos
 
 __all__ = ["COVARIANCES", "SolvedPosteriors", "solve_posteriors"]
 
@@ -324,21 +324,6 @@ def _solve_full(model, projection, mean, scale, tol, max_iter):
 # ---------------------------------------------------------------- the public function
 
 
-def _point_elbos(x, dictionary, prior_scale, noise_var, mean, scale, covariance=None, prior=None):
-    """The standard ELBO of every point at (W, lambda, sigma^2), in closed form (see the module docstring)."""
-    prior = Laplace() if prior is None else prior
-    if covariance is None:
-        entropy = 0.5 * mean.size(-1) * LOG_2PI_E + scale.log().sum(-1)
-        trace = scale.square() @ dictionary.square().sum(0)
-    else:
-        factor = torch.linalg.cholesky(covariance)
-        entropy = 0.5 * mean.size(-1) * LOG_2PI_E + factor.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-        trace = (covariance * (dictionary.T @ dictionary)).sum((-2, -1))
-    residual = (x - mean @ dictionary.T).square().sum(-1)
-    return (entropy - prior.cross_entropy(prior.expected_statistic(mean, scale), prior_scale)
-            - 0.5 * x.size(-1) * (LOG_2PI + noise_var.log()) - (residual + trace) / (2 * noise_var))
-
-
 def solve_posteriors(model, x, covariance="diag", *, init=None, tol=DEFAULT_TOL, max_iter=DEFAULT_MAX_ITER,
                      betas=(1.0, 1.0, 1.0), dtype=torch.float64):
     r"""Each point's Gaussian posterior at its optimum of the ELBO, with the model held fixed.
@@ -441,11 +426,10 @@ def solve_at(x, dictionary, prior_scale, noise_var, covariance="diag", *, init=N
         use_cg = dictionary.size(1) > CG_LATENT_DIM
         mean, scale, converged, iterations = _solve_diag(model, projection, mean, scale, tol, max_iter, use_cg)
         posterior = GaussianPosterior.from_scale(mean, scale)
-        elbo = _point_elbos(x_work, dictionary, prior_scale, noise_var, mean, scale, prior=prior)
     else:
         mean, cov, converged, iterations = _solve_full(model, projection, mean, scale, tol, max_iter)
         cov = 0.5 * (cov + cov.transpose(-1, -2))
-        scale = cov.diagonal(dim1=-2, dim2=-1).sqrt()
         posterior = GaussianPosterior.from_covariance(mean, cov)
-        elbo = _point_elbos(x_work, dictionary, prior_scale, noise_var, mean, scale, cov, prior=prior)
+    # The standard ELBO of every point at the model's scales (unweighted), by the one per-point formula.
+    elbo = point_elbos(posterior, x_work, dictionary, prior_scale, noise_var, prior)
     return SolvedPosteriors(posterior.to(out_dtype), elbo.to(out_dtype), converged, iterations)
