@@ -55,17 +55,29 @@ def fit(model, guide, x):
     return fit_guide_only(model, guide, x, steps=200, lr=0.05)
 
 
-def test_nuts_matches_the_exact_posterior(float64):
-    # D = 3, H = 2: posterior moments by numerical integration (helpers.exact_posterior).
-    model = SparseCoding(3, 2, init="random")
+def small_model(prior="laplace"):
+    """D = 3, H = 2, parameters fixed: a problem whose posterior is known exactly."""
+    model = SparseCoding(3, 2, init="random", prior=prior)
     model.set_dictionary(torch.tensor([[1.0, 0.6], [0.3, 0.8], [0.5, -0.2]]))
     model.set_scales(prior_scale=torch.tensor([1.0, 0.7]), noise_var=0.2)
-    _, x = model.sample(3)
-    reference = nuts_posterior(model, x, [2, 0], num_samples=300, warmup_steps=200, seed=1, progress=False)
+    return model
+
+
+def nuts_moments(model, x, points):
+    """NUTS's posterior moments of ``points`` and their Monte Carlo standard errors (mean, sd)."""
+    reference = nuts_posterior(model, x, points, num_samples=300, warmup_steps=200, seed=1, progress=False)
     mean, std, correlation = posterior_moments(reference)
     table = diagnostics(reference)
-    mcse_mean = table["mcse_mean"].values.reshape(2, 2)
-    mcse_sd = table["mcse_sd"].values.reshape(2, 2)
+    shape = (len(points), model.n_latents)
+    return reference, mean, std, correlation, table["mcse_mean"].values.reshape(shape), \
+        table["mcse_sd"].values.reshape(shape)
+
+
+def test_nuts_matches_the_exact_posterior(float64):
+    # Laplace prior: posterior moments by numerical integration (helpers.exact_posterior).
+    model = small_model()
+    _, x = model.sample(3)
+    reference, mean, std, correlation, mcse_mean, mcse_sd = nuts_moments(model, x, [2, 0])
     for row, index in enumerate((2, 0)):
         exact_mean, exact_covariance = exact_posterior(x[index], model.dictionary.detach(),
                                                        model.prior_scale.detach(), model.noise_var.detach())[1:]
@@ -79,15 +91,9 @@ def test_nuts_matches_the_exact_posterior(float64):
 
 def test_nuts_samples_the_exact_posterior_of_a_gaussian_prior_model(float64):
     # With prior="gaussian" the posterior is Gaussian in closed form: precision W^T W / sigma^2 + diag(1 / s^2).
-    model = SparseCoding(3, 2, init="random", prior="gaussian")
-    model.set_dictionary(torch.tensor([[1.0, 0.6], [0.3, 0.8], [0.5, -0.2]]))
-    model.set_scales(prior_scale=torch.tensor([1.0, 0.7]), noise_var=0.2)
+    model = small_model("gaussian")
     _, x = model.sample(2)
-    reference = nuts_posterior(model, x, [0, 1], num_samples=300, warmup_steps=200, seed=1, progress=False)
-    mean, std, _ = posterior_moments(reference)
-    table = diagnostics(reference)
-    mcse_mean = table["mcse_mean"].values.reshape(2, 2)
-    mcse_sd = table["mcse_sd"].values.reshape(2, 2)
+    _, mean, std, _, mcse_mean, mcse_sd = nuts_moments(model, x, [0, 1])
     w, s = model.dictionary.detach(), model.prior_scale.detach()
     covariance = torch.linalg.inv(w.T @ w / 0.2 + torch.diag(s.square().reciprocal()))
     exact_mean = ((x @ w / 0.2) @ covariance).numpy()
