@@ -173,7 +173,8 @@ def _build_guide(state, model):
     kind = state["kind"]
     if kind == "amortized":
         config = state["config"]
-        # Files written before the encoder options existed lack them: the defaults then apply.
+        # Files written before the encoder options existed lack them: the defaults then apply (no skip
+        # connection, which such encoders did not have).
         guide = AmortizedNormal(**dict(config, hidden=tuple(config["hidden"])))
         prefix = module_name(guide) + "."
         _check_store_free([name for name in pyro.get_param_store().keys() if name.startswith(prefix)])

@@ -20,9 +20,9 @@ from helpers import (CORRELATED_GUIDES, FULL_COVARIANCE_GUIDES, PACKAGE_GUIDES, 
                      assert_analytic_elbo_matches_trace_elbo, assert_same_posterior, guide_parameters, guide_problem,
                      monte_carlo_check)
 from pyro_esc import (AmortizedNormal, AnalyticELBO, EntropyELBO, GaussianPosterior, LocalMultivariateNormal,
-                      SparseCoding, encode, held_out_elbo, load, save)
+                      SparseCoding, encode, held_out_elbo, load, save, solve_posteriors)
 from pyro_esc.data import bars
-from pyro_esc.guides import scale_tril_from_packed
+from pyro_esc.guides import inverse_softplus, scale_tril_from_packed
 from pyro_esc.posterior import gaussian_posterior, posterior_from_trace
 
 SIDE, N_LATENTS = 3, 6  # guide_problem's defaults: side 3, 2 * side latents
@@ -250,9 +250,13 @@ def test_amortized_encoder_is_the_documented_network(float64):
         return inputs @ params[f"AmortizedNormal.{name}.weight"].T + params[f"AmortizedNormal.{name}.bias"]
 
     features = F.elu(linear("layers.0", x))  # the one hidden layer of helpers.GUIDES["AmortizedNormal-full"]
+    assert guide.skip  # that guide has the skip connection
+    # The skip connection x -> heads: one weight matrix, its rows split as the heads' outputs are.
+    skip = dict(zip(("loc_layer", "scale_layer", "off_diagonal_layer"), (x @ params["AmortizedNormal.skip_layer.weight"].T).split(
+        [N_LATENTS, N_LATENTS, N_LATENTS * (N_LATENTS - 1) // 2], dim=-1)))
 
     def head(name):
-        return linear(name, features)
+        return linear(name, features) + skip[name]
 
     loc, scale_tril = guide.encode(x)
     assert torch.allclose(loc, head("loc_layer"))
@@ -262,8 +266,8 @@ def test_amortized_encoder_is_the_documented_network(float64):
 
 
 def test_amortized_lowrank_residual_encoder_is_the_documented_network(float64):
-    # helpers.GUIDES["AmortizedNormal-lowrank"]: hidden (8, 7), ReLU6, rank 2; "-residual": two residual
-    # blocks of width D = 9 (inner 14), tanh, full covariance.
+    # helpers.GUIDES["AmortizedNormal-lowrank"]: hidden (8, 7), ReLU6, rank 2, the skip connection;
+    # "-residual": two residual blocks of width D = 9 (inner 14), tanh, full covariance, no skip connection.
     model, guide, x = guide_problem("AmortizedNormal-lowrank")
     params = dict(guide_parameters(guide))
 
@@ -271,10 +275,12 @@ def test_amortized_lowrank_residual_encoder_is_the_documented_network(float64):
         return inputs @ params[f"AmortizedNormal.{name}.weight"].T + params[f"AmortizedNormal.{name}.bias"]
 
     features = F.relu6(linear("layers.1", F.relu6(linear("layers.0", x))))
+    skip_loc, skip_scale, skip_factor = (x @ params["AmortizedNormal.skip_layer.weight"].T).split(
+        [N_LATENTS, N_LATENTS, 2 * N_LATENTS], dim=-1)
     loc, (factor, cov_diag) = guide.encode(x)
-    assert torch.allclose(loc, linear("loc_layer", features))
-    assert torch.allclose(cov_diag, (F.softplus(linear("scale_layer", features)) + 1e-3).square())
-    assert torch.allclose(factor, linear("off_diagonal_layer", features).reshape(-1, N_LATENTS, 2))
+    assert torch.allclose(loc, linear("loc_layer", features) + skip_loc)
+    assert torch.allclose(cov_diag, (F.softplus(linear("scale_layer", features) + skip_scale) + 1e-3).square())
+    assert torch.allclose(factor, (linear("off_diagonal_layer", features) + skip_factor).reshape(-1, N_LATENTS, 2))
 
     pyro.clear_param_store()
     model, guide, x = guide_problem("AmortizedNormal-residual")
@@ -284,9 +290,64 @@ def test_amortized_lowrank_residual_encoder_is_the_documented_network(float64):
         inner = torch.tanh(linear(f"residual_blocks.{block}.inner", features))
         assert inner.size(-1) == 14  # 3/2 of the width
         features = features + linear(f"residual_blocks.{block}.outer", inner)
-    loc, scale_tril = guide.encode(x)
+    loc, scale_tril = guide.encode(x)  # no skip connection (the default)
+    assert "AmortizedNormal.skip_layer.weight" not in params and not guide.skip
     assert torch.allclose(loc, linear("loc_layer", features))
     assert torch.allclose(scale_tril.diagonal(dim1=-2, dim2=-1), F.softplus(linear("scale_layer", features)))
+
+
+@pytest.mark.parametrize("covariance", ["diag", "full", "lowrank"])
+@pytest.mark.parametrize("skip", [True, False], ids=["skip", "no-skip"])
+def test_match_posteriors_sets_the_heads_to_their_least_squares_optimum(float64, covariance, skip):
+    # Targets: per-point optima solved at a random model. The heads' raw outputs are linear in their
+    # weights, so at the least-squares optimum the squared error's gradient in every head weight is 0,
+    # checked by autograd, independently of the solve; the trunk is untouched.
+    torch.manual_seed(0)
+    model = SparseCoding(SIDE ** 2, N_LATENTS)
+    model.set_dictionary(torch.randn(SIDE ** 2, N_LATENTS))
+    x = model.sample(300)[1]
+    posterior = solve_posteriors(model, x, "diag" if covariance == "diag" else "full").posterior
+    guide = AmortizedNormal(SIDE ** 2, N_LATENTS, hidden=(12,), covariance=covariance, skip=skip)
+    trunk = [layer.weight.detach().clone() for layer in guide.layers]
+    errors = guide.match_posteriors(x, posterior, ridge=0.0)
+    assert all(torch.equal(layer.weight, weight) for layer, weight in zip(guide.layers, trunk))
+    # The targets, each head's output before its transform.
+    if covariance == "full":
+        scale_tril = torch.linalg.cholesky(posterior.covariance_matrices())
+        rows, columns = torch.tril_indices(N_LATENTS, N_LATENTS, -1)
+        targets = [posterior.mean, inverse_softplus(scale_tril.diagonal(dim1=-2, dim2=-1)),
+                   scale_tril[:, rows, columns]]
+    else:
+        minimum = 1e-3 if covariance == "lowrank" else 0.0
+        targets = [posterior.mean, inverse_softplus(posterior.stddev - minimum), None]
+    outputs = guide._raw_outputs(x)
+    fitted = [index for index, target in enumerate(targets) if target is not None]
+    squared_error = sum((outputs[index] - targets[index]).square().sum() for index in fitted)
+    heads = guide._heads()
+    weights = [weight for index in fitted for weight in (heads[index].weight, heads[index].bias)]
+    if skip:  # the skip connection's rows of the fitted heads (they come first)
+        weights.append(guide.skip_layer.weight)
+    gradients = torch.autograd.grad(squared_error, weights)
+    if skip:
+        gradients = gradients[:-1] + (gradients[-1][:sum(guide._head_sizes()[index] for index in fitted)],)
+    for weight, gradient in zip(weights, gradients):
+        assert gradient.abs().max() < 1e-8 * x.size(0) * (1 + float(squared_error.detach())), weight.shape
+    assert errors[0] == pytest.approx(float((outputs[0] - targets[0]).square().mean()), rel=1e-6)
+    assert (errors[2] is None) == (covariance != "full")
+
+
+def test_match_posteriors_refuses_what_it_cannot_fit():
+    guide = AmortizedNormal(SIDE ** 2, N_LATENTS, hidden=(12,), skip=True)
+    model = SparseCoding(SIDE ** 2, N_LATENTS)
+    model.set_dictionary(torch.randn(SIDE ** 2, N_LATENTS))
+    x = model.sample(30)[1]
+    posterior = solve_posteriors(model, x).posterior
+    with pytest.raises(ValueError, match="at least 22 points"):  # 12 features + 9 skip inputs + 1 bias
+        guide.match_posteriors(x[:20], posterior.index_select(torch.arange(20)))
+    with pytest.raises(ValueError, match="posterior must be a per-point GaussianPosterior of 30 points"):
+        guide.match_posteriors(x, posterior.index_select(torch.arange(20)))
+    with pytest.raises(ValueError, match="ridge must be a number >= 0"):
+        guide.match_posteriors(x, posterior, ridge=-1.0)
 
 
 class _DenseReference:

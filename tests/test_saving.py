@@ -44,6 +44,27 @@ def test_a_model_with_its_encoder_and_whitening_round_trips(tmp_path):
     assert loaded.metadata == {"run": "bars", "seed": 3, "settings": {"noise": 0.3, "sizes": [3, 3]}}
 
 
+def test_an_encoder_saved_before_the_skip_connection_existed_loads_without_it(tmp_path):
+    model, guide, x = trained(amortized)
+    path = tmp_path / "model.pt"
+    save(path, model, guide)
+    codes = guide.encode(x)[0].detach().clone()
+    payload = torch.load(path, weights_only=True)
+    del payload["guide"]["config"]["skip"]  # as in files written before the option existed
+    torch.save(payload, path)
+    pyro.clear_param_store()
+    loaded = load(path)
+    assert not loaded.guide.skip and torch.equal(loaded.guide.encode(x)[0].detach(), codes)
+    # An encoder with the skip connection saves and loads it.
+    pyro.clear_param_store()
+    model, guide, x = trained(lambda model: AmortizedNormal(9, 6, covariance="full", skip=True))
+    assert guide.skip and guide.config()["skip"] is True
+    save(path, model, guide)
+    codes = guide.encode(x)[0].detach().clone()
+    pyro.clear_param_store()
+    assert torch.equal(load(path).guide.encode(x)[0].detach(), codes)
+
+
 @pytest.mark.parametrize("make_guide", [LocalMultivariateNormal,
                                         lambda model: AutoNormal(model, create_plates=model.create_plates)])
 def test_per_point_posteriors_are_saved_only_when_asked_for(tmp_path, make_guide):

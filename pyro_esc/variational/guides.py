@@ -53,6 +53,13 @@ def inverse_softplus(value):
     return value + torch.log(-torch.expm1(-value))
 
 
+def _ridge_least_squares(design, response, ridge):
+    """argmin_B ||design B - response||^2 + ridge * mean(diag(design^T design)) ||B||^2, by Cholesky."""
+    normal = design.T @ design
+    normal.diagonal().add_(ridge * normal.diagonal().mean())
+    return torch.cholesky_solve(design.T @ response, torch.linalg.cholesky(normal))
+
+
 def scale_tril_from_packed(diagonal, off_diagonal):
     """Assemble lower-triangular Cholesky factors from their packed entries.
 
@@ -305,11 +312,22 @@ class AmortizedNormal(PyroModule):
         h   = trunk(x)                (Linear + activation layers of sizes ``hidden``, then
                                        ``blocks`` residual blocks h <- h + B act(A h + a) + b
                                        of inner width ``block_width``)
-        nu  = M h + m                 (mean, shape (H,))
-        diag:     q(z | x) = Normal(nu, diag(s)^2),             s = softplus(S h + c) + min_scale
-        lowrank:  q(z | x) = Normal(nu, F F^T + diag(s)^2),     F = (R h + r) as (H, rank)
+        nu  = M h + K_nu x + m        (mean, shape (H,))
+        diag:     q(z | x) = Normal(nu, diag(s)^2),             s = softplus(S h + K_s x + c) + min_scale
+        lowrank:  q(z | x) = Normal(nu, F F^T + diag(s)^2),     F = (R h + K_F x + r) as (H, rank)
         full:     q(z | x) = Normal(nu, L L^T),  L_hh = s_h, L_ij (i > j) from
-                  C h + c' packed row by row (H (H - 1) / 2 outputs)
+                  C h + K_L x + c' packed row by row (H (H - 1) / 2 outputs)
+
+    The K terms are an optional linear **skip connection** from x to every head
+    (``skip=True``; without it K = 0): a posterior mean that is linear in x, as far from zero
+    the sparse-coding posterior nearly is and the probabilistic-PCA posterior exactly is,
+    needs no hidden unit, and the hidden layer only has the nonlinear remainder to learn. It
+    also makes every head linear in (M, K, m) at fixed features, which
+    :meth:`match_posteriors` uses to set them by least squares: :func:`~pyro_esc.fit_amortized`
+    wants it (without it the least-squares start is poor; BENCHMARKS.md, "Amortised
+    inference"). It is off by default because it has not been measured on the other training
+    paths (and on one, encoder and model trained together from scratch by SVI on 204,800
+    whitened 16x16 patches, a scale of the encoder underflowed to 0).
 
     The default activation is ELU: smooth and without dead units, so every unit
     learns from the start. The authors' encoders (Velychko et al. 2024) are, in
@@ -320,7 +338,8 @@ class AmortizedNormal(PyroModule):
     Initialisation, so that training starts from the same useful posteriors
     as the local guides (nu = 0, L = ``init_scale`` * I) for every input: the
     output layers start with weights ``out_init`` times their default and
-    biases 0, except the scales' bias, softplus^-1(init_scale); the low-rank
+    biases 0, except the scales' bias, softplus^-1(init_scale), and the skip
+    connection at 0; the low-rank
     factor F then starts small (entries of order ``out_init``), but not exactly
     0, which would be a stationary point of the ELBO in F. Residual blocks start
     with their second layer scaled by ``out_init`` too, so at the start a block is
@@ -354,10 +373,20 @@ class AmortizedNormal(PyroModule):
     :param int rank: rank R of the low-rank head (``covariance="lowrank"`` only); default min(5, H).
     :param float min_scale: a floor added to the scales, s = softplus(.) + min_scale; default
         :data:`DEFAULT_LOWRANK_MIN_SCALE` for ``"lowrank"``, else 0.
+    :param bool skip: the linear skip connection from x to the heads (default False).
+
+    Example::
+
+        >>> import torch
+        >>> from pyro_esc import AmortizedNormal
+        >>> encoder = AmortizedNormal(data_dim=4, n_latents=3, hidden=(8,), covariance="full", skip=True)
+        >>> loc, scale_tril = encoder.encode(torch.randn(5, 4))
+        >>> loc.shape, scale_tril.shape
+        (torch.Size([5, 3]), torch.Size([5, 3, 3]))
     """
 
     def __init__(self, data_dim, n_latents, hidden=(100,), covariance="diag", init_scale=0.1, out_init=0.01, *,
-                 activation="elu", blocks=0, block_width=None, rank=None, min_scale=None):
+                 activation="elu", blocks=0, block_width=None, rank=None, min_scale=None, skip=False):
         super().__init__(name=type(self).__name__)
         self.data_dim = check_int(data_dim, "data_dim")
         self.n_latents = check_int(n_latents, "n_latents")
@@ -407,6 +436,11 @@ class AmortizedNormal(PyroModule):
             num_off = 0
         # "off_diagonal_layer" holds L's strictly lower entries (full) or the factor F (lowrank).
         self.off_diagonal_layer = PyroModule[nn.Linear](width, num_off) if num_off else None
+        if not isinstance(skip, bool):
+            raise ValueError(f"skip must be True or False, got {skip!r}")
+        # One linear map x -> every head's output, split as the heads are (no bias: theirs serve).
+        self.skip_layer = (PyroModule[nn.Linear](self.data_dim, sum(self._head_sizes()), bias=False)
+                           if skip else None)
         self._init_scale, self._out_init = init_scale, out_init
         self._initialize_outputs()
         # A buffer, so a checkpoint remembers that the parameters were matched to data.
@@ -419,6 +453,8 @@ class AmortizedNormal(PyroModule):
                 layer.weight.mul_(self._out_init)
                 layer.bias.zero_()
         self.scale_layer.bias.fill_(inverse_softplus(self._init_scale - self.min_scale))
+        if self.skip_layer is not None:
+            self.skip_layer.weight.zero_()
         for block in self.residual_blocks:
             block.outer.weight.mul_(self._out_init)
             block.outer.bias.zero_()
@@ -436,6 +472,116 @@ class AmortizedNormal(PyroModule):
                 layer.reset_parameters()
         self._initialize_outputs()
 
+    @property
+    def skip(self):
+        """Whether the heads have the linear skip connection from x."""
+        return self.skip_layer is not None
+
+    def _heads(self):
+        """The output layers: mean, scales, and the off-diagonal entries or low-rank factor (None if absent)."""
+        return self.loc_layer, self.scale_layer, self.off_diagonal_layer
+
+    def _head_sizes(self):
+        return tuple(0 if layer is None else layer.out_features for layer in self._heads())
+
+    def features(self, x):
+        """h = trunk(x): the hidden layers' and residual blocks' output, (B, width) (the heads' input)."""
+        features = x
+        for layer in self.layers:
+            features = self.nonlinearity(layer(features))
+        for block in self.residual_blocks:
+            features = block(features)
+        return features
+
+    def _raw_outputs(self, x):
+        """The heads' outputs before their transforms: mean, pre-softplus scales, off-diagonal/factor (or None)."""
+        features = self.features(x)
+        outputs = [None if layer is None else layer(features) for layer in self._heads()]
+        if self.skip_layer is not None:
+            skips = self.skip_layer(x).split(self._head_sizes(), dim=-1)
+            outputs = [None if output is None else output + skip for output, skip in zip(outputs, skips)]
+        return outputs
+
+    @torch.no_grad()
+    def match_posteriors(self, x, posterior, ridge=1e-6):
+        r"""Set the heads by least squares so that the encoder reproduces given posteriors of ``x``.
+
+        At fixed features h = trunk(x) every head's output before its transform is linear in
+        the head's weights, y(x) = M h + K x + m (K: the skip connection; without one, y = M h + m).
+        Given target posteriors of the points, their heads' outputs are known: the means; the
+        scales through softplus^-1 (the marginal standard deviations for ``"diag"`` and
+        ``"lowrank"``, the Cholesky factor's diagonal for ``"full"``); and L's strictly lower
+        entries for ``"full"``. The weights that reproduce those targets best in the mean
+        square are one linear solve, ridge-regularised by ``ridge`` times the mean diagonal of
+        the normal equations. The trunk is not changed, nor the low-rank factor's head
+        (a low-rank factor is not a linear function of the targets).
+
+        :func:`~pyro_esc.fit_amortized` starts its encoder this way from posteriors solved
+        at the learned model (:func:`~pyro_esc.solve_posteriors`), so that training starts near
+        the per-point optimum instead of at nu = 0 for every point.
+
+        :param torch.Tensor x: the points, (B, D), with B at least the number of weights per head
+            output (the width, plus D with the skip connection, plus 1).
+        :param ~pyro_esc.GaussianPosterior posterior: the target posteriors of the B points.
+        :param float ridge: the relative ridge.
+        :returns: the mean squared error of the fitted outputs, one float per head
+            (``(mean, scale, off_diagonal)``; None for a head not fitted).
+        """
+        x = check_data_cached(x, "x", self.data_dim)
+        self._match(x)
+        if not isinstance(posterior, GaussianPosterior) or posterior.is_joint or tuple(posterior.mean.shape) != (
+                x.size(0), self.n_latents):
+            raise ValueError(f"posterior must be a per-point GaussianPosterior of {x.size(0)} points and "
+                             f"{self.n_latents} latents, got {posterior!r}")
+        ridge = float(ridge)
+        if not ridge >= 0:
+            raise ValueError(f"ridge must be a number >= 0, got {ridge!r}")
+        targets = self._raw_targets(posterior)
+        fitted = [index for index, target in enumerate(targets) if target is not None]
+        work = dict(dtype=torch.float64, device=x.device)
+        # The heads' common inputs: [h, x, 1] (x only with the skip connection).
+        inputs = [self.features(x).to(**work)] + ([x.to(**work)] if self.skip else [])
+        design = torch.cat(inputs + [torch.ones(x.size(0), 1, **work)], dim=1)
+        if x.size(0) < design.size(1):
+            raise ValueError(f"x must have at least {design.size(1)} points to set {design.size(1)} weights per "
+                             f"output by least squares, got {x.size(0)}")
+        response = torch.cat([targets[index].to(**work) for index in fitted], dim=1)
+        weights = _ridge_least_squares(design, response, ridge)
+        errors = (design @ weights - response).square()
+        sizes = self._head_sizes()
+        blocks = dict(zip(fitted, weights.split([sizes[index] for index in fitted], dim=1)))
+        self._set_heads(blocks, width=inputs[0].size(1))
+        if not bool(self.matched):
+            self.matched.fill_(True)
+        error_blocks = dict(zip(fitted, errors.split([sizes[index] for index in fitted], dim=1)))
+        return tuple(float(error_blocks[index].mean()) if index in error_blocks else None for index in range(3))
+
+    def _raw_targets(self, posterior):
+        """The heads' outputs before their transforms that would give ``posterior``: [mean, scales, lower or None]."""
+        if self.covariance == "full":
+            scale_tril = torch.linalg.cholesky(posterior.covariance_matrices())
+            scales = scale_tril.diagonal(dim1=-2, dim2=-1)
+            rows, columns = torch.tril_indices(self.n_latents, self.n_latents, -1, device=scale_tril.device)
+            lower = scale_tril[:, rows, columns] if self.off_diagonal_layer is not None else None
+        else:  # the marginal scales; a low-rank factor is not a linear function of the targets
+            scales, lower = posterior.stddev, None
+        raw_scales = inverse_softplus((scales - self.min_scale).clamp_min(torch.finfo(scales.dtype).eps))
+        return [posterior.mean, raw_scales, lower]
+
+    def _set_heads(self, blocks, width):
+        """Write least-squares weights into the heads: ``blocks[i]`` is head i's (inputs, outputs) block,
+        rows ordered as the design [h (``width`` rows), x (with the skip connection), 1]."""
+        heads, sizes = self._heads(), self._head_sizes()
+        skip_rows = torch.cumsum(torch.tensor((0,) + sizes), 0).tolist()  # each head's rows of the skip layer
+        for index, block in blocks.items():
+            head = heads[index]
+            block = block.to(head.weight)
+            head.weight.copy_(block[:width].T)
+            head.bias.copy_(block[-1])
+            if self.skip:
+                rows = slice(skip_rows[index], skip_rows[index + 1])
+                self.skip_layer.weight[rows].copy_(block[width:width + self.data_dim].T)
+
     def config(self):
         """The constructor's arguments as plain values: ``AmortizedNormal(**guide.config())`` rebuilds it.
 
@@ -446,7 +592,8 @@ class AmortizedNormal(PyroModule):
                              f"pyro_esc.guides.ACTIVATIONS: only named activations can be stored as plain values")
         config = {"data_dim": self.data_dim, "n_latents": self.n_latents, "hidden": list(self.hidden),
                   "covariance": self.covariance, "init_scale": self._init_scale, "out_init": self._out_init,
-                  "activation": self.activation_name, "blocks": self.blocks, "min_scale": self.min_scale}
+                  "activation": self.activation_name, "blocks": self.blocks, "min_scale": self.min_scale,
+                  "skip": self.skip}
         if self.blocks:
             config["block_width"] = self.block_width
         if self.rank is not None:
@@ -460,6 +607,8 @@ class AmortizedNormal(PyroModule):
             text += f", rank={self.rank}"
         if self.blocks:
             text += f", blocks={self.blocks}, block_width={self.block_width}"
+        if self.skip:
+            text += ", skip=True"
         return text + f", activation={self.activation_name or self._activation.__name__!r}"
 
     def _match(self, x):
@@ -487,23 +636,17 @@ class AmortizedNormal(PyroModule):
         self._match(x)
         if not bool(self.matched):
             self.matched.fill_(True)
-        features = x
-        for layer in self.layers:
-            features = self.nonlinearity(layer(features))
-        for block in self.residual_blocks:
-            features = block(features)
-        loc = self.loc_layer(features)
-        diagonal = nn.functional.softplus(self.scale_layer(features))
+        loc, scales, off_diagonal = self._raw_outputs(x)
+        diagonal = nn.functional.softplus(scales)
         if self.min_scale:
             diagonal = diagonal + self.min_scale
         if self.covariance == "diag":
             return loc, diagonal
         if self.covariance == "lowrank":
-            factor = self.off_diagonal_layer(features).reshape(features.shape[:-1] + (self.n_latents, self.rank))
+            factor = off_diagonal.reshape(off_diagonal.shape[:-1] + (self.n_latents, self.rank))
             return loc, (factor, diagonal.square())
         # With H = 1 there is no off-diagonal entry (and no layer for it).
-        off_diagonal = (diagonal[..., :0] if self.off_diagonal_layer is None
-                        else self.off_diagonal_layer(features))
+        off_diagonal = diagonal[..., :0] if off_diagonal is None else off_diagonal
         return loc, scale_tril_from_packed(diagonal, off_diagonal)
 
     def forward(self, x, subsample=None, subsample_size=None):
