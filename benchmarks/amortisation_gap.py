@@ -1,10 +1,11 @@
 """The amortisation gap: how far amortised posteriors stay below per-point ones.
 
 For every encoder configuration, data set and seed, the model and an amortised guide
-(:class:`~pyro_esc.AmortizedNormal`) are trained from scratch on N points; then, at that
-trained dictionary and its lambda, sigma^2 (all held fixed), the per-point optimum is fitted
-with :func:`pyro_esc.encode` and a :class:`~pyro_esc.LocalMultivariateNormal` (L-BFGS to
-convergence in float64, one full-covariance Gaussian per point). The gap is
+(:class:`~pyro_esc.AmortizedNormal`) are trained on N points by a recipe (below); then, at that
+trained dictionary and its lambda, sigma^2 (all held fixed), the per-point optimum is found
+with :func:`pyro_esc.encode` and a :class:`~pyro_esc.LocalMultivariateNormal` (one full-covariance
+Gaussian per point, solved by :func:`pyro_esc.solve_posteriors`: Newton's method in float64; rows
+recorded before the solver existed used L-BFGS in float64 to the same optimum). The gap is
 
     gap = ELBO(per-point optimum) - ELBO(encoder)      (nats per data point, >= 0)
 
@@ -31,14 +32,16 @@ Training recipes (``--recipe``):
   its own ELBO. "ELBO/N" is then the refined posteriors' (the encoder alone: ``encoder_elbo``), and
   the gaps are the encoder's; ``semilK`` (e.g. ``semil10``) refines by L-BFGS (``method="lbfgs"``);
 - ``warm``: :func:`pyro_esc.fit_amortized` at its defaults: the dictionary from per-point
-  full-covariance posteriors, the encoder alone at it, encoder and dictionary together on the
-  amortised objective until fit's convergence test, then the encoder alone by Adam on points drawn
+  full-covariance posteriors, the encoder's heads set by least squares to the per-point optima solved
+  at it (for the data and points drawn from the model), then the encoder alone by Adam on points drawn
   afresh from the model at every step and rows of the data (``--steps``: each stage's step limit);
-  ``warmK`` (e.g. ``warm0``) with K steps of the first encoder-only stage instead of its default,
-  a suffix ``-sM`` (``warm-s0``, ``warm0-s0``) with M drawn points per step (0: no model-samples
-  stage), ``-nS`` (``warm-n40000``) with S steps of that stage. Records with ``-fM``
-  (``warm-f9000``) are historical: the last stage as L-BFGS on the data and M points drawn once,
-  which fresh draws replaced; they cannot be rerun;
+  suffixes change one setting each: ``-mP`` P match points (0: no match stage), ``-sM`` M drawn points
+  per Adam step (0: no Adam stage), ``-nS`` S Adam steps, ``-lR`` Adam's initial rate R, ``-j`` the joint stage (encoder and
+  dictionary on the amortised objective until fit's convergence test) before the Adam stage, and a
+  number right after ``warm`` (``warm2000-j``) that many L-BFGS steps of the encoder alone before it.
+  Records whose recipe starts with ``v1-`` are historical (``fit_amortized`` before the match stage:
+  2000 encoder-only L-BFGS steps, the joint stage always, 40000 Adam steps; ``v1-warm-fM``: the last
+  stage as L-BFGS on M points drawn once); they cannot be rerun;
 - ``staged``: the dictionary learned first with per-point full-covariance posteriors
   (:class:`~pyro_esc.LocalMultivariateNormal`, fit's defaults), then the encoder alone at that
   dictionary (``train_dictionary=False``, L-BFGS to fit's convergence test or ``--steps``);
@@ -80,6 +83,8 @@ CONFIGS = {
                                                                       covariance="lowrank")),
     "h2x100-full": ("2 x 100, ELU, full", lambda d: dict(hidden=(100, 100), covariance="full")),
     "h300-full": ("1 x 300, ELU, full", lambda d: dict(hidden=(300,), covariance="full")),
+    "h100-full-skip": ("1 x 100, ELU, full, skip", lambda d: dict(hidden=(100,), covariance="full", skip=True)),
+    "h300-full-skip": ("1 x 300, ELU, full, skip", lambda d: dict(hidden=(300,), covariance="full", skip=True)),
     "h500-full": ("1 x 500, ELU, full", lambda d: dict(hidden=(500,), covariance="full")),
     "h2x100-lowrank": ("2 x 100, ELU, lowrank 5", lambda d: dict(hidden=(100, 100), covariance="lowrank")),
     "h3x10D-full": ("3 x 10D, ELU, full", lambda d: dict(hidden=(10 * d,) * 3, covariance="full")),
@@ -125,8 +130,10 @@ def run_one(config, data, seed, recipe, steps, refine, n=N):
                           fit_amortized, held_out_elbo, training_elbo)
     from pyro_esc.experiments import bars_optimizer
     from pyro_esc.metrics import bars_recovery
-    from pyro_esc.warm_start import DEFAULT_ENCODER_STEPS
 
+    if recipe.startswith("v1-"):
+        raise ValueError(f"recipe {recipe}: a historical record (fit_amortized before its match stage); it cannot "
+                         f"be rerun")
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     pyro.clear_param_store()
@@ -151,20 +158,20 @@ def run_one(config, data, seed, recipe, steps, refine, n=N):
         history = fit(model, guide, x, loss=EntropyELBO(), optimizer="lbfgs", steps=steps or 5000, tol=1e-6,
                       seed=seed, progress=False)
     elif recipe.startswith("warm"):
-        # pyro_esc.fit_amortized: per-point dictionary, encoder alone (warmK: K steps), both jointly on the
-        # amortised objective until fit's convergence test (or --steps per stage), then the encoder alone on
-        # points drawn afresh from the model and rows of the data (-sM: M drawn points per step, 0 skips the
-        # stage; -nS: S Adam steps).
+        # pyro_esc.fit_amortized at its defaults, one setting changed per suffix (module docstring).
         encoder_part, *suffixes = recipe[4:].split("-")
-        options = dict(encoder_steps=int(encoder_part) if encoder_part else DEFAULT_ENCODER_STEPS)
+        options = dict(encoder_steps=int(encoder_part)) if encoder_part else {}
         for suffix in suffixes:
-            if suffix.startswith("f"):
-                raise ValueError(f"recipe {name}: a historical record (the last stage as L-BFGS on fixed drawn "
-                                 f"points, replaced by fresh draws each step); it cannot be rerun")
-            options[{"s": "model_samples", "n": "sample_steps"}[suffix[0]]] = int(suffix[1:])
+            if suffix == "j":
+                options["joint"] = True
+                continue
+            if suffix[0] == "l":
+                options["sample_lr"] = float(suffix[1:])
+                continue
+            options[{"m": "match_points", "s": "model_samples", "n": "sample_steps"}[suffix[0]]] = int(suffix[1:])
         stages = fit_amortized(model, guide, x, loss=EntropyELBO(), steps=steps, seed=seed, progress=False,
                                **options)
-        history = stages.joint
+        history = stages.model_history
         stage_steps = stages.steps
     elif recipe == "staged":
         # The dictionary from per-point full-covariance posteriors (fit's defaults), then the encoder
@@ -246,10 +253,9 @@ def main(argv=None):
     parser.add_argument("--recipe", default="lbfgs",
                         help="lbfgs, adam, semiK or semilK (the adam recipe training SemiAmortized(encoder, "
                              "steps=K), refining by Adam or by L-BFGS), staged (the dictionary from per-point "
-                             "posteriors first, then the encoder alone), warm, warmK, warmK-sM-nS "
-                             "(pyro_esc.fit_amortized, K encoder-only steps, M model samples per step, S steps "
-                             "of that stage: staged, then both jointly, then the encoder on data and fresh model "
-                             "samples); a suffix 64 runs in float64")
+                             "posteriors first, then the encoder alone), warm with suffixes -mP -sM -nS -j "
+                             "(pyro_esc.fit_amortized: P match points, M model samples per Adam step, S Adam "
+                             "steps, the joint stage); a suffix 64 runs in float64")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--refine", type=int, default=0, help="also report the gap after K refinement steps")
     parser.add_argument("--n", type=int, default=N, help="training (and held-out) points")

@@ -70,14 +70,16 @@ def build_parser():
                       help="auto (default): L-BFGS on the exact full-batch objective until convergence for "
                            "local-full with a closed-form objective, else SVI with the ClippedAdam recipe (the "
                            "better one for diagonal and amortised posteriors); lbfgs or svi to choose")
-    bars.add_argument("--warm-start", action="store_true",
-                      help="amortised guides: learn the dictionary with per-point full covariances first, then "
-                           "the encoder alone, then both on the amortised objective until convergence, then the "
-                           "encoder alone on the data and points drawn afresh from the model at every step (L-BFGS, "
-                           "then Adam in that last stage; pyro_esc.warm_start.fit_amortized)")
+    bars.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=None,
+                      help="amortised guides: learn the dictionary with per-point full covariances first, match the "
+                           "encoder to the per-point posteriors solved at it, then train the encoder alone on points "
+                           "drawn afresh from the model (pyro_esc.fit_amortized). Default: on for amortised guides "
+                           "with the closed-form objectives on the full data and --optimizer auto or lbfgs; "
+                           "--no-warm-start trains the encoder and dictionary together from the start")
     bars.add_argument("--hidden", type=int, nargs="+", default=None,
                       help=f"amortised guides: units of each hidden layer of the encoder (default "
-                           f"{' '.join(map(str, experiments.BARS_WARM_START_HIDDEN))} with --warm-start, else 100)")
+                           f"{' '.join(map(str, experiments.BARS_WARM_START_HIDDEN))} with the warm start, 100 "
+                           f"with --no-warm-start)")
     bars.add_argument("--n-init", type=int, default=None,
                       help=f"initialisations (restarts); the best final ELBO is kept (default "
                            f"{experiments.BARS_N_INIT} with L-BFGS, 1 with SVI)")
@@ -193,7 +195,8 @@ def _bars(args):
                                   device=args.device, out=args.out, progress=not args.quiet,
                                   optimizer=args.optimizer, n_init=args.n_init,
                                   tol="auto" if args.tol is None else args.tol, reference=not args.no_reference,
-                                  dtype=getattr(torch, args.dtype), warm_start=args.warm_start,
+                                  dtype=getattr(torch, args.dtype),
+                                  warm_start="auto" if args.warm_start is None else args.warm_start,
                                   hidden=None if args.hidden is None else tuple(args.hidden), prior=args.prior)
     path = _write_metrics(args.out, "bars_metrics.json", result)
     _save_model(args.out, "bars_model.pt", result, whitening=None)
@@ -206,7 +209,7 @@ def _bars(args):
               f"reference = {result.elbo_minus_reference:+.4f} per data point")
     if result.n_init > 1:
         print("restarts: final ELBO " + ", ".join(f"{value:.4f}" for value in result.restart_elbos))
-    stage = (" in the joint stage, after the per-point and encoder stages and before the model-samples stage"
+    stage = (" in the per-point dictionary stage, before the encoder was matched to it and trained on model samples"
              if result.warm_start else "")
     print(f"{result.steps} steps{stage}; {result.stop_reason}")
     print(f"figures and metrics in {args.out}/ ({os.path.basename(path)}); the model in bars_model.pt "

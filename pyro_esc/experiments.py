@@ -56,11 +56,12 @@ def fast_mode():
     return os.environ.get("PYRO_ESC_FAST", "") not in ("", "0")
 
 
-def make_guide(name, model, hidden=(100,)):
-    """A guide for ``model`` by name (see :data:`GUIDES`); ``hidden`` sets an amortised guide's encoder."""
+def make_guide(name, model, hidden=(100,), **encoder_options):
+    """A guide for ``model`` by name (see :data:`GUIDES`); ``hidden`` and ``encoder_options`` (e.g.
+    ``skip=True``) set an amortised guide's encoder."""
     if name in GUIDE_REGISTRY and GUIDE_REGISTRY[name].amortized:
-        return registered_guide(name, model, hidden=hidden)
-    return registered_guide(name, model)
+        return registered_guide(name, model, hidden=hidden, **encoder_options)
+    return registered_guide(name, model, **encoder_options)
 
 
 def make_loss(name):
@@ -227,16 +228,16 @@ LBFGS_GUIDES = ("local-full",)
 #: (BENCHMARKS.md, "Bars over sizes, noise levels and seeds").
 BARS_N_INIT = 1
 #: The encoder `run_bars` gives amortised guides trained with ``warm_start``: one hidden layer of 300
-#: units, whose held-out amortisation gap is a fraction of the default 100 units' on 5x5 bars at noise
-#: 0.3 and 0.1 (BENCHMARKS.md, "Amortised inference"; benchmarks/amortisation_gap.py). Without
-#: ``warm_start`` amortised guides keep :class:`~pyro_esc.guides.AmortizedNormal`'s default width.
+#: units (and the skip connection), whose held-out amortisation gap is below 100 units' on 5x5 bars at
+#: noise 0.1 (BENCHMARKS.md, "Amortised inference"; benchmarks/amortisation_gap.py). Without
+#: ``warm_start`` amortised guides keep :class:`~pyro_esc.guides.AmortizedNormal`'s defaults.
 BARS_WARM_START_HIDDEN = (300,)
 
 
 def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3, steps=None, lr=0.2,
              batch_size=None, seed=0, device=None, out=None, progress=True, name=None, annealing=None,
              optimizer="auto", n_init=None, tol="auto", reference=True, init_seed=None, dtype=None,
-             finish_in_float64=True, warm_start=False, hidden=None, prior="laplace"):
+             finish_in_float64=True, warm_start="auto", hidden=None, prior="laplace"):
     """Learn the bars test; return a :class:`BarsResult` and optionally draw the learned fields.
 
     Training, with ``optimizer="auto"``: for the guides in :data:`LBFGS_GUIDES` (per-point full
@@ -255,12 +256,14 @@ def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3,
         float32 L-BFGS run that stalls on float32's resolution goes on in float64 and ends in float32.
     :param bool finish_in_float64: ``fit``'s option of that name (L-BFGS route); False stops where
         float32 stalls, as runs did before it existed.
-    :param bool warm_start: amortised guides: train with :func:`~pyro_esc.warm_start.fit_amortized`
-        (the dictionary from per-point full covariances, then the encoder alone, then both on the
-        amortised objective until convergence, then the encoder alone on the data and points drawn
-        from the model; L-BFGS throughout, ``n_init`` for the per-point stage). ``steps`` is then each
-        stage's step limit, ``steps``/``stop_reason`` describe the joint stage, and ``elbo`` is the
-        returned encoder's.
+    :param warm_start: amortised guides: train with :func:`~pyro_esc.warm_start.fit_amortized` (the
+        dictionary from per-point full covariances by L-BFGS, ``n_init`` times; the encoder matched by
+        least squares to the per-point optima solved at it; then the encoder alone by Adam on points
+        drawn afresh from the model). ``steps`` is then each stage's step limit, ``steps`` and
+        ``stop_reason`` describe the dictionary stage, and ``elbo`` is the returned encoder's.
+        ``"auto"`` (default): for amortised guides with a closed-form objective on the full data and
+        ``optimizer`` not ``"svi"``, where it finds every bar that training from scratch misses
+        (BENCHMARKS.md, "Amortised inference"); False trains from the encoder's initialisation.
     :param hidden: amortised guides: the encoder's hidden layer sizes (default
         :data:`BARS_WARM_START_HIDDEN` with ``warm_start``, else ``AmortizedNormal``'s (100,)).
     :param bool reference: also fit the posteriors with the generating dictionary held fixed
@@ -278,15 +281,22 @@ def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3,
     model = SparseCoding(x.size(1), true_dictionary.size(1), prior=prior)
     if hidden is not None and not guide.startswith("amortized"):
         raise ValueError(f"hidden sets the encoder of amortised guides (amortized-*), got guide={guide!r}")
+    deterministic = objective in ("entropy", "analytic") and batch_size is None
+    if warm_start == "auto":
+        warm_start = guide.startswith("amortized") and deterministic and optimizer != "svi"
+    elif warm_start is not True and warm_start is not False:
+        raise ValueError(f"warm_start must be 'auto', True or False, got {warm_start!r}")
     if hidden is None and warm_start:
         hidden = BARS_WARM_START_HIDDEN
-    guide_object = make_guide(guide, model) if hidden is None else make_guide(guide, model, hidden=tuple(hidden))
-    loss = make_loss(objective)
-    deterministic = objective in ("entropy", "analytic") and batch_size is None
-    if optimizer not in ("auto", "lbfgs", "svi"):
-        raise ValueError(f"optimizer must be 'auto', 'lbfgs' or 'svi', got {optimizer!r}")
     if warm_start and not guide.startswith("amortized"):
         raise ValueError(f"warm_start trains amortised guides (amortized-*), got guide={guide!r}")
+    encoder_options = {} if hidden is None else dict(hidden=tuple(hidden))
+    if warm_start:
+        encoder_options["skip"] = True  # what fit_amortized's least-squares start wants
+    guide_object = make_guide(guide, model, **encoder_options)
+    loss = make_loss(objective)
+    if optimizer not in ("auto", "lbfgs", "svi"):
+        raise ValueError(f"optimizer must be 'auto', 'lbfgs' or 'svi', got {optimizer!r}")
     if warm_start and (optimizer == "svi" or not deterministic):
         raise ValueError("warm_start runs L-BFGS on a closed-form objective on the full data: it needs "
                          "objective 'entropy' or 'analytic', no batch_size, and optimizer 'auto' or 'lbfgs'")
@@ -304,7 +314,7 @@ def run_bars(guide="local-full", objective="entropy", n=1000, side=5, noise=0.3,
         stages = fit_amortized(model, guide_object, x, loss=loss, steps=steps, n_init=n_init,
                                seed=seed if init_seed is None else init_seed, device=device, progress=progress,
                                annealing=annealing, **options)
-        history, final_elbo = stages.joint, stages.final_elbo
+        history, final_elbo = stages.model_history, stages.final_elbo
     else:
         history = fit(model, guide_object, x, loss=loss, steps=steps, batch_size=batch_size,
                       seed=seed if init_seed is None else init_seed, device=device, progress=progress,

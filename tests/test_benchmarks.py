@@ -111,26 +111,43 @@ def test_bars_grid_records_each_run_and_tabulates(tmp_path, capsys):
 
 def test_amortisation_gap_runs_the_warm_started_recipe(tmp_path):
     out = str(tmp_path / "gap.jsonl")
-    for recipe in ("warm5-s100", "warm5-s0"):  # 100 model samples; none (no model-samples stage)
-        text = load("amortisation_gap").main(["--configs", "h100-full", "--data", "bars0.3", "--seeds", "1",
+    # 100 match points and 100 model samples per Adam step; none (no Adam stage); the joint stage
+    recipes = ("warm-m100-s100", "warm-m100-s0", "warm5-m100-s0-j")
+    for recipe in recipes:
+        text = load("amortisation_gap").main(["--configs", "h100-full-skip", "--data", "bars0.3", "--seeds", "1",
                                               "--recipe", recipe, "--steps", "3", "--n", "60", "--refine", "2",
                                               "--out", out])
-    assert "| warm5-s100 " in text and "| warm5-s0 " in text
+    assert all(f"| {recipe} " in text for recipe in recipes)
     import json
 
-    with_samples, without = [json.loads(line) for line in open(out)]
+    with_samples, without, joint = [json.loads(line) for line in open(out)]
     # --steps limits every stage
-    assert with_samples["stage_steps"] == {"dictionary": 3, "encoder": 3, "joint": 3, "samples": 3}
-    assert without["stage_steps"] == {"dictionary": 3, "encoder": 3, "joint": 3, "samples": 0}
-    for record in (with_samples, without):
+    assert with_samples["stage_steps"] == {"dictionary": 3, "encoder": 0, "joint": 0, "samples": 3}
+    assert without["stage_steps"] == {"dictionary": 3, "encoder": 0, "joint": 0, "samples": 0}
+    assert joint["stage_steps"] == {"dictionary": 3, "encoder": 3, "joint": 3, "samples": 0}
+    for record in (with_samples, without, joint):
         assert record["gap_train"] >= -1e-3 and record["refined_gap_train"] <= record["gap_train"] + 1e-3
-    # -nS: S steps of the last stage (under --steps); -fM records are historical and are not rerun.
-    arguments = ["--configs", "h100-full", "--data", "bars0.3", "--seeds", "1", "--steps", "3", "--n", "60",
+    # -nS: S steps of the last stage (under --steps); v1- records are historical and are not rerun.
+    arguments = ["--configs", "h100-full-skip", "--data", "bars0.3", "--seeds", "1", "--steps", "3", "--n", "60",
                  "--out", out]
-    load("amortisation_gap").main(arguments + ["--recipe", "warm5-s100-n2"])
+    load("amortisation_gap").main(arguments + ["--recipe", "warm-m100-s100-n2"])
     assert json.loads(open(out).readlines()[-1])["stage_steps"]["samples"] == 2
     with pytest.raises(ValueError, match="historical"):
-        load("amortisation_gap").main(arguments + ["--recipe", "warm-f9000"])
+        load("amortisation_gap").main(arguments + ["--recipe", "v1-warm-f9000"])
+
+
+def test_amortised_default_compares_the_warm_start_with_training_from_scratch(tmp_path):
+    out = str(tmp_path / "default.jsonl")
+    text = load("amortised_default").main(["--sides", "3", "--noises", "0.3", "--seeds", "1", "--n", "60",
+                                                    "--steps", "3", "--out", out])
+    import json
+
+    records = [json.loads(line) for line in open(out)]
+    assert [r["method"] for r in records] == ["warm", "scratch"]
+    assert records[0]["hidden"] == [300] and records[1]["hidden"] == [100]
+    assert records[0]["skip"] and not records[1]["skip"]
+    assert all(r["gap_test"] > -1e-3 and 0 <= r["bars_found"] <= 6 for r in records)
+    assert "| 3x3 | 0.3 | warm (1 x 300, skip) | 1 |" in text
 
 
 def test_amortisation_gap_names_its_bars_settings():
