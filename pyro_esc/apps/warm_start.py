@@ -52,7 +52,7 @@ import torch
 from tqdm.std import tqdm
 
 from .._checks import check_int, check_positive
-from .._pyro_internals import module_name
+from .._pyro_internals import module_name, own_parameters
 from ..evaluate.elbo import held_out_elbo
 from ..infer.objectives import AnalyticELBO, EntropyELBO, NonFiniteObjectiveError
 from ..infer.solver import solve_posteriors
@@ -63,6 +63,7 @@ from ..train.options import _prepare_data
 from ..train.steppers import trainable_parameters
 from ..variational.guides import AmortizedNormal
 from ..variational.registry import make_guide
+from ..variational.semi_amortized import point_elbos
 
 __all__ = ["AmortizedHistory", "fit_amortized", "DEFAULT_MATCH_POINTS", "DEFAULT_ENCODER_STEPS",
            "DEFAULT_MODEL_SAMPLES", "DEFAULT_SAMPLE_STEPS", "DEFAULT_SAMPLE_LR"]
@@ -284,8 +285,9 @@ def _model_samples_stage(model, encoder, x, model_samples, steps, lr, seed, prog
 
     Each step's batch is ``model_samples`` points x ~ p(x | W, lambda, sigma^2) drawn anew
     together with ``model_samples // 9`` rows of the data chosen at random (at most N), so a
-    tenth of every batch is data; the objective is :class:`~pyro_esc.AnalyticELBO` per point at
-    the fixed model. Its expectation over the drawn points is the encoder's ELBO on the
+    tenth of every batch is data; the objective is the standard ELBO per point at the fixed model
+    (``-AnalyticELBO().loss``, computed by :func:`~pyro_esc.semi_amortized.point_elbos` without a
+    Pyro trace per step). Its expectation over the drawn points is the encoder's ELBO on the
     model's own distribution, a noisy objective in the encoder's weights: hence Adam with a
     learning rate decaying to 0 (half a cosine) rather than a line search. Every model
     parameter is frozen; the History records the batch ELBO at every step and, at the end,
@@ -306,6 +308,18 @@ def _model_samples_stage(model, encoder, x, model_samples, steps, lr, seed, prog
     batch = next_batch()
     _, params = trainable_parameters(model, encoder, loss, batch, frozen=MODEL_PARAMETERS)
     optimizer = torch.optim.Adam(params, lr=lr)
+    with torch.no_grad(), own_parameters(model):  # fixed for the whole stage
+        dictionary, prior_scale, noise_var = (value.detach().to(x) for value in (
+            model.dictionary, model.prior_scale, model.noise_var))
+
+    def negative_elbo(points):
+        # -AnalyticELBO().loss at the fixed model, through the per-point formula: no Pyro trace per step.
+        value = -point_elbos(encoder.gaussian_posterior(points), points, dictionary, prior_scale, noise_var,
+                             model.prior).sum()
+        if not torch.isfinite(value):
+            raise NonFiniteObjectiveError(f"the model-samples stage's ELBO is not finite ({float(value)})")
+        return value
+
     history = History(num_data=batch.size(0), elbo_kind=BATCH, route="torch", optimizer="Adam")
     started = time.perf_counter()
     bar = tqdm(total=steps, disable=not progress, desc="fit (model samples)", dynamic_ncols=True)
@@ -317,7 +331,7 @@ def _model_samples_stage(model, encoder, x, model_samples, steps, lr, seed, prog
                 group["lr"] = rate
             if step > 1:
                 batch = next_batch()
-            value = loss.differentiable_loss(model, encoder, batch)  # raises NonFiniteObjectiveError on NaN
+            value = negative_elbo(batch)
             # Gradients of the encoder's weights only: the frozen model's .grad stays untouched.
             for param, grad in zip(params, torch.autograd.grad(value, params)):
                 param.grad = grad
