@@ -74,7 +74,7 @@ DEFAULT_MATCH_POINTS = 20000
 #: L-BFGS steps of the encoder alone on the data before the joint stage (``joint=True`` only).
 DEFAULT_ENCODER_STEPS = 0
 #: Points drawn afresh from the trained model at every step of the last stage (same table).
-DEFAULT_MODEL_SAMPLES = 900
+DEFAULT_MODEL_SAMPLES = 600
 #: Adam steps of that stage (same table).
 DEFAULT_SAMPLE_STEPS = 3000
 #: Adam's initial learning rate in that stage (same table).
