@@ -105,7 +105,8 @@ class AmortizedHistory:
     final_elbo: float
     #: The same ELBO right after the match stage (None if it was skipped).
     match_elbo: Optional[float] = None
-    #: The per-point optimum's ELBO per data point at the model the match stage saw (its targets).
+    #: The per-point optimum's ELBO per data point at the model the match stage saw (its targets; None
+    #: if it was skipped or solved only some rows of the data).
     solved_elbo: Optional[float] = None
 
     @property
@@ -262,7 +263,10 @@ def fit_amortized(model, encoder, data, loss=None, *, learn_dictionary=True, dic
 
 
 def _match_stage(model, encoder, x, match_points, seed):
-    """Stage 2: the encoder's heads by least squares onto solved per-point optima; returns their ELBO on x.
+    """Stage 2: the encoder's heads by least squares onto solved per-point optima.
+
+    Returns the optima's ELBO per point on x (None when x had more rows than ``match_points``, so
+    that only some of them were solved).
 
     The points are up to ``match_points`` rows of the data (all N if fewer; else chosen at random)
     and ``match_points`` points drawn from the model. Their posteriors are solved in the encoder's
