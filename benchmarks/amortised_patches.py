@@ -36,18 +36,27 @@ import time
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "amortised_patches.jsonl")
 
 
+def patches(args):
+    """(training patches, their whitening, held-out patches): ``--test`` patches cut with the next seed,
+    whitened by the training whitening."""
+    from pyro_esc.data import image_patches
+    from pyro_esc.experiments import patch_data
+
+    x, whitening = patch_data(args.n, args.size, args.seed)
+    x_test = whitening.transform(image_patches(args.test, size=args.size, seed=args.seed + 1)).float()
+    return x, whitening, x_test
+
+
 def run(args, annealing):
     import pyro
     import torch
 
     from pyro_esc import AmortizedNormal, fit_amortized, held_out_elbo, solve_posteriors
-    from pyro_esc.data import image_patches
-    from pyro_esc.experiments import PATCH_ENCODER_HIDDEN, patch_data, run_patches
+    from pyro_esc.experiments import PATCH_ENCODER_HIDDEN, run_patches
     from pyro_esc.metrics import code_sparseness, field_spread
 
     pyro.clear_param_store()
-    x, whitening = patch_data(args.n, args.size, args.seed)
-    x_test = whitening.transform(image_patches(args.test, size=args.size, seed=args.seed + 1)).float()
+    x, whitening, x_test = patches(args)
     per_point = run_patches(x, whitening, args.size, guide="local-diag", n_latents=args.latents, epochs=args.epochs,
                             batch_size=args.batch, annealing=annealing, seed=args.seed, progress=False)
     model = per_point.model
@@ -89,12 +98,10 @@ def scratch(args, annealing):
     import torch
 
     from pyro_esc import held_out_elbo, solve_posteriors
-    from pyro_esc.data import image_patches
-    from pyro_esc.experiments import patch_data, run_patches
+    from pyro_esc.experiments import run_patches
 
     pyro.clear_param_store()
-    x, whitening = patch_data(args.n, args.size, args.seed)
-    x_test = whitening.transform(image_patches(args.test, size=args.size, seed=args.seed + 1)).float()
+    x, whitening, x_test = patches(args)
     result = run_patches(x, whitening, args.size, guide="amortized-diag", n_latents=args.latents, epochs=args.epochs,
                          batch_size=args.batch, annealing=annealing, seed=args.seed, progress=False)
     with torch.no_grad():
