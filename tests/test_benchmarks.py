@@ -259,11 +259,11 @@ def test_estimator_speed_times_each_guide_and_solver(capsys):
 
 
 def test_units_tabulates_each_route_and_scale(capsys):
-    load("units").main(["--n", "100", "--steps", "30", "--routes", "lbfgs-full", "em-minibatch",
-                        "--scales", "1", "255", "--seeds", "0"])
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| lbfgs") or
-            line.startswith("| em")]
-    assert len(rows) == 4 and all("/10 |" in row for row in rows)
+    load("units").main(["--n", "200", "--steps", "30", "--gradient-steps", "5", "--routes", "lbfgs-full",
+                        "em-minibatch", "svi-diag", "rowwise-full", "svi-encoder", "--scales", "1", "255", "--seeds",
+                        "0"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == 10 and all("/10 |" in row for row in rows)
 
 
 def test_ppca_compares_each_route_with_the_closed_form(capsys):

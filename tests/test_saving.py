@@ -65,6 +65,29 @@ def test_an_encoder_saved_before_the_skip_connection_existed_loads_without_it(tm
     assert torch.equal(load(path).guide.encode(x)[0].detach(), codes)
 
 
+def test_an_encoder_keeps_its_unit_and_one_saved_before_units_reads_data_as_they_are(tmp_path):
+    # Trained on data times 256 (fit's standard units): the encoder reads x / 256 and answers times 256.
+    x = bars(80, side=3, noise=0.3, seed=0)[0] * 256
+    model = SparseCoding(9, 6)
+    guide = amortized(model)
+    fit(model, guide, x, steps=30, tol=None, progress=False, lr=0.01)
+    assert float(guide.unit) == 256.0
+    path = tmp_path / "model.pt"
+    save(path, model, guide)
+    codes = guide.encode(x)[0].detach().clone()
+    pyro.clear_param_store()
+    loaded = load(path)
+    assert float(loaded.guide.unit) == 256.0 and torch.equal(loaded.guide.encode(x)[0].detach(), codes)
+    # A file written before the unit existed: its encoder read the data as they were (unit 1).
+    payload = torch.load(path, weights_only=True)
+    del payload["guide"]["state"]["unit"]
+    torch.save(payload, path)
+    pyro.clear_param_store()
+    old = load(path)
+    assert float(old.guide.unit) == 1.0
+    assert torch.allclose(old.guide.encode(x / 256)[0].detach() * 256, codes, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("make_guide", [LocalMultivariateNormal,
                                         lambda model: AutoNormal(model, create_plates=model.create_plates)])
 def test_per_point_posteriors_are_saved_only_when_asked_for(tmp_path, make_guide):

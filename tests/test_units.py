@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import pyro
-from pyro.infer.autoguide import AutoNormal
+from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
 
-from pyro_esc import LocalMultivariateNormal, SparseCoding, fit
+from pyro_esc import AmortizedNormal, LocalMultivariateNormal, SparseCoding, fit, training_elbo
 from pyro_esc.data import bars
 from pyro_esc.denoising import denoise
 from pyro_esc.metrics import bars_recovery
@@ -74,6 +74,86 @@ def test_in_standard_units_a_power_of_two_gives_the_very_same_run():
         assert history.step == reference.step and history.unit == reference.unit * scale
         shift = x.size(1) * math.log(scale)
         assert [elbo + shift for elbo in history.elbo] == pytest.approx(reference.elbo, abs=1e-9)
+
+
+def diag(model):
+    return AutoNormal(model, create_plates=model.create_plates)
+
+
+def encoder(model):
+    return AmortizedNormal(model.data_dim, model.n_latents, hidden=(20,), covariance="full", skip=True)
+
+
+def joint_diagonal(model):
+    return AutoDiagonalNormal(model)
+
+
+def gradient_fit(x, make_guide, **options):
+    """A short run from the same initial state (the model's and the encoder's random draws seeded), and the
+    returned model and guide's exact ELBO on x: that is in the data's units, whatever fit trained in."""
+    with pyro.get_param_store().scope():
+        pyro.set_rng_seed(0)
+        model = SparseCoding(x.size(1), 10)
+        guide = make_guide(model)
+        history = fit(model, guide, x, seed=0, progress=False, record_every=1, **options)
+        return history, training_elbo(model, guide, x), model
+
+
+@pytest.mark.parametrize("make_guide, options", [
+    (diag, dict(optimizer="svi", steps=20)),
+    (diag, dict(optimizer="svi", batch_size=50, steps=20, lr_schedule="cosine")),
+    (LocalMultivariateNormal, dict(optimizer="rowwise", batch_size=50, steps=20)),
+    (encoder, dict(optimizer="svi", steps=20)),
+    (encoder, dict(optimizer="lbfgs", steps=40, tol=None)),
+    (joint_diagonal, dict(optimizer="lbfgs", steps=10, tol=None)),
+], ids=["svi-autonormal", "svi-minibatch", "rowwise", "svi-encoder", "lbfgs-encoder", "lbfgs-autodiagonalnormal"])
+def test_every_gradient_route_and_guide_trains_in_standard_units(make_guide, options):
+    # Before, only L-BFGS with a per-point guide did: SVI and the row-wise route moved posteriors that start at
+    # scale 0.1 by steps of the order of lr, in the data's units, and explained none of bars times 100;
+    # encoders started there too; AutoDiagonalNormal on bars times 1000 stopped in torch's Normal with "invalid
+    # values". Now data times 2^k reach the optimiser as the very same numbers: the same run, step for step,
+    # and the model and guide handed back are in the data's units (their ELBO is the reference's shifted).
+    x = bars(200, noise=0.1, seed=0)[0]
+    reference, reference_elbo, reference_model = gradient_fit(x, make_guide, **options)
+    assert reference.unit == 1.0
+    for scale in (128.0, 2.0 ** -10):
+        history, elbo, model = gradient_fit(x * scale, make_guide, **options)
+        shift = x.size(1) * math.log(scale)
+        assert history.unit == scale and history.step == reference.step
+        assert [value + shift for value in history.elbo] == pytest.approx(reference.elbo, abs=1e-6)
+        # (float32 evaluations of ELBOs near -54 - 25 log 128 = -175: resolution about 2e-5)
+        assert elbo + shift == pytest.approx(reference_elbo, abs=1e-4)
+        torch.testing.assert_close(model.dictionary.detach(), reference_model.dictionary.detach(), rtol=0, atol=0)
+        assert float(model.noise_var.detach()) / scale ** 2 == pytest.approx(float(reference_model.noise_var.detach()),
+                                                                             rel=1e-6)
+
+
+def test_the_row_wise_route_explains_bars_in_other_units():
+    # Bars times 100 on the row-wise route explained none of the data's variance (sigma^2 stayed at it, with
+    # fit's warning); trained in standard units (times 100 / 128) they are explained as the bars are.
+    x = bars(200, noise=0.1, seed=0)[0]
+    variance = float(x.var(0, unbiased=False).mean())
+    for scale in (1.0, 100.0):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ConvergenceWarning)
+            history, _, model = gradient_fit(x * scale, LocalMultivariateNormal, optimizer="rowwise", batch_size=50,
+                                             steps=50)
+        assert float(model.noise_var.detach()) / scale ** 2 < 0.1 * variance
+
+
+def test_an_encoder_rescaled_encodes_data_in_other_units_exactly():
+    # AmortizedNormal.rescale(c): encode(c x) is the posterior of c z where encode(x) was that of z, for any c.
+    torch.manual_seed(0)
+    guide = AmortizedNormal(6, 4, hidden=(10,), covariance="full", skip=True, min_scale=0.01)
+    x = torch.randn(7, 6, dtype=torch.float64)
+    guide.double()
+    loc, scale_tril = guide.encode(x)
+    guide.rescale(1000.0)
+    scaled_loc, scaled_tril = guide.encode(1000.0 * x)
+    torch.testing.assert_close(scaled_loc, 1000.0 * loc)
+    torch.testing.assert_close(scaled_tril, 1000.0 * scale_tril)
+    with pytest.raises(ValueError, match="factor must be a positive finite number"):
+        guide.rescale(0.0)
 
 
 def em_fit(x, make_guide, batch_size=None):

@@ -61,6 +61,7 @@ from ..train.history import BATCH, EXACT, History
 from ..train.loop import fit
 from ..train.options import _prepare_data
 from ..train.steppers import trainable_parameters
+from ..train.standard_units import data_unit
 from ..variational.guides import AmortizedNormal
 from ..variational.registry import make_guide
 from ..variational.semi_amortized import point_elbos
@@ -159,7 +160,8 @@ def fit_amortized(model, encoder, data, loss=None, *, learn_dictionary=True, dic
     :param model: a :class:`~pyro_esc.SparseCoding`.
     :param encoder: an :class:`~pyro_esc.AmortizedNormal`, built with ``skip=True``: the skip
         connection is what lets the match stage reproduce the near-linear part of the posterior means
-        (without it a warning says so).
+        (without it a warning says so). An encoder that has not seen data yet first takes the data's
+        standard unit (:func:`~pyro_esc.standard_units.data_unit`, its ``unit``), as in :func:`~pyro_esc.fit`.
     :param data: the data, (N, D) (as for :func:`~pyro_esc.fit`).
     :param loss: :class:`~pyro_esc.EntropyELBO` (default) or :class:`~pyro_esc.AnalyticELBO`: the
         objective of the fit stages (the other stages use the closed form at the fixed model).
@@ -224,6 +226,10 @@ def fit_amortized(model, encoder, data, loss=None, *, learn_dictionary=True, dic
     # Converted once (dtype, device), for every stage and for the drawn points to join.
     x = _prepare_data(data, fit_options.get("device"), fit_options.get("dtype"))
     common = dict(loss=loss, seed=seed, progress=progress)
+    if not bool(encoder.matched):
+        # A fresh encoder reads the data in their standard units, as fit's gradient routes train in them
+        # (pyro_esc.standard_units): its weights then live in the range its defaults were chosen in.
+        encoder.rescale(data_unit(x))
 
     dictionary_history = None
     if learn_dictionary:

@@ -46,8 +46,9 @@ class History:
     annealed objective before its schedule ended, so the schedule was cut there and the run went
     on with every weight 1 (the true objective), or None.
 
-    ``unit`` is the unit the optimiser worked in: fit's L-BFGS route with a per-point Gaussian guide
-    trains on the data divided by their root mean square (:mod:`pyro_esc.standard_units`), else 1.
+    ``unit`` is the unit the optimiser worked in: fit's gradient routes with a guide that rescales exactly
+    train on the data divided by a power of two near their root mean square over 2
+    (:mod:`pyro_esc.standard_units`), else 1.
     Every number recorded here is in the data's own units all the same (ELBO per point, loss, lambda,
     sigma^2); only ``grad_norm`` is the gradient in the optimiser's units.
 

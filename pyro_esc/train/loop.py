@@ -123,9 +123,9 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
     current (on the row-wise route, ``loss.update_scales``: the step itself
     stored the batch's statistics, as evaluated before its update).
 
-    **Units**: on the torch route with a per-point Gaussian guide (``AutoNormal``,
-    :class:`~pyro_esc.LocalMultivariateNormal`) and a :class:`~pyro_esc.SparseCoding`, data far from the
-    scale the route's defaults were measured at are divided by a power of two that brings them within a
+    **Units**: on the gradient routes (torch, SVI, row-wise) with a per-point Gaussian guide (``AutoNormal``,
+    :class:`~pyro_esc.LocalMultivariateNormal`) or an :class:`~pyro_esc.AmortizedNormal`, and a
+    :class:`~pyro_esc.SparseCoding`, data far from the scale the routes' defaults were measured at are divided by a power of two that brings them within a
     factor sqrt(2) of it, with the model and guide rescaled into those units and back (exactly: the model
     is scale-equivariant); so data times 2^k give the very same run and data in other units the same
     result where the problem has a clear optimum (:mod:`pyro_esc.standard_units`; ``History.unit``).
@@ -238,8 +238,8 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
             module.to(x.device)
     unit = data_unit(x) if trains_in_standard_units(options.route, model, guide) else 1.0
     if unit != 1.0:
-        # L-BFGS's path depends on the data's units: it runs on the data brought by a power of two into the
-        # range its defaults were measured in (the model is scale-equivariant and the guide's rows rescale
+        # A gradient route's path depends on the data's units: it runs on the data brought by a power of two
+        # into the range its defaults were measured in (the model is scale-equivariant and the guide rescales
         # exactly); see pyro_esc.standard_units.
         standard = replace(options, unit=unit, data_variance=options.data_variance / unit ** 2)
         with in_standard_units(model, guide, unit):
@@ -272,17 +272,19 @@ def _fit_restarts(model, guide, x, options, seed, progress, callback, resume):
 def _warn_if_nothing_explained(model, options):
     # sigma^2 at the data's variance: the codes explain no more than the data's mean would. The run may well
     # have converged, to the all-zero code: with the posteriors at a scale far from the data's (data in other
-    # units than the guide's initial scale assumes), that point attracts the L-BFGS route.
+    # units than the guide's initial scale assumes, with a guide fit cannot rescale, pyro_esc.standard_units),
+    # that point attracts the gradient routes; or the run was too short to leave it.
     noise_var = getattr(model, "noise_var", None)
     if "raw_dictionary" in options.frozen or not isinstance(noise_var, torch.Tensor) or noise_var.numel() != 1:
         return
     if float(noise_var.detach()) >= (1 - NOTHING_EXPLAINED) * options.data_variance:
         warnings.warn(f"fit: the model explains none of the data's variance (sigma^2 = "
                       f"{float(noise_var.detach()):.3g}, the data's variance per dimension "
-                      f"{options.data_variance:.3g}): the codes are all near 0. If the "
-                      f"data are in unusual units, standardise them (divide by their standard deviation) or pass "
-                      f"the guide an init_scale of their scale; with a per-point Gaussian guide, optimizer='em' "
-                      f"does not depend on the units", ConvergenceWarning, stacklevel=3)
+                      f"{options.data_variance:.3g}): the codes are all near 0. If the run was short, give it "
+                      f"more steps. If the data are in unusual units and the guide is one fit does not rescale "
+                      f"(its own are AutoNormal, LocalMultivariateNormal, AmortizedNormal and Pyro's joint "
+                      f"Gaussian autoguides), standardise the data (divide by their standard deviation) or pass "
+                      f"the guide an init_scale of their scale", ConvergenceWarning, stacklevel=3)
 
 
 def _fit_run(model, guide, x, options, seed, progress, callback, resume):

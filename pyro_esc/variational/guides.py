@@ -17,6 +17,7 @@ section "Adding a Gaussian guide".
 """
 
 import functools
+import math
 import numbers
 from contextlib import ExitStack
 from operator import attrgetter
@@ -356,6 +357,14 @@ class AmortizedNormal(PyroModule):
     Parameters follow the data's dtype and device: on the first call the
     module is moved to x's (its parameters keep their identity).
 
+    **Units.** The network reads ``x / unit`` and its outputs (nu, s, L or F) are
+    multiplied by ``unit``, a buffer that is 1 at construction. So the encoder's
+    parameters live in a fixed range whatever the data's units: :func:`~pyro_esc.fit`
+    trains it on data brought by a power of two near a standard scale
+    (:mod:`pyro_esc.standard_units`) and sets ``unit`` to that power when it hands the
+    encoder back; :meth:`rescale` expresses a trained encoder for data times c exactly
+    (the model is scale-equivariant: data times c have the posteriors of c z).
+
     :param int data_dim: D.
     :param int n_latents: H.
     :param tuple hidden: sizes of the hidden layers; default (100,). Empty: a linear encoder
@@ -445,6 +454,23 @@ class AmortizedNormal(PyroModule):
         self._initialize_outputs()
         # A buffer, so a checkpoint remembers that the parameters were matched to data.
         self.register_buffer("matched", torch.tensor(False))
+        # The data's unit (see "Units"): a buffer, so files and checkpoints keep it.
+        self.register_buffer("unit", torch.tensor(1.0))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Files and checkpoints written before the unit existed: their encoders read the data as they were.
+        state_dict.setdefault(prefix + "unit", torch.ones((), dtype=self.unit.dtype))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def rescale(self, factor):
+        """Express the encoder for data times ``factor``: afterwards ``encode(factor * x)`` gives the
+        posterior of ``factor * z`` where ``encode(x)`` gave that of z (``unit`` times ``factor``; the
+        network is unchanged). Exact for powers of two, as :func:`~pyro_esc.fit` uses it."""
+        factor = float(factor)
+        if not 0 < factor < math.inf:
+            raise ValueError(f"factor must be a positive finite number, got {factor!r}")
+        self.unit.mul_(factor)
 
     @torch.no_grad()
     def _initialize_outputs(self):
@@ -485,7 +511,11 @@ class AmortizedNormal(PyroModule):
         return tuple(0 if layer is None else layer.out_features for layer in self._heads())
 
     def features(self, x):
-        """h = trunk(x): the hidden layers' and residual blocks' output, (B, width) (the heads' input)."""
+        """h = trunk(x / unit): the hidden layers' and residual blocks' output, (B, width) (the heads' input)."""
+        return self._trunk(x / self.unit)
+
+    def _trunk(self, x):
+        # x in the encoder's own units (divided by unit).
         features = x
         for layer in self.layers:
             features = self.nonlinearity(layer(features))
@@ -494,8 +524,9 @@ class AmortizedNormal(PyroModule):
         return features
 
     def _raw_outputs(self, x):
-        """The heads' outputs before their transforms: mean, pre-softplus scales, off-diagonal/factor (or None)."""
-        features = self.features(x)
+        """The heads' outputs before their transforms: mean, pre-softplus scales, off-diagonal/factor (or None),
+        for x in the encoder's own units (divided by ``unit``)."""
+        features = self._trunk(x)
         outputs = [None if layer is None else layer(features) for layer in self._heads()]
         if self.skip_layer is not None:
             skips = self.skip_layer(x).split(self._head_sizes(), dim=-1)
@@ -514,7 +545,8 @@ class AmortizedNormal(PyroModule):
         entries for ``"full"``. The weights that reproduce those targets best in the mean
         square are one linear solve, ridge-regularised by ``ridge`` times the mean diagonal of
         the normal equations. The trunk is not changed, nor the low-rank factor's head
-        (a low-rank factor is not a linear function of the targets).
+        (a low-rank factor is not a linear function of the targets). All of this happens in
+        the encoder's own units: x and the posteriors divided by ``unit``.
 
         :func:`~pyro_esc.fit_amortized` starts its encoder this way from posteriors solved
         at the learned model (:func:`~pyro_esc.solve_posteriors`), so that training starts near
@@ -539,8 +571,9 @@ class AmortizedNormal(PyroModule):
         targets = self._raw_targets(posterior)
         fitted = [index for index, target in enumerate(targets) if target is not None]
         work = dict(dtype=torch.float64, device=x.device)
+        x = x / self.unit
         # The heads' common inputs: [h, x, 1] (x only with the skip connection).
-        inputs = [self.features(x).to(**work)] + ([x.to(**work)] if self.skip else [])
+        inputs = [self._trunk(x).to(**work)] + ([x.to(**work)] if self.skip else [])
         design = torch.cat(inputs + [torch.ones(x.size(0), 1, **work)], dim=1)
         if x.size(0) < design.size(1):
             raise ValueError(f"x must have at least {design.size(1)} points to set {design.size(1)} weights per "
@@ -557,16 +590,18 @@ class AmortizedNormal(PyroModule):
         return tuple(float(error_blocks[index].mean()) if index in error_blocks else None for index in range(3))
 
     def _raw_targets(self, posterior):
-        """The heads' outputs before their transforms that would give ``posterior``: [mean, scales, lower or None]."""
+        """The heads' outputs before their transforms that would give ``posterior``: [mean, scales, lower or None],
+        in the encoder's own units (divided by ``unit``)."""
+        unit = self.unit.to(posterior.mean.dtype)
         if self.covariance == "full":
-            scale_tril = torch.linalg.cholesky(posterior.covariance_matrices())
+            scale_tril = torch.linalg.cholesky(posterior.covariance_matrices()) / unit
             scales = scale_tril.diagonal(dim1=-2, dim2=-1)
             rows, columns = torch.tril_indices(self.n_latents, self.n_latents, -1, device=scale_tril.device)
             lower = scale_tril[:, rows, columns] if self.off_diagonal_layer is not None else None
         else:  # the marginal scales; a low-rank factor is not a linear function of the targets
-            scales, lower = posterior.stddev, None
+            scales, lower = posterior.stddev / unit, None
         raw_scales = inverse_softplus((scales - self.min_scale).clamp_min(torch.finfo(scales.dtype).eps))
-        return [posterior.mean, raw_scales, lower]
+        return [posterior.mean / unit, raw_scales, lower]
 
     def _set_heads(self, blocks, width):
         """Write least-squares weights into the heads: ``blocks[i]`` is head i's (inputs, outputs) block,
@@ -636,10 +671,15 @@ class AmortizedNormal(PyroModule):
         self._match(x)
         if not bool(self.matched):
             self.matched.fill_(True)
-        loc, scales, off_diagonal = self._raw_outputs(x)
+        unit = self.unit
+        scaled = bool(unit != 1)  # (a unit of 1 skips the two products: the same numbers, less work)
+        loc, scales, off_diagonal = self._raw_outputs(x / unit if scaled else x)
         diagonal = nn.functional.softplus(scales)
         if self.min_scale:
             diagonal = diagonal + self.min_scale
+        if scaled:
+            loc, diagonal = loc * unit, diagonal * unit
+            off_diagonal = None if off_diagonal is None else off_diagonal * unit
         if self.covariance == "diag":
             return loc, diagonal
         if self.covariance == "lowrank":

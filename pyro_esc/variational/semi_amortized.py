@@ -131,7 +131,7 @@ class SemiAmortized:
         entries (full) or F (lowrank); diag has no extra.
         """
         loc, scale = self.encoder.encode(x_batch)
-        floor = self.encoder.min_scale
+        floor = self.encoder.min_scale * float(self.encoder.unit)  # encode's scales are in the data's units
         covariance = self.encoder.covariance
         if covariance == "diag":
             return [loc, inverse_softplus(scale - floor)]
@@ -144,7 +144,7 @@ class SemiAmortized:
 
     def _constrained(self, params):
         """``(loc, scale)`` in the encoder's :meth:`~pyro_esc.AmortizedNormal.encode` format."""
-        floor = self.encoder.min_scale
+        floor = self.encoder.min_scale * float(self.encoder.unit)  # encode's scales are in the data's units
         scale = torch.nn.functional.softplus(params[1]) + floor
         if self.encoder.covariance == "diag":
             return params[0], scale
