@@ -203,3 +203,65 @@ def test_constant_data_is_refused_before_training_and_announced_by_the_model():
         fit(model, AutoNormal(model), x, steps=3, progress=False)
     with pytest.warns(RuntimeWarning, match="every data point is the same"):
         model(x)
+
+
+# ------------------------------------------------------------------------------------------ explicit state
+
+def test_evaluate_is_a_pure_function_of_its_state(float64):
+    # The functional core: evaluate reads the running statistics it is given and changes nothing; commit is the one
+    # call that changes them (and the model). The same state gives the same value, a different state another.
+    model, guide, x = problem()
+    loss = EntropyELBO()
+    statistics = loss.init_statistics(model, guide, x)
+    tables = [column.clone() for column in (statistics.entropy, statistics.statistic, statistics.sq_error)]
+    before, scales = store_snapshot(), (model.prior_scale.detach().clone(), model.noise_var.detach().clone())
+    subsample = torch.tensor([3, 1, 7])
+    first = loss.evaluate(model, guide, x, subsample, statistics)
+    second = loss.evaluate(model, guide, x, subsample, statistics)
+    assert torch.equal(first.loss, second.loss) and not loss._tables
+    assert all(torch.equal(a, b) for a, b in zip(tables, (statistics.entropy, statistics.statistic,
+                                                          statistics.sq_error)))
+    assert_store_unchanged(before)
+    assert torch.equal(model.prior_scale, scales[0]) and torch.equal(model.noise_var, scales[1])
+    # Without its state a running minibatch evaluation is refused, not silently computed from another.
+    with pytest.raises(ValueError, match="init_statistics"):
+        loss.evaluate(model, guide, x, subsample)
+    # On the full data the minibatch value with every row current is the exact one (an independent route:
+    # the state is not read there).
+    exact = loss.evaluate(model, guide, x).loss
+    full = loss.evaluate(model, guide, x, torch.arange(x.size(0)), statistics).loss
+    assert torch.allclose(full, exact, rtol=1e-12)
+
+
+def test_fit_keeps_its_running_statistics_itself_and_matches_a_plain_svi_loop(float64):
+    # fit's SVI route on minibatches owns its state (the objective keeps none afterwards) and trains exactly as a
+    # plain Pyro loop on the same batches does, whose objective keeps the state itself (SVI + elbo.update).
+    from pyro_esc.train.options import _Batches
+
+    x, _ = bars(24, side=3, seed=3, dtype=torch.float64)
+    steps, batch_size, lr = 6, 8, 0.05
+
+    def start():
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        model = SparseCoding(x.size(1), 6)
+        return model, AutoNormal(model, create_plates=model.create_plates)
+
+    model, guide = start()
+    loss = EntropyELBO()
+    fit(model, guide, x, loss=loss, optimizer="svi", batch_size=batch_size, steps=steps, lr=lr, seed=0,
+        progress=False)
+    learned = store_snapshot()
+    assert not loss._tables  # the run's statistics were the loop's, not the objective's
+
+    model, guide = start()
+    batches = _Batches(x.size(0), batch_size, 0)  # fit's minibatches for seed 0
+    loss = EntropyELBO()
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": lr}), loss=loss)
+    pyro.set_rng_seed(0)
+    for _ in range(steps):
+        subsample = batches.next()
+        svi.step(x, subsample=subsample)
+        loss.update(model, guide, x, subsample=subsample)
+    for name, value in store_snapshot().items():
+        assert torch.allclose(learned[name], value, rtol=1e-9, atol=1e-12), name

@@ -14,26 +14,35 @@ Neither draws a sample; both read the guide through the protocol of
 """
 
 import warnings
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
 from pyro.infer import ELBO
 
 from ..distributions.gaussian import isotropic_normal_entropy, normal_log_normalizer
-from ..variational.posterior import gaussian_posterior
 from .annealing import Annealing
 from .statistics import (  # noqa: F401 - BatchStatistics, batch_statistics, RunningStatistics: public here too
     BatchStatistics,
     PointStatistics,
     RunningStatistics,
     batch_statistics,
+    check_closed_form_model,
     check_distinct,
     read_posterior,
 )
 
 class NonFiniteObjectiveError(FloatingPointError):
     """Raised when an objective evaluates to NaN or inf; the message names the term."""
+
+
+class Evaluated(NamedTuple):
+    """One evaluation of :class:`EntropyELBO` (:meth:`EntropyELBO.evaluate`)."""
+
+    loss: torch.Tensor  #: -N L_H, never annealed (differentiable)
+    optimised: torch.Tensor  #: the loss training minimises: the annealed one, else ``loss`` itself
+    terms: "EntropyTerms"  #: the entropies and scales it was computed from
+    points: Optional[PointStatistics]  #: the batch's rows for a running table (None without one)
 
 
 class EntropyTerms(NamedTuple):
@@ -114,34 +123,37 @@ class EntropyELBO(ELBO):
     of the standard ELBO at lambda*, sigma^2*, so maximising L_H maximises the
     ELBO with the scales always at their optimum.
 
-    ``loss``, ``differentiable_loss`` and ``loss_and_grads`` return -N L_H
-    (Pyro's sign and scale). **Evaluating is pure**: ``loss``,
-    ``differentiable_loss`` and :meth:`terms` change neither the model, nor the
-    guide, nor what the next call returns. Note that L_H is the ELBO at the
-    scales that are optimal *for the data evaluated*: on the training data it is
-    the training ELBO; on held-out data it re-fits lambda and sigma^2 to that data,
-    so for a held-out ELBO at the trained scales use
-    :func:`~pyro_esc.evaluation.held_out_elbo`.
+    **Two ways in.** The functional core is what :func:`~pyro_esc.fit` uses, NumPyro's
+    way: :meth:`evaluate` is a pure function of (model, guide, data, state), and
+    :meth:`commit` the one call that changes state (it writes lambda*, sigma^2* into
+    the model, so that other ELBOs, e.g. Trace_ELBO or AnalyticELBO, evaluate the same
+    point, and stores the batch's rows in the running statistics); the state, the
+    running minibatch statistics of :meth:`init_statistics`, belongs to the caller.
+    Pyro's ELBO interface is for ``SVI`` and hand-written loops, which pass no state:
+    ``loss``, ``differentiable_loss`` and ``loss_and_grads`` return -N L_H (Pyro's sign
+    and scale), and :meth:`update` commits. For them the objective keeps the running
+    statistics itself, one table per (model, guide), built by the first training call
+    (``loss_and_grads`` or :meth:`update`) with one pass over the data.
 
-    **The one state-changing call** is :meth:`update`: it writes lambda*,
-    sigma^2* into the model (so that other ELBOs, e.g. Trace_ELBO or
-    AnalyticELBO, evaluate the same point) and keeps the running minibatch
-    statistics current. :func:`~pyro_esc.fit` calls it after every step; in a
-    hand-written ``SVI`` loop, call ``elbo.update(model, guide, *args)`` after
-    the steps (or after each step, to follow the scales). The scales are set,
-    not optimised: they stay out of SVI's parameter capture and optimiser.
+    **Evaluating is pure**: ``loss``, ``differentiable_loss``, :meth:`terms` and
+    :meth:`evaluate` change neither the model, nor the guide, nor what the next call
+    returns. Note that L_H is the ELBO at the scales that are optimal *for the data
+    evaluated*: on the training data it is the training ELBO; on held-out data it
+    re-fits lambda and sigma^2 to that data, so for a held-out ELBO at the trained
+    scales use :func:`~pyro_esc.evaluation.held_out_elbo`. In a hand-written ``SVI``
+    loop, call ``elbo.update(model, guide, *args)`` after the steps (or after each
+    step, to follow the scales); the scales are set, not optimised: they stay out of
+    SVI's parameter capture and optimiser.
 
     **Minibatches** (``subsample`` / ``subsample_size`` in the model's
     arguments), ``minibatch_statistics="running"`` (default): lambda*, sigma^2*
     and the entropy average come from a per-point table of the whole data set
     (:class:`~pyro_esc.statistics.RunningStatistics`), with the batch's rows
     at the current parameters and every other row as stored when its point was
-    last visited. A table belongs to one (model, guide, data tensor) and is
-    built by the first training call (``loss_and_grads``, :meth:`training_loss`
-    or :meth:`update`) with one pass over the data; ``loss_and_grads`` stores the
-    rows it evaluated and :meth:`update` the rows at the parameters after the
-    step. Its sums are running totals, so reading and updating it costs
-    O(batch) (:class:`~pyro_esc.statistics.RunningStatistics`).
+    last visited. A table belongs to one (model, guide, data tensor); SVI's
+    ``loss_and_grads`` stores the rows it evaluated and :meth:`update` the rows at
+    the parameters after the step (:func:`~pyro_esc.fit` commits the latter only).
+    Its sums are running totals, so reading and updating it costs O(batch).
     Without a table, ``loss`` and ``differentiable_loss`` compute every row
     afresh (the exact full-data value, O(N)). The value is a running estimate
     of the full-data objective; :func:`~pyro_esc.fit` records exact full-data
@@ -199,28 +211,125 @@ class EntropyELBO(ELBO):
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
         self.annealing_step = step
 
-    # ------------------------------------------------------------ evaluation
+    # ------------------------------------------------------------ the functional core
+
+    def init_statistics(self, model, guide, x):
+        """The running statistics that minibatch training keeps for ``(model, guide, x)``: state.
+
+        One pass over the data at the current parameters
+        (:class:`~pyro_esc.statistics.RunningStatistics`), or None where minibatch evaluations
+        need none (``minibatch_statistics="batch"``, or a joint guide, which cannot be subsampled).
+        The caller owns it and passes it to :meth:`evaluate` and :meth:`commit`, the one
+        call that changes it (:func:`~pyro_esc.fit`'s loop does, and checkpoints it).
+        """
+        if self.minibatch_statistics != "running":
+            return None
+        with torch.no_grad():
+            evaluation = read_posterior(model, guide, (x,), {}, "EntropyELBO")
+            if evaluation.posterior.is_joint:
+                return None
+            points = PointStatistics.of(x, evaluation.posterior, evaluation.dictionary, model.prior)
+        return RunningStatistics(model, guide, x, points)
+
+    def evaluate(self, model, guide, x, subsample=None, statistics=None, posterior=None):
+        """The objective on ``x`` (or the minibatch ``x[subsample]``): a pure function of its arguments.
+
+        On a minibatch with ``minibatch_statistics="running"`` the sums are the running
+        ``statistics`` (:meth:`init_statistics`) with the batch's rows at the current
+        parameters (read, not changed); without a subsample, or with ``"batch"``, they are
+        the evaluated points' own.
+
+        :param posterior: the batch's :class:`~pyro_esc.GaussianPosterior`, given as an argument
+            instead of read from the guide (the row-wise route's rows).
+        :returns: :class:`Evaluated` ``(loss, optimised, terms, points)``: -N L_H (differentiable),
+            the loss training minimises (annealed, or the same tensor), the :class:`EntropyTerms`,
+            and the batch's per-point statistics that a :meth:`commit` may store (None without a
+            running table).
+        :raises ValueError: for a running minibatch evaluation without ``statistics`` of this model,
+            guide and data tensor.
+        """
+        kwargs = {} if subsample is None else {"subsample": subsample}
+        evaluation = read_posterior(model, guide, (x,), kwargs, "EntropyELBO", posterior=posterior)
+        if evaluation.subsample is None or self.minibatch_statistics == "batch":
+            terms, points = entropy_terms(BatchStatistics.of(evaluation, model.prior), model.prior), None
+        else:
+            x, subsample, x_batch, posterior, dictionary = evaluation
+            if posterior.is_joint:
+                raise ValueError("running minibatch statistics need per-point posteriors; this guide is joint")
+            check_distinct(subsample)
+            if statistics is None or not statistics.belongs_to(model, guide, x):
+                raise ValueError("a minibatch evaluation with running statistics needs those of this model, guide "
+                                 "and data tensor: statistics=elbo.init_statistics(model, guide, x)")
+            points = PointStatistics.of(x_batch, posterior, dictionary, model.prior)
+            terms = entropy_terms(statistics.combine(subsample, points), model.prior)
+        loss = -terms.num_data * terms.elbo
+        terms.check_finite(loss)
+        betas = self.betas
+        optimised = loss if betas == (1.0, 1.0, 1.0) else -terms.num_data * terms.weighted_elbo(*betas)
+        return Evaluated(loss, optimised, terms, points)
+
+    @torch.no_grad()
+    def commit(self, model, guide, x, subsample=None, statistics=None, points=None, terms=None):
+        """The one call that changes state: store the batch's rows, then write lambda*, sigma^2* into the model.
+
+        - With running ``statistics`` and a ``subsample``: the batch's rows are stored in them
+          (``points``, as a step evaluated them, or evaluated now), and the scales are those of
+          the whole table (O(batch)).
+        - Otherwise the scales are those of ``terms`` (an evaluation of the current parameters
+          that the caller has at hand, e.g. L-BFGS's last) or of an evaluation now; a full pass
+          (no ``subsample``) also refreshes every row of ``statistics``, if given.
+
+        :returns: the :class:`EntropyTerms` written.
+        """
+        if statistics is not None and subsample is not None and self.minibatch_statistics == "running":
+            if not statistics.belongs_to(model, guide, x):
+                raise ValueError("statistics belong to another model, guide or data tensor")
+            check_distinct(subsample)
+            if points is None:
+                evaluation = read_posterior(model, guide, (x,), {"subsample": subsample}, "EntropyELBO")
+                points = PointStatistics.of(evaluation.x_batch, evaluation.posterior, evaluation.dictionary,
+                                            model.prior)
+            statistics.store(subsample, points)
+            terms = entropy_terms(statistics.totals(), model.prior)
+        elif terms is None or (statistics is not None and subsample is None):
+            kwargs = {} if subsample is None else {"subsample": subsample}
+            evaluation = read_posterior(model, guide, (x,), kwargs, "EntropyELBO")
+            terms = entropy_terms(BatchStatistics.of(evaluation, model.prior), model.prior)
+            if subsample is None and statistics is not None and statistics.belongs_to(model, guide, x):
+                # A full pass refreshes every row (an exact resynchronisation).
+                statistics.store(None, PointStatistics.of(x, evaluation.posterior, evaluation.dictionary,
+                                                          model.prior))
+        else:
+            terms = EntropyTerms(*(value.detach() if isinstance(value, torch.Tensor) else value for value in terms))
+        terms.check_finite()
+        model.assign_scales(terms.prior_scale, terms.noise_var)
+        return terms
+
+    # ------------------------------------------------------------ Pyro's ELBO interface
+    #
+    # SVI and a hand-written loop pass no state: for them the objective keeps the running statistics itself,
+    # one table per (model, guide), built by the first training call. fit passes its own (the functional core).
 
     def terms(self, model, guide, *args, **kwargs):
         """The :class:`EntropyTerms` at the current guide and dictionary (differentiable, pure)."""
-        return self._terms(model, guide, args, kwargs, training=False)
+        return self._pyro_evaluate(model, guide, args, kwargs, training=False).terms
 
-    def _terms(self, model, guide, args, kwargs, training):
-        evaluation = read_posterior(model, guide, args, kwargs, "EntropyELBO")
-        if evaluation.subsample is None or self.minibatch_statistics == "batch":
-            return entropy_terms(BatchStatistics.of(evaluation, model.prior), model.prior)
-        x, subsample, x_batch, posterior, dictionary = evaluation
-        if posterior.is_joint:
-            raise ValueError("running minibatch statistics need per-point posteriors; this guide is joint")
-        check_distinct(subsample)
-        points = PointStatistics.of(x_batch, posterior, dictionary, model.prior)
-        table = self._table(model, guide, x, dictionary, create=training)
-        statistics = table.combine(subsample, points)
-        if training:
-            table.store(subsample, points)
-        return entropy_terms(statistics, model.prior)
+    def _resolve(self, model, args, kwargs):
+        # The model's checks first (a model the closed form does not describe gets its message), then x and batch.
+        check_closed_form_model(model, "EntropyELBO")
+        return model.resolve_data(*args, **kwargs)
 
-    def _table(self, model, guide, x, dictionary, create):
+    def _pyro_evaluate(self, model, guide, args, kwargs, training):
+        x, subsample = self._resolve(model, args, kwargs)
+        statistics = None
+        if subsample is not None and self.minibatch_statistics == "running":
+            statistics = self._table(model, guide, x, create=training)
+        evaluated = self.evaluate(model, guide, x, subsample, statistics)
+        if training and evaluated.points is not None:
+            statistics.store(subsample, evaluated.points)
+        return evaluated
+
+    def _table(self, model, guide, x, create):
         # The running table of (model, guide, x): the stored one, or one pass over the data.
         # Only a training call (create=True) keeps a new table; evaluation stays pure.
         key = (id(model), id(guide))
@@ -236,45 +345,21 @@ class EntropyELBO(ELBO):
             warnings.warn("EntropyELBO: the data tensor changed (a new tensor, or changed in place), so the running "
                           "statistics are rebuilt with a pass over all N points; pass the same, unchanged tensor "
                           "every step to keep minibatch steps O(batch).", RuntimeWarning, stacklevel=4)
-        with torch.no_grad():
-            full = PointStatistics.of(x, gaussian_posterior(guide, x, None), dictionary, model.prior)
-        table = RunningStatistics(model, guide, x, full)
-        if create:
+        table = self.init_statistics(model, guide, x)
+        if create and table is not None:
             # Forget tables whose model or guide is gone, then keep this one.
             self._tables = {k: t for k, t in self._tables.items() if t._model() is not None and t._guide() is not None}
             self._tables[key] = table
         return table
 
-    def _losses(self, model, guide, args, kwargs, training=False):
-        loss, optimised, _ = self._evaluate(model, guide, args, kwargs, training)
-        return loss, optimised
-
-    def _evaluate(self, model, guide, args, kwargs, training=False):
-        terms = self._terms(model, guide, args, kwargs, training)
-        loss = -terms.num_data * terms.elbo
-        terms.check_finite(loss)
-        betas = self.betas
-        if betas == (1.0, 1.0, 1.0):
-            return loss, loss, terms
-        return loss, -terms.num_data * terms.weighted_elbo(*betas), terms
-
     def differentiable_loss(self, model, guide, *args, **kwargs):
         """The optimised loss as a differentiable tensor: -N L_H, or its annealed version (pure)."""
-        return self._losses(model, guide, args, kwargs)[1]
-
-    def differentiable_loss_and_terms(self, model, guide, *args, **kwargs):
-        """:meth:`differentiable_loss` and the :class:`EntropyTerms` it was computed from, in one evaluation (pure).
-
-        For a stepper that evaluates the point it ends on anyway (L-BFGS's line search) and can
-        hand those terms to :meth:`update_scales` instead of evaluating again.
-        """
-        _, optimised, terms = self._evaluate(model, guide, args, kwargs)
-        return optimised, terms
+        return self._pyro_evaluate(model, guide, args, kwargs, training=False).optimised
 
     def loss(self, model, guide, *args, **kwargs):
         """-N L_H as a float (never annealed; pure)."""
         with torch.no_grad():
-            return float(self._losses(model, guide, args, kwargs)[0])
+            return float(self._pyro_evaluate(model, guide, args, kwargs, training=False).loss)
 
     def loss_and_grads(self, model, guide, *args, **kwargs):
         """SVI's training call: backpropagates the optimised (possibly annealed) loss; returns -N L_H.
@@ -283,26 +368,13 @@ class EntropyELBO(ELBO):
         and stores the rows it evaluated. It does not write the model's scales
         (see :meth:`update`).
         """
-        loss, optimised = self.training_loss(model, guide, *args, **kwargs)
-        optimised.backward(retain_graph=self.retain_graph)
-        return loss.item()
-
-    def training_loss(self, model, guide, *args, **kwargs):
-        """The training evaluation without the backward pass: ``(-N L_H, optimised loss tensor)``.
-
-        As :meth:`loss_and_grads`, it builds the running table on a first
-        minibatch call and stores the rows it evaluated; the optimised loss is the
-        annealed one (the same tensor as -N L_H without annealing). For steppers
-        that differentiate with respect to tensors of their own
-        (:class:`~pyro_esc.rowwise.RowwiseStep`).
-        """
-        return self._losses(model, guide, args, kwargs, training=True)
-
-    # ------------------------------------------------------------ the training action
+        evaluated = self._pyro_evaluate(model, guide, args, kwargs, training=True)
+        evaluated.optimised.backward(retain_graph=self.retain_graph)
+        return evaluated.loss.item()
 
     @torch.no_grad()
     def update(self, model, guide, *args, **kwargs):
-        """Commit the current guide and dictionary: the one call that changes state.
+        """Commit the current guide and dictionary: the one call that changes state (:meth:`commit`).
 
         For the points in the arguments (the batch, or all points) it stores
         their statistics at the current parameters in the running table (built
@@ -313,68 +385,13 @@ class EntropyELBO(ELBO):
         :returns: the :class:`EntropyTerms` after the update: exact full-data
             values for full-batch arguments, the running estimate for a minibatch.
         """
-        evaluation = read_posterior(model, guide, args, kwargs, "EntropyELBO")
-        x, subsample, x_batch, posterior, dictionary = evaluation
-        table = self._tables.get((id(model), id(guide)))
-        keeps_table = self.minibatch_statistics == "running" and not posterior.is_joint
-        if subsample is not None and keeps_table:
-            check_distinct(subsample)
-            table = self._table(model, guide, x, dictionary, create=True)
-            table.store(subsample, PointStatistics.of(x_batch, posterior, dictionary, model.prior))
-            terms = entropy_terms(table.totals(), model.prior)
+        x, subsample = self._resolve(model, args, kwargs)
+        if subsample is not None and self.minibatch_statistics == "running":
+            table = self._table(model, guide, x, create=True)
         else:
-            terms = entropy_terms(BatchStatistics.of(evaluation, model.prior), model.prior)
-            if subsample is None and table is not None and table.belongs_to(model, guide, x):
-                # A full pass refreshes every row of an existing table (an exact resynchronisation).
-                table.store(None, PointStatistics.of(x, posterior, dictionary, model.prior))
-        terms.check_finite()
-        model.assign_scales(terms.prior_scale, terms.noise_var)
-        return terms
-
-    @torch.no_grad()
-    def update_scales(self, model, guide, x, terms=None):
-        """Write lambda*, sigma^2* into the model without evaluating again: :meth:`update` for steppers.
-
-        - ``terms=None``: those of the running table of ``(model, guide, x)`` (O(H)), for a
-          stepper whose training evaluation (:meth:`training_loss`) already stored the batch's rows;
-        - ``terms``: the full-data :class:`EntropyTerms` of the current parameters, which the
-          stepper evaluated last (:meth:`differentiable_loss_and_terms`). If a running table
-          belongs to ``(model, guide, x)`` this is :meth:`update` instead, which also refreshes it.
-
-        :returns: the :class:`EntropyTerms` written.
-        :raises ValueError: without ``terms``, if there is no running table for this model, guide and data.
-        """
-        table = self._tables.get((id(model), id(guide)))
-        has_table = table is not None and table.belongs_to(model, guide, x)
-        if terms is not None:
-            if has_table:
-                return self.update(model, guide, x)
-            terms = EntropyTerms(*(value.detach() if isinstance(value, torch.Tensor) else value for value in terms))
-            model.assign_scales(terms.prior_scale, terms.noise_var)
-            return terms
-        if not has_table:
-            raise ValueError("update_scales needs the running statistics of this model, guide and data tensor, "
-                             "which a minibatch training call (training_loss, loss_and_grads or update) builds")
-        terms = entropy_terms(table.totals(), model.prior)
-        terms.check_finite()
-        model.assign_scales(terms.prior_scale, terms.noise_var)
-        return terms
-
-    # ------------------------------------------------------------ checkpoints
-
-    def state_dict(self, model=None, guide=None, x=None):
-        """The annealing step and, given ``(model, guide, x)``, their running table (for checkpoints)."""
-        table = None if model is None else self._tables.get((id(model), id(guide)))
-        keep = table is not None and table.belongs_to(model, guide, x)
-        return {"annealing_step": self.annealing_step, "running": table.state_dict() if keep else None}
-
-    def load_state_dict(self, state, model=None, guide=None, x=None):
-        """Restore :meth:`state_dict`; a running table is re-attached to ``(model, guide, x)``."""
-        self.annealing_step = int(state["annealing_step"])
-        if state["running"] is not None:
-            if x is None or model is None or guide is None:
-                raise ValueError("restoring running statistics needs the model, guide and data x they belong to")
-            self._tables[(id(model), id(guide))] = RunningStatistics.from_state(model, guide, x, state["running"])
+            table = self._tables.get((id(model), id(guide)))
+            table = table if table is not None and table.belongs_to(model, guide, x) else None
+        return self.commit(model, guide, x, subsample, table)
 
     def _get_trace(self, model, guide, args, kwargs):
         raise NotImplementedError("EntropyELBO is closed form: it draws no traces")
@@ -401,9 +418,20 @@ class AnalyticELBO(ELBO):
     def __init__(self):
         super().__init__(num_particles=1)
 
+    def evaluate(self, model, guide, x, subsample=None, posterior=None):
+        """-sum_n F_n on ``x`` (or the minibatch ``x[subsample]``, scaled by N / B) as a differentiable tensor.
+
+        :param posterior: the batch's :class:`~pyro_esc.GaussianPosterior`, given as an argument instead of
+            read from the guide (the row-wise route's rows).
+        """
+        return self._loss(batch_statistics(model, guide, x, posterior=posterior,
+                                           **({} if subsample is None else {"subsample": subsample})), model)
+
     def differentiable_loss(self, model, guide, *args, **kwargs):
         """-sum_n F_n as a differentiable tensor."""
-        stats = batch_statistics(model, guide, *args, **kwargs)
+        return self._loss(batch_statistics(model, guide, *args, **kwargs), model)
+
+    def _loss(self, stats, model):
         prior_scale, noise_var = model.read_scales()
         batch, dim = stats.num_points, stats.data_dim
         elbo_sum = (stats.entropy

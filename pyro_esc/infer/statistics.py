@@ -50,7 +50,7 @@ class Evaluation(NamedTuple):
     dictionary: torch.Tensor  #: W (D, H), read inside the model's Pyro context
 
 
-def read_posterior(model, guide, args, kwargs, objective="the closed-form objective"):
+def read_posterior(model, guide, args, kwargs, objective="the closed-form objective", posterior=None):
     """Resolve the model's arguments and read the guide's Gaussian summary and the dictionary.
 
     Raises a ValueError for a model the closed form does not describe (not a
@@ -58,7 +58,24 @@ def read_posterior(model, guide, args, kwargs, objective="the closed-form object
     and for effect handlers active around the call that would change the model's
     density (e.g. ``poutine.scale``): the closed form never runs the model, so it
     would silently ignore them.
+
+    :param posterior: the batch's :class:`~pyro_esc.GaussianPosterior` given as an argument (the
+        row-wise route builds it from the rows it optimises, :func:`~pyro_esc.rows.rows_posterior`);
+        None reads it from the guide.
     """
+    check_closed_form_model(model, objective)
+    x, subsample = model.resolve_data(*args, **kwargs)
+    if posterior is None:
+        posterior = gaussian_posterior(guide, x, subsample)
+    x_batch = x if subsample is None else x.index_select(0, subsample)
+    if tuple(posterior.mean.shape) != (x_batch.size(0), model.n_latents):
+        raise ValueError(f"the guide's posterior has shape {tuple(posterior.mean.shape)}, expected "
+                         f"(B, H) = ({x_batch.size(0)}, {model.n_latents})")
+    return Evaluation(x, subsample, x_batch, posterior, model.read_dictionary())
+
+
+def check_closed_form_model(model, objective="the closed-form objective"):
+    """A ValueError unless the closed form describes ``model`` here: see :func:`read_posterior`."""
     if not isinstance(model, SparseCoding):
         raise ValueError(f"model must be a pyro_esc.SparseCoding (not wrapped in effect handlers) for "
                          f"{objective}, got {type(model).__name__}; use Trace_ELBO for other models")
@@ -72,13 +89,6 @@ def read_posterior(model, guide, args, kwargs, objective="the closed-form object
         raise ValueError(f"{objective} computes the model's density in closed form and cannot honour the "
                          f"effect handlers active around it ({', '.join(foreign)}, e.g. poutine.scale, "
                          f"poutine.mask or a plate); call it outside them, or use Trace_ELBO")
-    x, subsample = model.resolve_data(*args, **kwargs)
-    posterior = gaussian_posterior(guide, x, subsample)
-    x_batch = x if subsample is None else x.index_select(0, subsample)
-    if tuple(posterior.mean.shape) != (x_batch.size(0), model.n_latents):
-        raise ValueError(f"the guide's posterior has shape {tuple(posterior.mean.shape)}, expected "
-                         f"(B, H) = ({x_batch.size(0)}, {model.n_latents})")
-    return Evaluation(x, subsample, x_batch, posterior, model.read_dictionary())
 
 
 class BatchStatistics(NamedTuple):
@@ -116,13 +126,14 @@ class BatchStatistics(NamedTuple):
         return self.sq_error_sum / (self.num_points * self.data_dim)
 
 
-def batch_statistics(model, guide, *args, **kwargs):
+def batch_statistics(model, guide, *args, posterior=None, **kwargs):
     """Compute :class:`BatchStatistics` for ``model(*args, **kwargs)`` under ``guide``.
 
     Reads the dictionary inside the model's Pyro context (so SVI trains it) and
-    the guide through :func:`~pyro_esc.posterior.gaussian_posterior`.
+    the guide through :func:`~pyro_esc.posterior.gaussian_posterior`, or takes the
+    batch's ``posterior`` as given (see :func:`read_posterior`).
     """
-    return BatchStatistics.of(read_posterior(model, guide, args, kwargs), model.prior)
+    return BatchStatistics.of(read_posterior(model, guide, args, kwargs, posterior=posterior), model.prior)
 
 
 class PointStatistics(NamedTuple):

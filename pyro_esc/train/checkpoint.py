@@ -44,6 +44,7 @@ from pyro.util import set_rng_state, get_rng_state
 from .._files import load_error_summary, read_plain
 from .._pyro_internals import share_parameters_with_store
 from ..infer.objectives import EntropyELBO
+from ..infer.statistics import RunningStatistics
 
 __all__ = ["CHECKPOINT_FORMAT", "data_fingerprint", "decode_constraint", "encode_constraint", "load_checkpoint",
            "restore_checkpoint", "save_checkpoint"]
@@ -137,10 +138,11 @@ _DEFAULT_DESCRIPTION = {"prior": "Laplace()"}
 
 
 def save_checkpoint(path, step, model, guide, optim_state, loss, batches, history, wall_time, x, route,
-                    fingerprint=None):
+                    fingerprint=None, statistics=None):
     """Write everything :func:`~pyro_esc.fit` needs to resume bit-for-bit (atomically: temp file + rename).
 
     :param fingerprint: :func:`data_fingerprint` of ``x``, if the caller has it (it costs a pass over x).
+    :param statistics: the run's running minibatch statistics (the loop's state), or None.
     """
     store = pyro.get_param_store().get_state()
     payload = {
@@ -154,7 +156,9 @@ def save_checkpoint(path, step, model, guide, optim_state, loss, batches, histor
         "optim": optim_state,
         "model": model.state_dict() if isinstance(model, torch.nn.Module) else None,
         "guide": guide.state_dict() if isinstance(guide, torch.nn.Module) else None,
-        "loss": loss.state_dict(model, guide, x) if isinstance(loss, EntropyELBO) else None,
+        "loss": ({"annealing_step": loss.annealing_step,
+                  "running": None if statistics is None else statistics.state_dict()}
+                 if isinstance(loss, EntropyELBO) else None),
         "rng": _plain_rng_state(),
         "batches": batches.state_dict(),
         "history": history.to_dict(),
@@ -237,7 +241,8 @@ def restore_checkpoint(path, model, guide, loss, batches, x, route, fingerprint=
     Everything is checked before anything is changed: the file (:func:`load_checkpoint`), then
     that it belongs to this run (:func:`check_resumable`). The caller loads ``state["optim"]``
     into its optimiser, which it builds after this (the torch route finds its parameters in
-    the restored param store).
+    the restored param store), and takes ``state["statistics"]``, the run's running minibatch
+    statistics rebuilt for ``(model, guide, x)`` (or None), as its own.
     """
     state = load_checkpoint(path)
     check_resumable(state, path, model, guide, loss, route, data_fingerprint(x) if fingerprint is None
@@ -261,8 +266,11 @@ def restore_checkpoint(path, model, guide, loss, batches, x, route, fingerprint=
     except (RuntimeError, KeyError) as error:
         raise ValueError(f"resume: checkpoint {path!r} does not fit this {type(guide).__name__} "
                          f"({load_error_summary(error)}); resume with the guide it was trained with") from None
+    state["statistics"] = None
     if state["loss"] is not None and isinstance(loss, EntropyELBO):
-        loss.load_state_dict(state["loss"], model, guide, x)
+        loss.set_annealing_step(int(state["loss"]["annealing_step"]))
+        if state["loss"]["running"] is not None:
+            state["statistics"] = RunningStatistics.from_state(model, guide, x, state["loss"]["running"])
     batches.load_state_dict(state["batches"])
     set_rng_state(state["rng"])
     return state

@@ -59,8 +59,7 @@ from ..infer.solver import DEFAULT_TOL as SOLVER_TOL
 from ..infer.solver import solve_at
 from ..models.sparse_coding import MODEL_PARAMETERS
 from ..variational.guides import covariance_family  # noqa: F401 - public here too
-from ..variational.posterior import gaussian_posterior
-from ..variational.rows import batch_rows, per_point_parameters
+from ..variational.rows import per_point_parameters, rows_posterior
 
 __all__ = ["DEFAULT_CHUNK", "DEFAULT_E_TOL", "DEFAULT_MOMENTUM", "EM", "EMStep", "MIN_CHUNK", "covariance_family"]
 
@@ -142,11 +141,9 @@ class _Rows:
 
     @torch.no_grad()
     def read(self, x, subsample):
-        """The stored posteriors of ``subsample`` (through the guide's own reader), detached."""
-        constrained = {name: transform(tensor.index_select(0, subsample))
-                       for name, transform, tensor in zip(self.names, self.transforms, self.tensors)}
-        with batch_rows(subsample, constrained):
-            return gaussian_posterior(self.guide, x, subsample).detach()
+        """The stored posteriors of ``subsample`` (the guide builds them from their rows), detached."""
+        return rows_posterior(self.guide, [transform(tensor.index_select(0, subsample))
+                                           for transform, tensor in zip(self.transforms, self.tensors)])
 
     @torch.no_grad()
     def rescale(self, factor, chunk=16384):
@@ -285,7 +282,7 @@ class EMStep:
 
     # ------------------------------------------------------------------ the step
 
-    def step(self, x, kwargs):
+    def step(self, x, kwargs, statistics=None):
         """The E-step on the batch ``kwargs.get("subsample")`` (all points if absent), and the M-step if due.
 
         :returns: ``(value, None)``: -N times the ELBO per point of the chunk's posteriors at the model
@@ -304,7 +301,7 @@ class EMStep:
             self.statistics = _Statistics(x.size(1), self.statistics.second.size(0), x.device, self.model.prior)
         return value, None
 
-    def commit(self, value, x, kwargs):
+    def commit(self, value, x, kwargs, statistics=None):
         """After a step: nothing left to write (the M-step set W, lambda*, sigma^2* from the chunk's
         statistics); see :meth:`~pyro_esc.train.steppers.SVIStep.commit`."""
         return value, float(self.model.noise_var.detach())

@@ -72,6 +72,10 @@ NOISE_COLLAPSE = 1e-8
 NOTHING_EXPLAINED = 1e-3
 
 
+#: fit's arguments that are not training options: check_fit_options gets every other one.
+_NOT_OPTIONS = ("model", "guide", "data", "device", "dtype", "progress", "callback")
+
+
 def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=None, batch_size=None, lr=None,
         lr_schedule=None, optim=None, tol="auto", gtol="auto", window=DEFAULT_WINDOW, n_init=1, seed=0,
         device=None, dtype=None, progress=True, record_every=1, eval_every=None, trace_elbo_every=None,
@@ -118,10 +122,12 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
       is given; else ``"svi"`` (:func:`auto_route`).
 
     With :class:`~pyro_esc.EntropyELBO` (the default loss) each step is
-    followed by ``loss.update(...)``, which writes lambda*, sigma^2* of the
-    parameters after the step into the model and keeps minibatch statistics
-    current (on the row-wise route, ``loss.update_scales``: the step itself
-    stored the batch's statistics, as evaluated before its update).
+    followed by ``loss.commit(...)``, which writes lambda*, sigma^2* of the
+    parameters after the step into the model. On minibatches the run keeps the
+    running statistics of every point (``loss.init_statistics``): state that the
+    loop owns, passes to every step and checkpoints, and that each commit brings
+    up to date with the batch's rows (on the row-wise route as the step evaluated
+    them, before its update).
 
     **Units**: on the gradient routes (torch, SVI, row-wise) with a per-point Gaussian guide (``AutoNormal``,
     :class:`~pyro_esc.LocalMultivariateNormal`) or an :class:`~pyro_esc.AmortizedNormal`, and a
@@ -222,15 +228,11 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
     :raises NonFiniteObjectiveError: if the objective or a parameter becomes NaN or inf, or the
         noise variance collapses; the message says at which step and which term.
     """
+    # The options exactly as given (this signature is the one place their names and defaults are written).
+    arguments = {name: value for name, value in locals().items() if name not in _NOT_OPTIONS}
     check_owns_its_parameters(model, guide)
     x = _prepare_data(data, device, dtype)
-    options = check_fit_options(
-        model, guide, x, loss, optimizer=optimizer, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,
-        lr_schedule=lr_schedule, optim=optim, seed=seed, record_every=record_every, eval_every=eval_every,
-        trace_elbo_every=trace_elbo_every, trace_elbo_particles=trace_elbo_particles, checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every, resume=resume, annealing=annealing, tol=tol, gtol=gtol, window=window,
-        n_init=n_init, train_dictionary=train_dictionary, inner_steps=inner_steps, train_model=train_model,
-        finish_in_float64=finish_in_float64)
+    options = check_fit_options(model, guide, x, **arguments)
     # From here on a per-point guide's posteriors are those of x (evaluations on other data are refused).
     tie_to_data(guide, x)
     for module in (model, guide):
@@ -361,13 +363,16 @@ def _fit_once(model, guide, x, options, seed, progress, callback, resume, contin
     stepper = options.make_step(model, guide, x)
     if state is not None:
         stepper.load_state_dict(state["optim"])
+    # The run's state besides parameters and optimiser: an EntropyELBO's running minibatch statistics (or None).
+    # The loop owns it: builds it (or takes it from the checkpoint), passes it to every step, checkpoints it.
+    statistics = state["statistics"] if state is not None else options.init_statistics(model, guide, x)
     history.optimizer = stepper.name
     convergence = None if options.tol is None else Convergence(options.tol, options.gtol, options.window)
     annealing = getattr(loss, "annealing", None) if isinstance(loss, EntropyELBO) else None
 
     def save(step):
         save_checkpoint(options.checkpoint, step, model, guide, stepper.state_dict(), loss, batches, history,
-                        time.perf_counter() - started, x, options.route, fingerprint)
+                        time.perf_counter() - started, x, options.route, fingerprint, statistics)
 
     bar = tqdm(total=total_steps, initial=start_step, disable=not progress, desc="fit", dynamic_ncols=True)
     started = time.perf_counter() - elapsed
@@ -379,7 +384,8 @@ def _fit_once(model, guide, x, options, seed, progress, callback, resume, contin
             subsample = batches.next()
             kwargs = {} if subsample is None else {"subsample": subsample.to(x.device)}
             annealing_step = step - 1 if history.annealing_cut is None else max(step - 1, annealing.num_steps)
-            value, grad_norm = training_step(stepper, model, guide, x, kwargs, step, options, annealing_step)
+            value, grad_norm = training_step(stepper, model, guide, x, kwargs, step, options, annealing_step,
+                                             statistics)
             done = convergence is not None and history.elbo_kind == EXACT and convergence.update(-value / x.size(0),
                                                                                                  grad_norm)
             if stepper.route == "torch" and value == previous:
@@ -456,11 +462,13 @@ def _fit_once(model, guide, x, options, seed, progress, callback, resume, contin
     return history, stepper
 
 
-def training_step(stepper, model, guide, x, kwargs, step, options, annealing_step=None):
+def training_step(stepper, model, guide, x, kwargs, step, options, annealing_step=None, statistics=None):
     """One training step: the route's stepper steps, then commits (an EntropyELBO's explicit scale update).
 
     :param int annealing_step: the completed steps the annealing weights are read at (default ``step - 1``;
         past the schedule's end once :func:`fit` has cut it, ``History.annealing_cut``).
+    :param statistics: the run's running minibatch statistics (:meth:`FitOptions.init_statistics`), or None:
+        the step reads them, its commit stores the batch's rows in them.
     :returns: ``(value, grad_norm)``: the objective to record (a loss, -N ELBO) and the gradient
         norm of the per-point loss if the route knows it (else None). For EntropyELBO the value is
         the one after the step (exact on the full data; the running estimate on a minibatch); for
@@ -473,8 +481,8 @@ def training_step(stepper, model, guide, x, kwargs, step, options, annealing_ste
         loss.set_annealing_step(step - 1 if annealing_step is None else annealing_step)
     try:
         # The stepper protocol: step, then commit the scales the step's parameters imply (each route its own way).
-        value, grad_norm = stepper.step(x, kwargs)
-        value, noise_var = stepper.commit(value, x, kwargs)
+        value, grad_norm = stepper.step(x, kwargs, statistics)
+        value, noise_var = stepper.commit(value, x, kwargs, statistics)
         if noise_var is not None and noise_var < NOISE_COLLAPSE * options.data_variance:
             raise NonFiniteObjectiveError(
                 f"the noise variance sigma^2* collapsed to {noise_var:g} (data variance "

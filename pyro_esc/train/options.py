@@ -157,6 +157,14 @@ class FitOptions:
         """Whether to record the exact full-data ELBO after ``step`` (the last step always is)."""
         return step == self.total_steps or (self.eval_every is not None and step % self.eval_every == 0)
 
+    def init_statistics(self, model, guide, x):
+        """The running minibatch statistics this run keeps (:meth:`~pyro_esc.EntropyELBO.init_statistics`),
+        or None: on the full data, on the EM route (whose sufficient statistics are its stepper's) and for
+        other objectives."""
+        if self.batches.full or self.route == "em" or not isinstance(self.loss, EntropyELBO):
+            return None
+        return self.loss.init_statistics(model, guide, x)
+
     def make_step(self, model, guide, x):
         """The route's stepper (builds the torch optimiser on the objective's parameters)."""
         if self.route == "svi":
@@ -173,15 +181,15 @@ class FitOptions:
         return TorchStep(model, guide, self.loss, x, self.optimizer, self.frozen)
 
 
-def check_fit_options(model, guide, x, loss=None, *, optimizer="auto", steps=None, epochs=None, batch_size=None,
-                      lr=None, lr_schedule=None, optim=None, seed=0, record_every=1, eval_every=None,
-                      trace_elbo_every=None, trace_elbo_particles=16, checkpoint=None, checkpoint_every=None,
-                      resume=None, annealing=None, tol="auto", gtol="auto", window=DEFAULT_WINDOW, n_init=1,
-                      train_dictionary=True, inner_steps=None, train_model=True, finish_in_float64=True):
+def check_fit_options(model, guide, x, *, loss, optimizer, steps, epochs, batch_size, lr, lr_schedule, optim, seed,
+                      record_every, eval_every, trace_elbo_every, trace_elbo_particles, checkpoint, checkpoint_every,
+                      resume, annealing, tol, gtol, window, n_init, train_dictionary, inner_steps, train_model,
+                      finish_in_float64):
     """Validate :func:`fit`'s arguments once, before anything trains; return :class:`FitOptions`.
 
-    Raises a ValueError naming the argument. Sets ``annealing`` on the loss only
-    once every argument has passed.
+    Takes every option as :func:`fit` received it (fit's signature holds the defaults; a
+    missing or unknown one is a TypeError here). Raises a ValueError naming the argument.
+    Sets ``annealing`` on the loss only once every argument has passed.
     """
     loss = EntropyELBO() if loss is None else loss
     if not isinstance(loss, pyro.infer.ELBO):

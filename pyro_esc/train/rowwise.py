@@ -5,12 +5,12 @@ With a per-point guide, each data point's posterior has parameters of its own
 batch's rows only. :class:`RowwiseStep` takes one step touching nothing else:
 
 1. gather the batch's rows of every per-point parameter (unconstrained) into
-   small tensors of its own, and hand them to the guide's reader, constrained,
-   through :func:`pyro_esc.rows.batch_rows`;
-2. evaluate the objective on the batch (for :class:`~pyro_esc.EntropyELBO`
-   with the running table, whose totals are O(H) to update) and differentiate
-   with respect to those rows and the global parameters (the dictionary, an
-   encoder);
+   small tensors of its own, and hand them, constrained, to the guide as an
+   argument: :func:`pyro_esc.rows.rows_posterior` builds the batch's posterior;
+2. evaluate the objective on that posterior (for :class:`~pyro_esc.EntropyELBO`
+   with the run's running statistics, whose totals are O(H) to update) and
+   differentiate with respect to those rows and the global parameters (the
+   dictionary);
 3. update the rows with :class:`RowwiseAdam` (Adam state per row, touched only
    when the row is in the batch) and write them back; update the global
    parameters with ``torch.optim.Adam``.
@@ -30,7 +30,7 @@ import torch
 from torch.distributions import transform_to
 
 from ..infer.objectives import EntropyELBO, NonFiniteObjectiveError
-from ..variational.rows import batch_rows, per_point_parameters
+from ..variational.rows import per_point_parameters, rows_posterior
 from .steppers import _committed, trainable_parameters
 
 __all__ = ["RowwiseAdam", "RowwiseStep"]
@@ -131,9 +131,13 @@ class RowwiseStep:
         self.name = "RowwiseAdam"
         self.scale = 1.0 / x.size(0)
         self.evaluations = 0
+        self._points = None  # the batch's rows as the last evaluation saw them, for commit
 
-    def step(self, x, kwargs):
+    def step(self, x, kwargs, statistics=None):
         """Take one step on the batch ``kwargs["subsample"]``.
+
+        ``statistics``: the run's running statistics (see :meth:`~pyro_esc.train.steppers.SVIStep.step`),
+        read here; :meth:`commit` stores the batch's rows as the step's last evaluation saw them.
 
         :returns: ``(value, grad_norm)``: the loss the last evaluation reported (Pyro's scale; for
             EntropyELBO the running estimate) and the norm of the per-point loss's gradient there.
@@ -147,14 +151,10 @@ class RowwiseStep:
         for inner in range(self.inner_steps):
             last = inner == self.inner_steps - 1
             leaves = [row.detach().requires_grad_() for row in rows]
-            constrained = {name: transform(leaf) for (name, _, transform), leaf in zip(self.local, leaves)}
+            posterior = rows_posterior(self.guide, [transform(leaf) for (_, _, transform), leaf in
+                                                    zip(self.local, leaves)])
             self.evaluations += 1
-            with batch_rows(subsample, constrained) as read:
-                value, optimised = self._evaluate(x, kwargs)
-            if len(read) != len(self.local):
-                unread = sorted(set(constrained) - read)
-                raise ValueError(f"the guide's reader did not take the batch rows of {unread} "
-                                 f"(pyro_esc.rows.substituted_rows); use optimizer='svi' for this guide")
+            value, optimised = self._evaluate(x, subsample, posterior, statistics)
             targets = leaves + (self.global_params if last else [])
             grads = torch.autograd.grad(optimised * self.scale, targets, allow_unused=True)
             grads = [torch.zeros_like(target) if grad is None else grad for target, grad in zip(targets, grads)]
@@ -171,17 +171,22 @@ class RowwiseStep:
                 self.optimizer.zero_grad(set_to_none=True)
         return float(value.detach()), grad_norm
 
-    def commit(self, value, x, kwargs):
-        """After a step: an EntropyELBO's scales from the running table the step's evaluation stored rows in
-        (O(H)); see :meth:`~pyro_esc.train.steppers.SVIStep.commit`."""
+    def commit(self, value, x, kwargs, statistics=None):
+        """After a step: the batch's rows as the step's last evaluation saw them (before its update) stored in
+        the running statistics, and an EntropyELBO's scales from them (O(batch), no evaluation); see
+        :meth:`~pyro_esc.train.steppers.SVIStep.commit`."""
         if not isinstance(self.loss, EntropyELBO):
             return value, None
-        return _committed(self.loss.update_scales(self.model, self.guide, x))
+        points, self._points = self._points, None
+        return _committed(self.loss.commit(self.model, self.guide, x, kwargs.get("subsample"), statistics,
+                                           points=points))
 
-    def _evaluate(self, x, kwargs):
+    def _evaluate(self, x, subsample, posterior, statistics):
         if isinstance(self.loss, EntropyELBO):
-            return self.loss.training_loss(self.model, self.guide, x, **kwargs)
-        optimised = self.loss.differentiable_loss(self.model, self.guide, x, **kwargs)
+            evaluated = self.loss.evaluate(self.model, self.guide, x, subsample, statistics, posterior=posterior)
+            self._points = evaluated.points
+            return evaluated.loss.detach(), evaluated.optimised
+        optimised = self.loss.evaluate(self.model, self.guide, x, subsample, posterior=posterior)
         return optimised.detach(), optimised
 
     def set_lr(self, lr):

@@ -22,6 +22,7 @@ import warnings
 import torch
 
 from pyro import poutine
+from pyro.infer.util import zero_grads
 
 from .._pyro_internals import param_fullname, param_site_unconstrained, pending_optimizer_states
 from ..infer.objectives import EntropyELBO, NonFiniteObjectiveError
@@ -76,21 +77,38 @@ class SVIStep:
             self.loss.loss(self.model, self.guide, self.x)
         return list(capture.trace.nodes)
 
-    def step(self, x, kwargs):
-        """Take one step; return the value the objective reported and no gradient norm."""
-        self.evaluations += 1
-        return self.svi.step(x, **kwargs), None
+    def step(self, x, kwargs, statistics=None):
+        """Take one step; return the value the objective reported and no gradient norm.
 
-    def commit(self, value, x, kwargs):
+        The stepper protocol: ``step(x, kwargs, statistics)`` then ``commit(value, x, kwargs,
+        statistics)``, where ``statistics`` is the run's state that the loop owns and passes in
+        (an EntropyELBO's running minibatch statistics, :meth:`~pyro_esc.EntropyELBO.init_statistics`,
+        or None). A step reads it; only ``commit`` changes it.
+        """
+        self.evaluations += 1
+        if statistics is None:
+            return self.svi.step(x, **kwargs), None
+        # Pyro's SVI step (record the params read, backpropagate, let the optimiser step them), with the
+        # objective evaluated at the state passed in rather than at one it would keep itself.
+        with poutine.trace(param_only=True) as capture:
+            evaluated = self.loss.evaluate(self.model, self.guide, x, kwargs.get("subsample"), statistics)
+            evaluated.optimised.backward()
+        params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+        self.optim(params)
+        zero_grads(params)
+        return evaluated.loss.item(), None
+
+    def commit(self, value, x, kwargs, statistics=None):
         """After a step: write the scales its parameters imply, if the objective eliminates them.
 
         The second half of the stepper protocol (``step`` -> ``commit``): each route commits its own
-        scales. Returns ``(value, noise_var)``: the objective to record (-N ELBO, after the commit
-        where there is one) and the noise variance now in the model (None if this route set none).
+        scales (and stores the batch's rows in ``statistics``). Returns ``(value, noise_var)``: the
+        objective to record (-N ELBO, after the commit where there is one) and the noise variance
+        now in the model (None if this route set none).
         """
         if not isinstance(self.loss, EntropyELBO):
             return value, None
-        return _committed(self.loss.update(self.model, self.guide, x, **kwargs))
+        return _committed(self.loss.commit(self.model, self.guide, x, kwargs.get("subsample"), statistics))
 
     def set_lr(self, lr):
         # PyroOptim keeps one torch optimiser per parameter, created on first sight; after a resume the
@@ -195,10 +213,11 @@ class TorchStep:
         self._last = None  # (parameters, annealing weights, value, gradients) of the last evaluation
         self._last_terms = None  # EntropyELBO's terms of that evaluation (see current_terms)
 
-    def step(self, x, kwargs):
+    def step(self, x, kwargs, statistics=None):
         """Take one step; return the loss at the start of the step (Pyro's scale) and the gradient norm.
 
-        The gradient norm is that of the per-point loss at the step's last evaluation.
+        The gradient norm is that of the per-point loss at the step's last evaluation. ``statistics``:
+        see :meth:`SVIStep.step`.
         """
         start, penalised = [], []
 
@@ -213,14 +232,14 @@ class TorchStep:
             terms = None
             try:
                 if isinstance(self.loss, EntropyELBO):
-                    value, terms = self.loss.differentiable_loss_and_terms(self.model, self.guide, x, **kwargs)
-                    value = value * self.scale
+                    evaluated = self.loss.evaluate(self.model, self.guide, x, kwargs.get("subsample"), statistics)
+                    value, terms = evaluated.optimised * self.scale, evaluated.terms
                 else:
                     value = self.loss.differentiable_loss(self.model, self.guide, x, **kwargs) * self.scale
                 value.backward()
                 grad_norm = self._grad_norm()
                 problem = None if bool(torch.isfinite(value)) and math.isfinite(grad_norm) else \
-                    f"{type(self.loss).__name__} is {float(value):g} with gradient norm {grad_norm:g}"
+                    f"{type(self.loss).__name__} is {float(value.detach()):g} with gradient norm {grad_norm:g}"
             except NonFiniteObjectiveError as error:
                 problem = str(error)
             if not start:
@@ -247,16 +266,15 @@ class TorchStep:
             self.reset()
         return float(value.detach()) / self.scale, self.grad_norm
 
-    def commit(self, value, x, kwargs):
+    def commit(self, value, x, kwargs, statistics=None):
         """After a step: as :meth:`SVIStep.commit`, reusing the terms L-BFGS evaluated last where it can."""
         if not isinstance(self.loss, EntropyELBO):
             # The step reported the value it started from; record the one it reached.
             return self.loss.loss(self.model, self.guide, x, **kwargs), None
         # L-BFGS has (nearly always) just evaluated the point it stopped at: write those terms.
         evaluated = self.current_terms() if not kwargs else None
-        if evaluated is None:
-            return _committed(self.loss.update(self.model, self.guide, x, **kwargs))
-        return _committed(self.loss.update_scales(self.model, self.guide, x, terms=evaluated))
+        return _committed(self.loss.commit(self.model, self.guide, x, kwargs.get("subsample"), statistics,
+                                           terms=evaluated))
 
     def _flat_parameters(self):
         return torch.cat([p.detach().reshape(-1) for p in self.params])
@@ -272,7 +290,7 @@ class TorchStep:
         """EntropyELBO's terms at the current parameters if the last evaluation was there, else None.
 
         An L-BFGS step ends on the point its line search accepted, which (nearly always) it has just
-        evaluated: :meth:`commit` hands these terms to ``EntropyELBO.update_scales`` instead of
+        evaluated: :meth:`commit` hands these terms to ``EntropyELBO.commit`` instead of
         evaluating the same point again.
         """
         if self._last is None or self._last_terms is None:

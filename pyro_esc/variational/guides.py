@@ -37,7 +37,7 @@ from pyro.ops.tensor_utils import periodic_repeat
 from .._checks import check_data_cached, check_int, check_positive, check_subsample
 from .._pyro_internals import param_fullname
 from .posterior import GaussianPosterior
-from .rows import offers_row_access, substituted_rows
+from .rows import offers_row_access
 
 __all__ = ["ACTIVATIONS", "AmortizedNormal", "LocalMultivariateNormal", "scale_tril_from_packed"]
 
@@ -217,17 +217,18 @@ class LocalMultivariateNormal(AutoGuide):
             self._setup_prototype(x, **({} if subsample is None else {"subsample": subsample}))
         if "z" not in self.prototype_trace.nodes:
             raise ValueError("LocalMultivariateNormal was built for a model without a latent site 'z'")
-        rows = substituted_rows(self.per_point_parameters(), subsample)
-        if rows is not None:
-            # The row-wise step hands over the batch's rows (pyro_esc.rows): nothing O(N) is read.
-            loc, diagonal, off_diagonal = rows
-            return GaussianPosterior.from_scale_tril(loc, scale_tril_from_packed(diagonal, off_diagonal))
-        loc, diagonal, off_diagonal = self._site_params("z")
-        if loc.size(0) != x.size(0):
-            raise ValueError(f"LocalMultivariateNormal holds parameters for {loc.size(0)} data points, "
+        rows = self._site_params("z")
+        if rows[0].size(0) != x.size(0):
+            raise ValueError(f"LocalMultivariateNormal holds parameters for {rows[0].size(0)} data points, "
                              f"but x has {x.size(0)}; build a new guide for this data")
         if subsample is not None:
-            loc, diagonal, off_diagonal = (value.index_select(0, subsample) for value in (loc, diagonal, off_diagonal))
+            rows = [value.index_select(0, subsample) for value in rows]
+        return self.posterior_from_rows(rows)
+
+    def posterior_from_rows(self, rows):
+        """The batch's posterior from its rows of :meth:`per_point_parameters` (constrained, in that order):
+        what the row-wise route hands over instead of the param store's (see :mod:`pyro_esc.rows`)."""
+        loc, diagonal, off_diagonal = rows
         return GaussianPosterior.from_scale_tril(loc, scale_tril_from_packed(diagonal, off_diagonal))
 
     def per_point_parameters(self):
@@ -672,22 +673,52 @@ class AmortizedNormal(PyroModule):
         if not bool(self.matched):
             self.matched.fill_(True)
         unit = self.unit
-        scaled = bool(unit != 1)  # (a unit of 1 skips the two products: the same numbers, less work)
-        loc, scales, off_diagonal = self._raw_outputs(x / unit if scaled else x)
-        diagonal = nn.functional.softplus(scales)
-        if self.min_scale:
-            diagonal = diagonal + self.min_scale
-        if scaled:
+        scaled = bool(unit != 1)  # (a unit of 1 skips the products: the same numbers, less work)
+        return self.encoding(*self._raw_outputs(x / unit if scaled else x), floor=self.min_scale,
+                             unit=unit if scaled else None)
+
+    # ------------------------------------------------------------ the covariance family: the one switch
+    #
+    # How each family lays out its parameters lives in these three methods; encode, forward,
+    # gaussian_posterior and SemiAmortized's refinement ask them.
+
+    def encoding(self, loc, raw_scales, extra, floor=0.0, unit=None):
+        """:meth:`encode`'s ``(loc, scale)`` from unconstrained parts: the means, the scales before
+        ``softplus(.) + floor``, and the extra head (L's packed strictly lower entries, ``"full"``; F
+        flattened or not, ``"lowrank"``; None for ``"diag"``), all multiplied by ``unit`` if given."""
+        diagonal = nn.functional.softplus(raw_scales)
+        if floor:
+            diagonal = diagonal + floor
+        if unit is not None:
             loc, diagonal = loc * unit, diagonal * unit
-            off_diagonal = None if off_diagonal is None else off_diagonal * unit
+            extra = None if extra is None else extra * unit
         if self.covariance == "diag":
             return loc, diagonal
         if self.covariance == "lowrank":
-            factor = off_diagonal.reshape(off_diagonal.shape[:-1] + (self.n_latents, self.rank))
+            factor = extra.reshape(extra.shape[:loc.dim() - 1] + (self.n_latents, self.rank))
             return loc, (factor, diagonal.square())
         # With H = 1 there is no off-diagonal entry (and no layer for it).
-        off_diagonal = diagonal[..., :0] if off_diagonal is None else off_diagonal
-        return loc, scale_tril_from_packed(diagonal, off_diagonal)
+        extra = diagonal[..., :0] if extra is None else extra
+        return loc, scale_tril_from_packed(diagonal, extra)
+
+    def unconstrained(self, loc, scale, floor=0.0):
+        """The inverse of :meth:`encoding` (without ``unit``): ``[loc, softplus^-1(s - floor), extra]``, extra
+        L's packed strictly lower entries (``"full"``) or F (``"lowrank"``), none for ``"diag"``."""
+        if self.covariance == "diag":
+            return [loc, inverse_softplus(scale - floor)]
+        if self.covariance == "lowrank":
+            factor, cov_diag = scale
+            return [loc, inverse_softplus(cov_diag.sqrt() - floor), factor]
+        rows, columns = torch.tril_indices(loc.size(-1), loc.size(-1), -1, device=loc.device)
+        return [loc, inverse_softplus(scale.diagonal(dim1=-2, dim2=-1) - floor), scale[..., rows, columns]]
+
+    def posterior_from_encoding(self, loc, scale):
+        """The :class:`~pyro_esc.GaussianPosterior` of :meth:`encode`'s ``(loc, scale)``."""
+        if self.covariance == "diag":
+            return GaussianPosterior.from_scale(loc, scale)
+        if self.covariance == "lowrank":
+            return GaussianPosterior.from_low_rank(loc, *scale)
+        return GaussianPosterior.from_scale_tril(loc, scale)
 
     def forward(self, x, subsample=None, subsample_size=None):
         """Sample z ~ q(z | x^(n)) for the points of the ``"data"`` plate (the model's arguments).
@@ -699,12 +730,8 @@ class AmortizedNormal(PyroModule):
         with pyro.plate("data", x.size(0), subsample=subsample, subsample_size=subsample_size, dim=-1) as index:
             # As in the model: a full-size index is no subsample (Pyro slices nothing then).
             x_batch = x if index.size(0) == x.size(0) else x.index_select(0, index)
-            loc, scale = self.encode(x_batch)
-            if self.covariance == "diag":
-                return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
-            if self.covariance == "lowrank":
-                return pyro.sample("z", dist.LowRankMultivariateNormal(loc, *scale))
-            return pyro.sample("z", dist.MultivariateNormal(loc, scale_tril=scale))
+            posterior = self.posterior_from_encoding(*self.encode(x_batch))
+            return pyro.sample("z", posterior.per_point_distribution())
 
     @pyro_method
     def gaussian_posterior(self, x, subsample=None):
@@ -716,12 +743,7 @@ class AmortizedNormal(PyroModule):
         """
         x = check_data_cached(x, "x", self.data_dim)
         subsample = check_subsample(subsample, x.size(0))
-        loc, scale = self.encode(x if subsample is None else x.index_select(0, subsample))
-        if self.covariance == "diag":
-            return GaussianPosterior.from_scale(loc, scale)
-        if self.covariance == "lowrank":
-            return GaussianPosterior.from_low_rank(loc, *scale)
-        return GaussianPosterior.from_scale_tril(loc, scale)
+        return self.posterior_from_encoding(*self.encode(x if subsample is None else x.index_select(0, subsample)))
 
 
 def covariance_family(guide):

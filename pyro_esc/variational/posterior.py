@@ -41,7 +41,7 @@ from pyro.infer.autoguide import AutoContinuous, AutoDelta, AutoNormal
 from pyro.nn import PyroModule
 
 from .._pyro_internals import autonormal_loc_and_scale, module_context, param_site_unconstrained
-from .rows import autonormal_row_names, substituted_rows
+from .rows import rows_posterior
 from ..distributions.gaussian import (
     entropy_from_low_rank,
     entropy_from_scale,
@@ -543,15 +543,17 @@ def _autonormal_posterior(guide, x, subsample=None):
     # reach the param store and SVI's optimiser. The guide's own (overridable) reader is used.
     _ensure_prototype(guide, x, subsample)
     _check_latent_sites(guide)
-    rows = substituted_rows(autonormal_row_names(guide), subsample)
-    if rows is not None:
-        # The row-wise step hands over the batch's rows (pyro_esc.rows): nothing O(N) is read.
-        return GaussianPosterior.from_scale(*rows)
     loc, scale = autonormal_loc_and_scale(guide, "z")
     _check_per_point_shape(guide, loc, x)
     if subsample is not None:
         loc, scale = loc[subsample], scale[subsample]
     return GaussianPosterior.from_scale(loc, scale)
+
+
+@rows_posterior.register(AutoNormal)
+def _autonormal_rows_posterior(guide, rows):
+    # The rows of autonormal_row_names: the means and the scales of site "z".
+    return GaussianPosterior.from_scale(*rows)
 
 
 @gaussian_posterior.register(AutoContinuous)

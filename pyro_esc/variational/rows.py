@@ -8,34 +8,33 @@ gradient that an optimiser then applies to every row: O(N) work per step for
 O(B) information, and Adam's momentum keeps moving points that were not in the
 batch.
 
-This module lets the row-wise route of :func:`~pyro_esc.fit`
-(:class:`~pyro_esc.rowwise.RowwiseStep`) hand the guide only the batch's rows:
+The row-wise route of :func:`~pyro_esc.fit` (:class:`~pyro_esc.rowwise.RowwiseStep`)
+instead takes the batch's rows itself and hands them to the guide as an argument:
 
 - :func:`per_point_parameters` names a guide's per-point parameters (param-store
   names, each with its constraint); guides declare them with a method
   ``per_point_parameters()`` returning param-store names (:func:`parameter_name`),
   or a function registered with ``per_point_parameters.register(GuideClass)``;
-- :func:`batch_rows` is a context in which those parameters' rows for one
-  minibatch are given (as tensors that the step differentiates);
-- :func:`substituted_rows` is what a guide's ``gaussian_posterior`` reader calls
-  first: inside :func:`batch_rows` it returns the given rows (and records the
-  read), outside it returns None and the reader reads the param store as usual.
+- :func:`rows_posterior` turns the batch's rows of those parameters (constrained,
+  in that order) into the batch's :class:`~pyro_esc.GaussianPosterior`; guides
+  declare it with a method ``posterior_from_rows(rows)``, or a function registered
+  with ``rows_posterior.register(GuideClass)``. The objective then evaluates that
+  posterior (:meth:`~pyro_esc.EntropyELBO.evaluate`'s ``posterior``): nothing O(N)
+  is read, and the gradient reaches the rows only.
 
 Nothing here changes a parameter: the step that owns the rows writes them back.
 """
 
-import contextlib
 import functools
 from typing import NamedTuple
 
-import torch
 
 from pyro.infer.autoguide import AutoNormal
 
 from .._pyro_internals import param_constraint, param_fullname
 
-__all__ = ["PerPointParameter", "autonormal_row_names", "batch_rows", "offers_row_access", "parameter_name",
-           "per_point_parameters", "substituted_rows"]
+__all__ = ["PerPointParameter", "autonormal_row_names", "offers_row_access", "parameter_name",
+           "per_point_parameters", "rows_posterior"]
 
 
 class PerPointParameter(NamedTuple):
@@ -93,11 +92,15 @@ def _reads_autonormal_rows(guide):
 
 
 def offers_row_access(guide):
-    """Whether ``guide``'s reader can take its per-point parameters as batch rows (decidable before it runs)."""
+    """Whether ``guide`` names its per-point parameters and builds a batch's posterior from their rows
+    (decidable before it runs)."""
     if isinstance(guide, AutoNormal):
         return _reads_autonormal_rows(guide)
-    return (callable(getattr(guide, "per_point_parameters", None))
-            or _declared.dispatch(type(guide)) is not _declared.dispatch(object))
+    names_rows = (callable(getattr(guide, "per_point_parameters", None))
+                  or _declared.dispatch(type(guide)) is not _declared.dispatch(object))
+    builds_posterior = (callable(getattr(guide, "posterior_from_rows", None))
+                        or rows_posterior.dispatch(type(guide)) is not rows_posterior.dispatch(object))
+    return names_rows and builds_posterior
 
 
 def parameter_name(module, name):
@@ -105,53 +108,16 @@ def parameter_name(module, name):
     return param_fullname(module, name)
 
 
-class _Rows:
-    """The rows one :func:`batch_rows` context provides, and which of them were read."""
+@functools.singledispatch
+def rows_posterior(guide, rows):
+    """The batch's :class:`~pyro_esc.GaussianPosterior` from its rows of the guide's per-point parameters.
 
-    def __init__(self, subsample, rows):
-        self.subsample = subsample
-        self.rows = rows
-        self.read = set()
-
-
-_ACTIVE = []
-
-
-@contextlib.contextmanager
-def batch_rows(subsample, rows):
-    """Within this context, readers get ``rows[name]`` for parameter ``name`` and this ``subsample``.
-
-    :param torch.Tensor subsample: the minibatch's indices (B,), the very tensor passed to the objective.
-    :param dict rows: param-store name -> constrained rows (B, ...), in ``subsample``'s order.
-    :returns: (as the context's value) the set of names that were read, filled on exit.
+    :param list rows: the constrained rows (B, ...) of :func:`per_point_parameters`, in that order.
+    :raises ValueError: for a guide that declares no ``posterior_from_rows`` (and has no registered function).
     """
-    entry = _Rows(subsample, dict(rows))
-    _ACTIVE.append(entry)
-    try:
-        yield entry.read
-    finally:
-        _ACTIVE.pop()
-
-
-def substituted_rows(names, subsample):
-    """The rows of ``names`` for ``subsample`` from the innermost :func:`batch_rows`, or None.
-
-    A reader calls it before touching the param store. It returns None outside a
-    :func:`batch_rows` context and for another batch (a different ``subsample``
-    tensor); a context that provides some but not all of ``names`` is an error,
-    since mixing row access and full reads would train some rows twice.
-    """
-    if not _ACTIVE or subsample is None or not names:
-        return None
-    entry = _ACTIVE[-1]
-    if entry.subsample is not subsample and not (entry.subsample.shape == subsample.shape
-                                                 and torch.equal(entry.subsample, subsample)):
-        return None
-    missing = [name for name in names if name not in entry.rows]
-    if missing:
-        if len(missing) == len(names):
-            return None
-        raise ValueError(f"batch rows were given for only some of the parameters {list(names)} "
-                         f"(missing {missing})")
-    entry.read.update(names)
-    return [entry.rows[name] for name in names]
+    method = getattr(guide, "posterior_from_rows", None)
+    if not callable(method):
+        raise ValueError(f"{type(guide).__name__} declares per-point parameters but no posterior_from_rows(rows) "
+                         f"(pyro_esc.rows): the row-wise route cannot build its batch's posterior; use "
+                         f"optimizer='svi' for this guide")
+    return method(rows)

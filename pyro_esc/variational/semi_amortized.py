@@ -16,8 +16,7 @@ import pyro
 from .._checks import check_data_cached, check_int, check_positive, check_subsample
 from ..distributions.gaussian import expected_squared_errors, normal_log_normalizer
 from ..priors import get_prior
-from .guides import AmortizedNormal, inverse_softplus, scale_tril_from_packed
-from .posterior import GaussianPosterior
+from .guides import AmortizedNormal
 
 __all__ = ["SemiAmortized", "point_elbos"]
 
@@ -125,40 +124,21 @@ class SemiAmortized:
     # ---------------------------------------------------------------- parameterisation
 
     def _unconstrained(self, x_batch):
-        """The encoder's q_0 as the tensors the refinement moves (with the encoder's graph).
-
-        ``[loc, softplus^-1(scales - min_scale), extra]``: extra is L's packed strictly lower
-        entries (full) or F (lowrank); diag has no extra.
-        """
-        loc, scale = self.encoder.encode(x_batch)
-        floor = self.encoder.min_scale * float(self.encoder.unit)  # encode's scales are in the data's units
-        covariance = self.encoder.covariance
-        if covariance == "diag":
-            return [loc, inverse_softplus(scale - floor)]
-        if covariance == "lowrank":
-            factor, cov_diag = scale
-            return [loc, inverse_softplus(cov_diag.sqrt() - floor), factor]
-        rows, columns = torch.tril_indices(loc.size(-1), loc.size(-1), -1, device=loc.device)
-        diagonal = scale.diagonal(dim1=-2, dim2=-1)
-        return [loc, inverse_softplus(diagonal - floor), scale[..., rows, columns]]
+        """The encoder's q_0 as the tensors the refinement moves (with the encoder's graph): ``[loc,
+        softplus^-1(scales - floor), extra]`` in the data's units (:meth:`~pyro_esc.AmortizedNormal.unconstrained`)."""
+        return self.encoder.unconstrained(*self.encoder.encode(x_batch), floor=self._floor())
 
     def _constrained(self, params):
         """``(loc, scale)`` in the encoder's :meth:`~pyro_esc.AmortizedNormal.encode` format."""
-        floor = self.encoder.min_scale * float(self.encoder.unit)  # encode's scales are in the data's units
-        scale = torch.nn.functional.softplus(params[1]) + floor
-        if self.encoder.covariance == "diag":
-            return params[0], scale
-        if self.encoder.covariance == "lowrank":
-            return params[0], (params[2], scale.square())
-        return params[0], scale_tril_from_packed(scale, params[2])
+        extra = params[2] if len(params) == 3 else None
+        return self.encoder.encoding(params[0], params[1], extra, floor=self._floor())
+
+    def _floor(self):
+        # encode's scales are in the data's units: so is its floor.
+        return self.encoder.min_scale * float(self.encoder.unit)
 
     def _summary(self, params):
-        loc, scale = self._constrained(params)
-        if self.encoder.covariance == "diag":
-            return GaussianPosterior.from_scale(loc, scale)
-        if self.encoder.covariance == "lowrank":
-            return GaussianPosterior.from_low_rank(loc, *scale)
-        return GaussianPosterior.from_scale_tril(loc, scale)
+        return self.encoder.posterior_from_encoding(*self._constrained(params))
 
     def _fixed_model(self, like):
         model = self.model
