@@ -137,7 +137,7 @@ def main():
     torch.set_float32_matmul_precision("high")
 
     if importlib.util.find_spec("lightning") is None:
-        raise SystemExit("benchmarks/gpu_check.py needs the Lightning extra: pip install pyro-esc[lightning]")
+        raise SystemExit("benchmarks/gpu_check.py needs the Lightning extra: pip install -e '.[lightning]'")
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     print(f"torch {torch.__version__}; CUDA devices: {gpus}"

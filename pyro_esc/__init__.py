@@ -4,6 +4,7 @@ Implements "Learning Sparse Codes with Entropy-Based ELBOs" (Velychko, Damm,
 Fischer, Lücke; AISTATS 2024) on top of Pyro and PyTorch.
 """
 
+from .apps.denoising import denoise
 from .apps.encoding import encode
 from .apps.warm_start import fit_amortized
 from .distributions import kl  # noqa: F401 - registers the closed-form KL(Gaussian || Laplace) with torch
@@ -22,6 +23,17 @@ from .variational.semi_amortized import SemiAmortized
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # The scikit-learn estimator on first use: importing scikit-learn costs a second that `import pyro_esc`
+    # should not (PEP 562).
+    if name == "SparseCodingEstimator":
+        from .apps.sklearn import SparseCodingEstimator
+
+        return SparseCodingEstimator
+    raise AttributeError(f"module 'pyro_esc' has no attribute {name!r}")
+
+
 __all__ = [
     "AmortizedNormal",
     "AnalyticELBO",
@@ -35,6 +47,8 @@ __all__ = [
     "SemiAmortized",
     "SolvedPosteriors",
     "SparseCoding",
+    "SparseCodingEstimator",
+    "denoise",
     "encode",
     "fit",
     "fit_amortized",

@@ -2,11 +2,14 @@
 
 ::
 
-    pyro-esc bars       [--guide local-full] [--objective entropy] [--steps 3000] ...
-    pyro-esc patches    [--size 12] [--latents 100] [--guide amortized-diag] ...
+    pyro-esc bars       [--guide local-full] [--noise 0.3] [--objective entropy] [--prior laplace] ...
+    pyro-esc patches    [--size 12] [--latents 100] [--guide local-diag] [--batch-size B] ...
+    pyro-esc denoise    IN OUT [--dictionary MODEL.pt] [--patch-size 7] [--latents H] ...
     pyro-esc reproduce  [--quick] [--out figures]
 
-Every sub-command has ``--help``. Figures and a metrics JSON go to ``--out``.
+Every sub-command has ``--help`` (its options and their defaults). ``bars``, ``patches`` and
+``reproduce`` write figures and a metrics JSON to ``--out``; ``denoise`` writes the images it is
+given paths for.
 """
 
 import argparse
@@ -82,7 +85,7 @@ def build_parser():
                            f"with --no-warm-start)")
     bars.add_argument("--n-init", type=int, default=None,
                       help=f"initialisations (restarts); the best final ELBO is kept (default "
-                           f"{experiments.BARS_N_INIT} with L-BFGS, 1 with SVI)")
+                           f"{experiments.BARS_N_INIT})")
     bars.add_argument("--tol", type=float, default=None,
                       help="convergence: relative change of the ELBO over 20 steps (default: fit's, 1e-7)")
     bars.add_argument("--dtype", choices=("float32", "float64"), default="float32",

@@ -192,7 +192,7 @@ class PatchesResult:
     #: The initial learning rate of a gradient route; None on the EM route.
     lr: Optional[float]
     seed: int
-    #: How fit trained (``History.route``: "em", "rowwise", "svi" or "torch") and with which optimiser.
+    #: How fit trained (``History.route``: "lbfgs", "em", "rowwise", "svi" or "torch") and with which optimiser.
     route: str
     optimizer: str
     #: Final ELBO per data point (the objective's).

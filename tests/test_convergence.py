@@ -44,8 +44,14 @@ def test_the_convergence_test_on_a_known_sequence():
 def test_fit_defaults_to_lbfgs_and_says_so_and_how_it_ended():
     model, guide, x, _ = small_problem()
     history = fit(model, guide, x, progress=False)
-    assert history.route == "torch" and history.optimizer == "LBFGS"
+    # The route under the name fit(optimizer=...) takes (it said "torch" for the default "lbfgs").
+    assert history.route == "lbfgs" and history.optimizer == "LBFGS"
+    assert fit(model, guide, x, optimizer="lbfgs", steps=2, tol=None, progress=False).route == "lbfgs"
     assert history.converged and history.stop_reason.startswith("converged")
+    # Its repr is the run in one line, not every per-step list.
+    text = repr(history)
+    assert text.startswith("History(route='lbfgs', optimizer='LBFGS', steps=") and "converged=True" in text
+    assert "[" not in text and len(text) < 300
     assert history.step[-1] < 5000 and history.evaluations >= history.step[-1]
     assert len(history.grad_norm) == len(history.step) and history.grad_norm[-1] >= 0
     assert history.final_elbo == pytest.approx(training_elbo(model, guide, x), rel=1e-10)

@@ -68,6 +68,40 @@ def test_no_pointer_to_a_file_outside_the_repository():
     assert not hits, f"point to docs/theory.md instead of {outside} in {hits}"
 
 
+def _resolves(dotted):
+    # The longest importable module prefix, then attributes: "pyro_esc.rows.parameter_name", "pyro_esc.denoise".
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            found = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attribute in parts[cut:]:
+            if not hasattr(found, attribute):
+                return False
+            found = getattr(found, attribute)
+        return True
+    return False
+
+
+def test_every_name_the_prose_gives_imports():
+    # README, notebooks and docs once documented pyro_esc.denoise, which did not exist (only
+    # pyro_esc.denoising.denoise did): every dotted pyro_esc name they write must resolve.
+    paths = [ROOT / "README.md", ROOT / "BENCHMARKS.md", ROOT / "notebooks" / "README.md"]
+    paths += sorted(DOCS.glob("*.md")) + sorted(DOCS.glob("*.rst")) + sorted((ROOT / "notebooks").glob("*.ipynb"))
+    dead = sorted({(name, path.name) for path in paths
+                   for name in re.findall(r"\bpyro_esc(?:\.[A-Za-z_]\w*)+", path.read_text(encoding="utf-8"))
+                   if not _resolves(name)})
+    assert not dead, f"names that do not import: {dead}"
+
+
+def test_the_estimator_is_public_without_importing_scikit_learn_up_front():
+    code = ("import sys, pyro_esc; assert 'sklearn' not in sys.modules; "
+            "from pyro_esc import SparseCodingEstimator; from pyro_esc.sklearn import SparseCodingEstimator as E; "
+            "assert SparseCodingEstimator is E and pyro_esc.denoise is __import__('pyro_esc.denoising').denoising.denoise")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
 def test_sphinx_build_has_no_warnings(tmp_path):
     pytest.importorskip("sphinx")
     pytest.importorskip("myst_parser")

@@ -1,6 +1,6 @@
 r"""Training on PyTorch Lightning: one device, several GPUs, several machines (DDP).
 
-An optional extra (``pip install pyro-esc[lightning]``); ``import pyro_esc`` never
+An optional extra (``pip install -e '.[lightning]'`` in a checkout); ``import pyro_esc`` never
 imports it. It follows Pyro's ``examples/svi_lightning.py``: the objective is an
 ``ELBOModule`` (``EntropyELBO()(model, guide)``), its parameters exist before the
 Trainer builds the optimiser, and a LightningModule turns it into training steps.
@@ -60,7 +60,7 @@ try:
     import lightning.pytorch as pl
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("pyro_esc.lightning needs PyTorch Lightning (lightning >= 2.1): "
-                      "pip install pyro-esc[lightning]") from error
+                      "pip install -e '.[lightning]' in a checkout of pyro_esc") from error
 
 import torch.distributed as dist
 from pyro.infer.autoguide import AutoGuide

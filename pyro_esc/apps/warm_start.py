@@ -330,6 +330,7 @@ def _model_samples_stage(model, encoder, x, model_samples, steps, lr, seed, prog
             raise NonFiniteObjectiveError(f"the model-samples stage's ELBO is not finite ({float(value)})")
         return value
 
+    # A torch optimiser other than L-BFGS: the route fit(optimizer=torch.optim.Adam) would report.
     history = History(num_data=batch.size(0), elbo_kind=BATCH, route="torch", optimizer="Adam")
     started = time.perf_counter()
     bar = tqdm(total=steps, disable=not progress, desc="fit (model samples)", dynamic_ncols=True)

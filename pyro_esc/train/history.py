@@ -33,8 +33,8 @@ class History:
       ``eval_every`` steps and after the last step. Report this one:
       :attr:`final_elbo`.
 
-    How the run went: ``route`` (``"torch"``, ``"rowwise"``, ``"em"`` or ``"svi"``) and ``optimizer``
-    (its class name), ``converged`` and ``stop_reason`` (the convergence test
+    How the run went: ``route`` (the name ``fit(optimizer=...)`` takes: ``"lbfgs"``, ``"rowwise"``,
+    ``"em"`` or ``"svi"``; ``"torch"`` for another torch optimiser) and ``optimizer`` (its class name), ``converged`` and ``stop_reason`` (the convergence test
     met, or the step limit), ``evaluations`` (objective-and-gradient
     evaluations, line searches included), ``grad_norm`` (the gradient norm of the
     per-point loss at each recorded step, NaN where the route does not know it),
@@ -92,6 +92,12 @@ class History:
     def final_elbo(self):
         """The exact full-data ELBO per data point after the last step (NaN before any evaluation)."""
         return self.eval_elbo[-1] if self.eval_elbo else math.nan
+
+    def __repr__(self):
+        # The run in one line; the per-step lists are in the fields (to_dict() has them all).
+        steps = self.step[-1] if self.step else 0
+        return (f"History(route={self.route!r}, optimizer={self.optimizer!r}, steps={steps}, "
+                f"final_elbo={self.final_elbo:.6g}, converged={self.converged}, stop_reason={self.stop_reason!r})")
 
     def to_dict(self):
         """Plain lists and numbers (JSON-serialisable)."""

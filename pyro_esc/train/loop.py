@@ -347,7 +347,7 @@ def _fit_once(model, guide, x, options, seed, progress, callback, resume, contin
         records), from the current parameters with a fresh optimiser; see :func:`_fit_run`.
     """
     loss, batches, total_steps = options.loss, options.batches, options.total_steps
-    history = History(num_data=x.size(0), elbo_kind=options.elbo_kind, route=options.route, unit=options.unit,
+    history = History(num_data=x.size(0), elbo_kind=options.elbo_kind, route=options.route_name, unit=options.unit,
                       data_dim=x.size(1))
     batches.reset(seed)
     start_step, elapsed, state = 0, 0.0, None

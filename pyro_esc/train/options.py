@@ -165,6 +165,12 @@ class FitOptions:
             return None
         return self.loss.init_statistics(model, guide, x)
 
+    @property
+    def route_name(self):
+        """The route as :class:`~pyro_esc.History` reports it: the name ``fit(optimizer=...)`` takes, so
+        ``"lbfgs"`` for the torch route with L-BFGS (``"torch"`` for another torch optimiser)."""
+        return "lbfgs" if self.route == "torch" and self.optimizer is lbfgs else self.route
+
     def make_step(self, model, guide, x):
         """The route's stepper (builds the torch optimiser on the objective's parameters)."""
         if self.route == "svi":
