@@ -138,3 +138,24 @@ def test_named_models_keep_their_parameters_apart():
     names = set(pyro.get_param_store().keys())
     assert {"first.raw_dictionary", "second.raw_dictionary"} <= names
     assert not torch.equal(first.dictionary, second.dictionary)
+
+
+def test_the_model_without_data_draws_from_itself():
+    # model(None), as Pyro's models without data: z ~ Laplace(0, lambda), x ~ Normal(W z, sigma^2 I), site "x" sampled.
+    # Checked against the closed-form covariance of x, W diag(2 lambda^2) W^T + sigma^2 I.
+    model = SparseCoding(4, 3)
+    with pytest.raises(ValueError, match="no dictionary yet"):
+        model(None)
+    torch.manual_seed(0)
+    model.set_dictionary(torch.randn(4, 3, dtype=torch.float64))
+    model.set_scales(torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64), torch.tensor(0.09, dtype=torch.float64))
+    trace = poutine.trace(model).get_trace(None, subsample_size=200_000)
+    assert not trace.nodes["x"]["is_observed"] and trace.nodes["z"]["value"].shape == (200_000, 3)
+    x = trace.nodes["x"]["value"]
+    dictionary = model.dictionary.detach()
+    expected = dictionary @ torch.diag(2 * model.prior_scale.detach() ** 2) @ dictionary.T + 0.09 * torch.eye(4)
+    assert torch.allclose(torch.cov(x.T), expected, rtol=0, atol=0.05 * float(expected.abs().max()))
+    assert model(None).shape == (1, 3)
+    assert pyro.infer.Predictive(model, num_samples=2)(None, subsample_size=5)["x"].shape == (2, 5, 4)
+    with pytest.raises(ValueError, match="subsample_size"):
+        model(None, subsample=torch.arange(3))

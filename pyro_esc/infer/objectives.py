@@ -141,9 +141,10 @@ class EntropyELBO(ELBO):
     evaluated*: on the training data it is the training ELBO; on held-out data it
     re-fits lambda and sigma^2 to that data, so for a held-out ELBO at the trained
     scales use :func:`~pyro_esc.evaluation.held_out_elbo`. In a hand-written ``SVI``
-    loop, call ``elbo.update(model, guide, *args)`` after the steps (or after each
-    step, to follow the scales); the scales are set, not optimised: they stay out of
-    SVI's parameter capture and optimiser.
+    loop, each ``loss_and_grads`` writes the scales of the parameters it evaluated
+    (the step's start) into the model, and ``elbo.update(model, guide, *args)`` after
+    the loop those of the final parameters; the scales are set, not optimised: they
+    stay out of SVI's parameter capture and optimiser.
 
     **Minibatches** (``subsample`` / ``subsample_size`` in the model's
     arguments), ``minibatch_statistics="running"`` (default): lambda*, sigma^2*
@@ -365,11 +366,18 @@ class EntropyELBO(ELBO):
         """SVI's training call: backpropagates the optimised (possibly annealed) loss; returns -N L_H.
 
         With running minibatch statistics it builds the table on its first call
-        and stores the rows it evaluated. It does not write the model's scales
-        (see :meth:`update`).
+        and stores the rows it evaluated. It also writes the scales it evaluated,
+        Theorem 2's lambda*, sigma^2* of the parameters before the step, into the
+        model: so after a plain ``SVI`` loop the model is never left at its initial
+        scales (which ``AnalyticELBO``, ``held_out_elbo`` and ``log_likelihood``
+        would read); :meth:`update` after the loop writes those of the final
+        parameters.
         """
         evaluated = self._pyro_evaluate(model, guide, args, kwargs, training=True)
         evaluated.optimised.backward(retain_graph=self.retain_graph)
+        with torch.no_grad():
+            # Outside pyro.param (assign_scales writes the stored tensors): SVI's capture does not see them.
+            model.assign_scales(evaluated.terms.prior_scale.detach(), evaluated.terms.noise_var.detach())
         return evaluated.loss.item()
 
     @torch.no_grad()

@@ -108,14 +108,20 @@ class SparseCoding(PyroModule):
         """
         return pyro.plate("data", x.size(0), subsample=subsample, subsample_size=subsample_size, dim=-1)
 
-    def forward(self, x, subsample=None, subsample_size=None):
-        """Run the model on data ``x`` of shape (N, D).
+    def forward(self, x=None, subsample=None, subsample_size=None):
+        """Run the model on data ``x`` of shape (N, D), or draw from it with ``x=None``.
 
-        :param torch.Tensor x: all N data points (also when subsampling).
+        :param torch.Tensor x: all N data points (also when subsampling); None draws
+            ``subsample_size`` points (default 1) from the generative model, as Pyro's models do
+            without data: z ~ p(z), then the site ``"x"`` sampled, x ~ p(x | z) (so
+            ``pyro.infer.Predictive`` and ``poutine.trace`` see both). The model must have its
+            dictionary and scales already (from training, from data, or set).
         :param torch.Tensor subsample: optional indices of the minibatch.
         :param int subsample_size: optional size of a random minibatch.
         :returns: the latent sample z, shape (B, H).
         """
+        if x is None:
+            return self._draw(subsample, subsample_size)
         # The plate draws a random subsample itself (not resolve_data), so that under
         # Trace_ELBO the model replays the guide's indices.
         x, subsample = self.resolve_data(x, subsample)
@@ -126,6 +132,20 @@ class SparseCoding(PyroModule):
             z = pyro.sample("z", self.prior.distribution(prior_scale).to_event(1))
             observed = x if index.size(0) == x.size(0) else x.index_select(0, index)
             pyro.sample("x", dist.Normal(z @ dictionary.T, noise_scale).to_event(1), obs=observed)
+        return z
+
+    def _draw(self, subsample, subsample_size):
+        if subsample is not None:
+            raise ValueError("subsample indexes data points; with x=None pass subsample_size, the number of points "
+                             "to draw")
+        num = 1 if subsample_size is None else check_int(subsample_size, "subsample_size")
+        if not bool(self.initialized):
+            raise ValueError("model(None) draws from the model, but this one has no dictionary yet: train it, run it "
+                             "once on data (model(x)), or set_dictionary(...) first")
+        dictionary, prior_scale, noise_scale = self.dictionary, self.prior_scale, self.noise_var.sqrt()
+        with pyro.plate("data", num, dim=-1):
+            z = pyro.sample("z", self.prior.distribution(prior_scale).to_event(1))
+            pyro.sample("x", dist.Normal(z @ dictionary.T, noise_scale).to_event(1))
         return z
 
     def resolve_data(self, x, subsample=None, subsample_size=None):
