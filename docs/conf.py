@@ -3,10 +3,17 @@
 Build (no network needed): ``sphinx-build -b html docs docs/_build/html`` (see docs/README.md).
 """
 
+import argparse
 import importlib
 import os
 import re
 import sys
+
+from docutils import nodes
+from docutils.parsers.rst import Directive
+
+# The command-line reference is argparse's help text: wrap it at a fixed width, whatever the terminal.
+os.environ["COLUMNS"] = "100"
 
 # Document the working tree's package, also when it is not installed.
 sys.path.insert(0, os.path.abspath(".."))
@@ -92,6 +99,24 @@ def _skip_generated(app, what, name, obj, skip, options):
     return None
 
 
+class _CommandLineHelp(Directive):
+    """``command-line-help``: every sub-command's ``--help``, generated from ``pyro_esc.cli.build_parser()``
+    at build time, so the reference cannot drift from the parser."""
+
+    def run(self):
+        from pyro_esc.cli import build_parser
+
+        parser = build_parser()
+        parser.prog = "pyro-esc"
+        result = [nodes.literal_block(text=parser.format_help())]
+        commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+        for name, command in commands.choices.items():
+            command.prog = f"pyro-esc {name}"
+            result += [nodes.rubric(text=f"pyro-esc {name}"), nodes.literal_block(text=command.format_help())]
+        return result
+
+
 def setup(app):
     app.connect("missing-reference", _resolve_reexport)
     app.connect("autodoc-skip-member", _skip_generated)
+    app.add_directive("command-line-help", _CommandLineHelp)

@@ -20,7 +20,8 @@ from pyro.infer.autoguide import (
 )
 from pyro.poutine.util import prune_subsample_sites
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+#: The user guide's page on extending the library: its examples are run here as written.
+EXTENDING = Path(__file__).resolve().parents[1] / "docs" / "guide" / "extending.md"
 
 
 def randomize_guide(guide, *args, scale=0.3, seed=1, **kwargs):
@@ -237,11 +238,12 @@ def assert_same_posterior(first, second, dictionary):
 
 @functools.lru_cache(maxsize=None)
 def readme_prior_module():
-    """The README's "Adding a prior" block, executed as written (once: it registers its prior); its namespace."""
-    section = README.read_text().split("### Adding a prior", 1)[1]
+    """The user guide's "Adding a prior" block (docs/guide/extending.md), executed as written (once: it registers
+    its prior); its namespace."""
+    section = EXTENDING.read_text().split("## Adding a prior", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     namespace = {}
-    exec(compile(code, "README.md: Adding a prior", "exec"), namespace)  # noqa: S102 - our own README
+    exec(compile(code, "docs/guide/extending.md: Adding a prior", "exec"), namespace)  # noqa: S102 - our own docs
     return namespace
 
 
@@ -249,16 +251,16 @@ def readme_prior_module():
 
 
 def readme_guide_class():
-    """The guide class of the README's "Adding a Gaussian guide" section, executed as written."""
-    section = README.read_text().split("### Adding a Gaussian guide", 1)[1]
+    """The guide class of the user guide's "Adding a Gaussian guide" section (docs/guide/extending.md), as written."""
+    section = EXTENDING.read_text().split("## Adding a Gaussian guide", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     namespace = {}
-    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
+    exec(compile(code, "docs/guide/extending.md", "exec"), namespace)  # noqa: S102 - our own documentation
     return namespace["LowRankNormal"]
 
 
 class TracedLowRank(torch.nn.Module):
-    """The README guide without its protocol method: EntropyELBO must recognise it by tracing."""
+    """The user guide's guide without its protocol method: EntropyELBO must recognise it by tracing."""
 
     def __init__(self, num_data, n_latents, rank=2):
         super().__init__()
@@ -294,14 +296,14 @@ GUIDES = {
     "AmortizedNormal-full": _amortized(hidden=(8,), covariance="full", skip=True),
     "AmortizedNormal-lowrank": _amortized(hidden=(8, 7), covariance="lowrank", rank=2, activation="relu6", skip=True),
     "AmortizedNormal-residual": _amortized(hidden=(), blocks=2, covariance="full", activation="tanh"),
-    # a user's guide as the README writes it, with its protocol method and without (traced)
+    # a user's guide as the user guide writes it (docs/guide/extending.md), with its protocol method and without (traced)
     "README-LowRankNormal": lambda model, x: readme_guide_class()(x.size(0), model.n_latents),
     "README-LowRankNormal-traced": lambda model, x: TracedLowRank(x.size(0), model.n_latents),
 }
 
 #: Pyro's autoguides (read through the registered fast adapters).
 AUTOGUIDES = ("AutoNormal", "AutoDiagonalNormal", "AutoMultivariateNormal", "AutoLowRankMultivariateNormal")
-#: Everything but the autoguides: pyro_esc's guides and the README's user guide (with and without protocol).
+#: Everything but the autoguides: pyro_esc's guides and the user guide's example guide (with and without protocol).
 PACKAGE_GUIDES = ("LocalMultivariateNormal", "AmortizedNormal-diag", "AmortizedNormal-full", "AmortizedNormal-lowrank",
                   "AmortizedNormal-residual", "README-LowRankNormal",
                   "README-LowRankNormal-traced")

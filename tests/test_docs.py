@@ -7,6 +7,7 @@ needs sphinx and myst-parser (the ``docs`` and ``dev`` extras) and skips without
 
 import importlib
 import importlib.util
+import json
 import os
 import pkgutil
 import re
@@ -135,3 +136,45 @@ def test_docstring_examples_run(name):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0, f"{name}: {result.failed} of {result.attempted} examples failed"
     assert result.attempted > 0
+
+
+#: Prose that names a section of a file: 'README, "Quick start"', 'BENCHMARKS.md, "Units"',
+#: 'docs/guide/extending.md, "Adding a prior"' (double quotes; single ones when a parenthesis closes them).
+SECTION_REFERENCE = re.compile(r"(README|BENCHMARKS\.md|docs/[\w/]+\.md)(?:'s)?,? (?:section )?"
+                               r"(?:[\"“]([^\"”]+)[\"”]|'([^']+)'\))")
+
+
+def _prose(path):
+    if path.suffix == ".ipynb":
+        return "\n".join("".join(cell["source"]) for cell in json.loads(path.read_text(encoding="utf-8"))["cells"])
+    return path.read_text(encoding="utf-8")
+
+
+def _headings(path):
+    return {heading.strip() for heading in re.findall(r"^#+ (.+?)\s*$", path.read_text(encoding="utf-8"), flags=re.M)}
+
+
+def test_every_section_the_prose_refers_to_exists():
+    # Sections moved (README -> BENCHMARKS.md -> the user guide) and references to them went dead: README,
+    # "Paper scale" in three docstrings, "Minibatch statistics", "Learning at scale" in a notebook.
+    files = [path for folder in ("pyro_esc", "benchmarks", "docs", "notebooks", "tests")
+             for path in (ROOT / folder).rglob("*") if path.suffix in (".py", ".md", ".rst", ".ipynb")
+             and "_build" not in path.parts and "results" not in path.parts]
+    files += [ROOT / "README.md", ROOT / "BENCHMARKS.md"]
+    dead = set()
+    for path in files:
+        for target, double, single in SECTION_REFERENCE.findall(_prose(path)):
+            section = re.sub(r"\s*\n\s*(#:?)?\s*", " ", double or single).strip()
+            document = ROOT / ("README.md" if target == "README" else target)
+            if section and (not document.exists() or section not in _headings(document)):
+                dead.add((str(path.relative_to(ROOT)), target, section))
+    assert not dead, f"references to sections that do not exist: {sorted(dead)}"
+
+
+def test_the_readme_is_a_front_door_and_the_guide_is_in_the_site():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) <= 150, "README.md is the front door: move detail into docs/guide/"
+    index = (DOCS / "index.rst").read_text(encoding="utf-8")
+    for page in sorted((DOCS / "guide").glob("*.md")):
+        assert f"docs/guide/{page.name}" in readme, f"README does not point to {page.name}"
+        assert re.search(rf"^   guide/{page.stem}$", index, flags=re.M), f"docs/index.rst does not list {page.name}"

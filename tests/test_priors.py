@@ -4,7 +4,7 @@ machine with a non-Laplace prior.
 References: torch's own distributions (log densities, entropies), Monte Carlo (expected statistics),
 finite differences (the solver's derivatives, the optimal scale), Pyro's Trace_ELBO (the
 objectives), the closed-form Gaussian posterior (the solver with a Gaussian prior). The third
-prior is the README's "Adding a prior" block, executed as written.
+prior is the user guide's "Adding a prior" block (docs/guide/extending.md), executed as written.
 """
 
 import math

@@ -23,7 +23,7 @@ bound: training under it rewards switching latents off rather than explaining
 the data. With beta_q > beta_p the same term keeps posteriors broad instead.
 
 What it does (measured by ``pyro-esc reproduce`` and ``pyro-esc bars [--anneal
-STEPS]``; the numbers are in the README's "Results" section): on whitened natural
+STEPS]``; the numbers are in docs/guide/results.md, "Results"): on whitened natural
 image patches, per-point diagonal posteriors end at a higher true ELBO, with
 sparser codes and more localised fields; the amortised encoder of the patches
 experiment ends lower (a 100-unit encoder ended higher), with slightly more
@@ -156,7 +156,7 @@ class Annealing:
         :func:`staircase`); beta_q = beta_x = 1. Note the module docstring: with
         beta_p > beta_q the weighted objective rewards switching latents off, so
         this schedule favours sparse codes while it lasts; it is offered to
-        reproduce and compare the authors' setting (README, "Paper scale").
+        reproduce and compare the authors' setting (BENCHMARKS.md, "Learning at scale").
 
         :param int steps_per_epoch: optimisation steps per epoch.
         """

@@ -163,7 +163,7 @@ class EntropyELBO(ELBO):
     ``minibatch_statistics="batch"`` estimates lambda*, sigma^2* from the batch
     alone and scales by N / B. It needs no table but is **biased**: log of a
     batch mean is not the mean of the logs, so the estimate is too high, the
-    more so the smaller the batch (README, "Minibatch statistics", has the
+    more so the smaller the batch (BENCHMARKS.md, "Minibatch statistics", has the
     measurement).
 
     **Annealing** (docs/theory.md, Annealing): with ``annealing``, an

@@ -28,7 +28,7 @@ class SparseCoding(PyroModule):
     ``prior="gaussian"`` puts Normal(0, s_h^2) on the latents instead, which makes the model
     probabilistic PCA; any :class:`~pyro_esc.priors.Prior` plugs in the same way, and every
     objective, the solver, :func:`~pyro_esc.encode`, :func:`~pyro_esc.log_likelihood` and
-    saving ask the model's ``prior`` (README, "Adding a prior"). ``prior_scale`` is the
+    saving ask the model's ``prior`` (docs/guide/extending.md, "Adding a prior"). ``prior_scale`` is the
     prior's scale: lambda for Laplace, the standard deviation s for the Gaussian.
 
     The unit-length columns remove the scale ambiguity between W and lambda.

@@ -14,7 +14,7 @@ optimum (the analogue of the paper's Theorem 2)::
 
 and at s* the cross-entropy equals the prior's entropy, H[p(z; s*)] (the paper's Theorem 1:
 the prior term of the ELBO becomes an entropy). :class:`Prior` is the base class; a new prior
-subclasses it in one file (README, "Adding a prior"). It must give:
+subclasses it in one file (docs/guide/extending.md, "Adding a prior"). It must give:
 
 - :meth:`Prior.distribution`: the torch distribution of one latent (sampling, log-likelihood,
   NUTS);
@@ -231,4 +231,4 @@ def get_prior(prior, **config):
         except TypeError as error:
             raise ValueError(f"prior {prior!r} does not take the settings {config}: {error}") from None
     raise ValueError(f"prior must be a pyro_esc.priors.Prior or one of {registered_priors()}, got {prior!r}; "
-                     f"a new prior subclasses pyro_esc.priors.Prior with a name (README, 'Adding a prior')")
+                     f"a new prior subclasses pyro_esc.priors.Prior with a name (docs/guide/extending.md, 'Adding a prior')")

@@ -217,7 +217,7 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
         for AnalyticELBO, which would otherwise learn them) and fits only the guide, as
         :func:`~pyro_esc.encode` does for new data.
     :param int inner_steps: row-wise route: updates of the batch's posterior rows per step (default
-        :data:`ROWWISE_INNER_STEPS`; README, "Paper scale").
+        :data:`ROWWISE_INNER_STEPS`; BENCHMARKS.md, "The row-wise route").
     :param bool finish_in_float64: torch route, data in a lower precision than float64 (float32): when
         the line search stalls (no lower value twice in a row: the steps have reached the objective's
         resolution, not the optimum), continue the run in float64 until the convergence test holds

@@ -102,7 +102,7 @@ OPTIMIZERS = ("auto", "lbfgs", "svi", "rowwise", "em")
 #: The SVI route's default Adam learning rate.
 DEFAULT_LR = 0.05
 #: The row-wise route's defaults: Adam's learning rate (rows and dictionary) and updates of each
-#: batch's posteriors per step (chosen by benchmarks/minibatch_route.py; README, "Paper scale").
+#: batch's posteriors per step (chosen by benchmarks/minibatch_route.py; BENCHMARKS.md, "The row-wise route").
 ROWWISE_LR, ROWWISE_INNER_STEPS = 0.4, 4
 #: Steps of the torch route when neither steps nor epochs is given: an upper bound, as it stops on convergence.
 DEFAULT_MAX_STEPS = 20000

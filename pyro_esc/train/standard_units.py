@@ -63,9 +63,9 @@ __all__ = ["GRADIENT_ROUTES", "JOINT_AUTOGUIDES", "REFERENCE_RMS", "STANDARD_RAN
 REFERENCE_RMS = 2.0
 
 #: Data whose root mean square lies in ``[low, high)`` train as they are (unit 1): the range the routes'
-#: defaults were measured in, from whitened patches (RMS 0.77-0.86: the row-wise route's rate, the encoders'
-#: widths) to the bars (2.03-2.06: L-BFGS's tolerance, the SVI recipes), with room below; above, the range
-#: in which L-BFGS's defaults hold (within a factor sqrt(2) of :data:`REFERENCE_RMS`) ends.
+#: defaults were measured in, from whitened patches (RMS 0.77-0.86: the encoders' widths; the row-wise route's
+#: rate, chosen on patches and bars) to the bars (2.03-2.06: L-BFGS's tolerance, the SVI recipes), with room
+#: below; above, the range in which L-BFGS's defaults hold (within a factor sqrt(2) of :data:`REFERENCE_RMS`) ends.
 STANDARD_RANGE = (0.5, 2 * math.sqrt(2))
 
 
