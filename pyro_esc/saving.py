@@ -48,6 +48,22 @@ class Loaded(NamedTuple):
 def save(path, model, guide=None, whitening=None, per_point=False, **metadata):
     """Save a trained model (and optionally its guide and whitening) to ``path``.
 
+    Example::
+
+        >>> import os, tempfile, pyro, torch
+        >>> from pyro_esc import LocalMultivariateNormal, SparseCoding, fit, load, save
+        >>> from pyro_esc.data import bars
+        >>> pyro.clear_param_store()
+        >>> x, _ = bars(100, seed=0)
+        >>> model = SparseCoding(25, 10)
+        >>> history = fit(model, LocalMultivariateNormal(model), x, steps=30, tol=None, progress=False)
+        >>> path = os.path.join(tempfile.mkdtemp(), "bars.pt")
+        >>> save(path, model, run="bars", seed=0)          # plain tensors and metadata: loading runs no code
+        >>> pyro.clear_param_store()
+        >>> loaded = load(path)
+        >>> torch.allclose(loaded.model.dictionary, model.dictionary), loaded.metadata["run"]
+        (True, 'bars')
+
     :param model: a :class:`~pyro_esc.SparseCoding`.
     :param guide: optional: an :class:`~pyro_esc.AmortizedNormal` (its encoder is saved), or, with
         ``per_point=True``, a :class:`~pyro_esc.LocalMultivariateNormal` or ``AutoNormal`` (its N
@@ -82,6 +98,22 @@ def load(path, map_location=None):
     names (e.g. another SparseCoding in this process), that is a ValueError
     rather than a silent merge; clear the store (``pyro.clear_param_store()``)
     or load inside ``pyro.get_param_store().scope()``.
+
+    Example::
+
+        >>> import os, tempfile, pyro, torch
+        >>> from pyro_esc import LocalMultivariateNormal, SparseCoding, fit, load, save
+        >>> from pyro_esc.data import bars
+        >>> pyro.clear_param_store()
+        >>> x, _ = bars(100, seed=0)
+        >>> model = SparseCoding(25, 10)
+        >>> history = fit(model, LocalMultivariateNormal(model), x, steps=30, tol=None, progress=False)
+        >>> path = os.path.join(tempfile.mkdtemp(), "bars.pt")
+        >>> save(path, model, run="bars", seed=0)          # plain tensors and metadata: loading runs no code
+        >>> pyro.clear_param_store()
+        >>> loaded = load(path)
+        >>> torch.allclose(loaded.model.dictionary, model.dictionary), loaded.metadata["run"]
+        (True, 'bars')
 
     :param map_location: as for ``torch.load``, e.g. ``"cpu"`` or ``"cuda"``.
     :raises ValueError: for a file that is not a pyro_esc model file of a known format.

@@ -124,6 +124,14 @@ def modules_with_examples():
     return [name for name in public_modules() if ">>>" in Path(importlib.util.find_spec(name).origin).read_text()]
 
 
+def test_every_public_name_has_an_example():
+    # Pyro's and scikit-learn's way: each entry point shows its use, and test_docstring_examples_run runs it.
+    import inspect
+
+    missing = [name for name in pyro_esc.__all__ if ">>>" not in (inspect.getdoc(getattr(pyro_esc, name)) or "")]
+    assert not missing, f"add an Example:: block with >>> lines to the docstrings of {missing}"
+
+
 @pytest.mark.parametrize("name", modules_with_examples())
 def test_docstring_examples_run(name):
     """Every ``>>>`` example in a public module's docstrings runs and prints what it says."""

@@ -90,6 +90,16 @@ class SparseCodingEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
     estimator, so two estimators, clones and re-fits never interfere, and a fitted estimator
     pickles.
 
+    Example::
+
+        >>> import numpy as np
+        >>> from pyro_esc import SparseCodingEstimator
+        >>> rng = np.random.default_rng(0)
+        >>> X = rng.laplace(size=(80, 3)) @ rng.normal(size=(3, 6)) + 0.1 * rng.normal(size=(80, 6))
+        >>> estimator = SparseCodingEstimator(3, random_state=0).fit(X)
+        >>> estimator.transform(X).shape, estimator.components_.shape
+        ((80, 3), (3, 6))
+
     :param int n_components: H, the number of latents (dictionary elements); None: half the
         smaller of the numbers of features and samples. (With as many latents as the data have
         dimensions, the codes can reproduce X exactly: sigma^2* tends to 0 and the ELBO has no

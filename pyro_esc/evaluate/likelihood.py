@@ -26,7 +26,15 @@ from ..variational.posterior import gaussian_posterior
 
 
 class LogLikelihood(NamedTuple):
-    """Importance-sampled estimates of log p(x^(n)), as returned by :func:`log_likelihood`."""
+    """Importance-sampled estimates of log p(x^(n)), as returned by :func:`log_likelihood`.
+
+    Example::
+
+        >>> from pyro_esc import LogLikelihood
+        >>> LogLikelihood._fields[:4]                      # what log_likelihood returns (see its example)
+        ('per_point', 'standard_error', 'effective_sample_size', 'num_samples')
+
+    """
 
     per_point: torch.Tensor  #: log p(x^(n)) estimates, shape (B,)
     standard_error: torch.Tensor  #: their standard errors (delta method), shape (B,)
@@ -75,6 +83,22 @@ def log_likelihood(model, guide, x, num_samples=1000, subsample=None, batch_size
     Work is split into blocks of ``batch_size`` points and ``sample_batch_size``
     draws, so memory is O(batch_size * sample_batch_size * (D + H)) whatever
     ``num_samples`` is. No gradients are recorded.
+
+    Example::
+
+        >>> import pyro
+        >>> from pyro_esc import LocalMultivariateNormal, SparseCoding, fit, held_out_elbo, log_likelihood
+        >>> from pyro_esc.data import bars
+        >>> pyro.clear_param_store()
+        >>> x, _ = bars(100, seed=0)
+        >>> model = SparseCoding(25, 10)
+        >>> guide = LocalMultivariateNormal(model)
+        >>> history = fit(model, guide, x, progress=False)
+        >>> estimate = log_likelihood(model, guide, x, num_samples=200, seed=0, progress=False)
+        >>> float(estimate.per_point.mean()) >= held_out_elbo(model, guide, x)    # log p(x) >= ELBO
+        True
+        >>> tuple(estimate.per_point.shape), estimate.num_samples
+        ((100,), 200)
 
     :param model: a :class:`~pyro_esc.SparseCoding` (its current lambda, W, sigma^2 are used).
     :param guide: a Gaussian guide for the model (see :mod:`pyro_esc.posterior`).

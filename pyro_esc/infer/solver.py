@@ -67,7 +67,21 @@ _HALVINGS = 40
 
 
 class SolvedPosteriors(NamedTuple):
-    """What :func:`solve_posteriors` returns."""
+    """What :func:`solve_posteriors` returns.
+
+    Example::
+
+        >>> import pyro, torch
+        >>> from pyro_esc import SparseCoding, solve_posteriors
+        >>> pyro.clear_param_store()
+        >>> model = SparseCoding(4, 3)
+        >>> x = torch.randn(10, 4)
+        >>> _ = model(x)                                 # the model initialises from the data it first sees
+        >>> solved = solve_posteriors(model, x, covariance="full")
+        >>> bool(solved.converged.all()), tuple(solved.elbo.shape), type(solved.posterior).__name__
+        (True, (10,), 'FullGaussianPosterior')
+
+    """
 
     posterior: GaussianPosterior  #: q for the B points, without gradient
     elbo: torch.Tensor  #: (B,) the standard ELBO of every point at the model's lambda, sigma^2

@@ -90,6 +90,20 @@ class EM:
 
     ``optimizer="em"`` is ``EM()``.
 
+    Example::
+
+        >>> import pyro
+        >>> from pyro.infer.autoguide import AutoNormal
+        >>> from pyro_esc import EM, SparseCoding, fit
+        >>> from pyro_esc.data import bars
+        >>> pyro.clear_param_store()
+        >>> x, _ = bars(400, seed=0)
+        >>> model = SparseCoding(25, 10)
+        >>> guide = AutoNormal(model, create_plates=model.create_plates)
+        >>> history = fit(model, guide, x, optimizer=EM(chunk=200), batch_size=100, epochs=3, progress=False)
+        >>> history.route, history.optimizer, history.step[-1]
+        ('em', 'EM', 12)
+
     :param int chunk: data points whose posteriors are solved between two M-steps. None (default):
         all N points on the full data; on minibatches a tenth of them, at least :data:`MIN_CHUNK`
         and at most :data:`DEFAULT_CHUNK` (and at most N) (BENCHMARKS.md, "Learning at scale").

@@ -54,6 +54,21 @@ class History:
 
     ``trace_elbo`` holds optional Monte Carlo checks with Pyro's ``Trace_ELBO``
     at ``trace_elbo_step``.
+
+    Example::
+
+        >>> import pyro
+        >>> from pyro_esc import SparseCoding, LocalMultivariateNormal, fit
+        >>> from pyro_esc.data import bars
+        >>> pyro.clear_param_store()
+        >>> x, _ = bars(100, seed=0)
+        >>> model = SparseCoding(25, 10)
+        >>> history = fit(model, LocalMultivariateNormal(model), x, steps=20, tol=None, progress=False)
+        >>> history.step[-1], history.route, history.stop_reason
+        (20, 'lbfgs', 'step limit: 20 steps')
+        >>> history.final_elbo > history.elbo[0]
+        True
+
     """
 
     num_data: int = 0

@@ -159,6 +159,19 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
     ``eval_every`` steps and after the last (``History.final_elbo`` is the
     number to report).
 
+    Example::
+
+        >>> import pyro
+        >>> from pyro_esc import SparseCoding, LocalMultivariateNormal, fit
+        >>> from pyro_esc.data import bars
+        >>> from pyro_esc.metrics import bars_recovery
+        >>> pyro.clear_param_store()
+        >>> x, true_dictionary = bars(500, seed=0)              # 5x5 bars, noise 0.3
+        >>> model = SparseCoding(25, 10)
+        >>> history = fit(model, LocalMultivariateNormal(model), x, progress=False)
+        >>> history.route, history.converged, bars_recovery(model.dictionary, true_dictionary).num_found
+        ('lbfgs', True, 10)
+
     :param model: a :class:`~pyro_esc.SparseCoding` (or any Pyro model taking ``(x, subsample=None)``).
     :param guide: a guide for it.
     :param data: the data, (N, D): a tensor (keeps its dtype) or an array (converted to ``dtype``).

@@ -132,6 +132,17 @@ class LocalMultivariateNormal(AutoGuide):
     :mod:`pyro_esc.posterior`) reads the parameters directly, so
     :class:`~pyro_esc.EntropyELBO` never samples.
 
+    Example::
+
+        >>> import pyro, torch
+        >>> from pyro_esc import LocalMultivariateNormal, SparseCoding
+        >>> pyro.clear_param_store()
+        >>> x = torch.randn(5, 4)
+        >>> model = SparseCoding(4, 3)
+        >>> guide = LocalMultivariateNormal(model)
+        >>> tuple(guide(x)["z"].shape)                  # one full-covariance Gaussian per point: a draw of z
+        (5, 3)
+
     :param callable model: the Pyro model (e.g. a :class:`~pyro_esc.SparseCoding`).
     :param callable init_loc_fn: per-site initialisation of the means
         (see Pyro's ``autoguide.initialization``); default ``init_to_feasible`` (zeros).

@@ -93,6 +93,17 @@ class GaussianPosterior(abc.ABC):
     joint entropy). Each family computes :meth:`point_entropies`,
     :meth:`trace_terms`, :meth:`trace_term`, :meth:`per_point_distribution`,
     :meth:`covariance_matrices` and :meth:`index_select` in its own terms.
+
+    Example::
+
+        >>> import torch
+        >>> from pyro_esc import GaussianPosterior
+        >>> q = GaussianPosterior.from_scale(torch.zeros(2, 3), torch.ones(2, 3))   # 2 points, 3 latents
+        >>> q.num_points, q.latent_dim, type(q).__name__
+        (2, 3, 'DiagonalGaussianPosterior')
+        >>> round(float(q.entropy), 4)                  # 6 standard normals: 6 x 0.5 log(2 pi e)
+        8.5136
+
     """
 
     #: The family's name, as shown by ``repr``.
@@ -486,6 +497,17 @@ def gaussian_posterior(guide, x, subsample=None):
     must register its parameters itself (``pyro.module(name, self)``); if some
     are not seen by Pyro, a ValueError says so, instead of training silently
     leaving them alone.
+
+    Example::
+
+        >>> import pyro, torch
+        >>> from pyro_esc import LocalMultivariateNormal, SparseCoding, gaussian_posterior
+        >>> pyro.clear_param_store()
+        >>> x = torch.randn(5, 4)
+        >>> model = SparseCoding(4, 3)
+        >>> q = gaussian_posterior(LocalMultivariateNormal(model), x, subsample=torch.tensor([0, 2]))
+        >>> tuple(q.mean.shape), type(q).__name__
+        ((2, 3), 'FullGaussianPosterior')
 
     :param guide: a Pyro guide for :class:`~pyro_esc.SparseCoding`.
     :param torch.Tensor x: all N data points, shape (N, D), as passed to the model.

@@ -81,6 +81,19 @@ class SemiAmortized:
     step :func:`~pyro_esc.fit` writes Theorem 2's values into the model). Sampling objectives
     (``Trace_ELBO``) sample the refined posteriors but cannot train the encoder through them.
 
+    Example::
+
+        >>> import pyro, torch
+        >>> from pyro_esc import AmortizedNormal, SemiAmortized, SparseCoding, gaussian_posterior
+        >>> pyro.clear_param_store()
+        >>> x = torch.randn(8, 4)
+        >>> model = SparseCoding(4, 3)
+        >>> model(x)                                     # the model initialises from the data it first sees
+        tensor(...)
+        >>> guide = SemiAmortized(AmortizedNormal(4, 3), model, steps=5)
+        >>> tuple(gaussian_posterior(guide, x).mean.shape)   # the encoder's proposal after 5 steps per point
+        (8, 3)
+
     :param ~pyro_esc.AmortizedNormal encoder: the amortised guide that proposes q_0 (its
         parameters are the ones trained; save it with :func:`~pyro_esc.save`).
     :param model: the :class:`~pyro_esc.SparseCoding` whose W, lambda, sigma^2 the refinement reads.
