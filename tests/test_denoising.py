@@ -84,3 +84,17 @@ def test_the_default_step_budget_is_not_warned_about_but_an_explicit_limit_is(mo
         denoise(noisy, 5, n_latents=6, max_patches=150)
     with pytest.warns(ConvergenceWarning, match="step limit: 2 steps"):
         denoise(noisy, 5, n_latents=6, max_patches=150, steps=2)
+
+
+def test_denoising_warns_at_the_callers_line():
+    # fit's warnings inside denoise used to point into the library (denoising.py); they name the caller's line.
+    import warnings
+
+    from pyro_esc.training import ConvergenceWarning
+
+    noisy = np.random.default_rng(0).random((24, 24))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        denoise(noisy, 5, max_patches=200, steps=2)
+    shown = [warning for warning in caught if issubclass(warning.category, ConvergenceWarning)]
+    assert shown and all(warning.filename == __file__ for warning in shown)

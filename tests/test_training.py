@@ -191,3 +191,33 @@ def test_annealing_through_fit_is_logged_and_ends_at_the_true_objective():
     annealed = EntropyELBO(annealing=Annealing(4, posterior=linear(2.0)))
     with pytest.raises(ValueError, match="already anneals"):
         fit(model, guide, x, loss=annealed, steps=2, annealing="default", progress=False)
+
+
+def test_the_progress_bar_promises_no_time_it_cannot_know(capsys):
+    # fit's bar used to estimate the time left against the 20,000-step limit (7:27:19 at step 1) while L-BFGS
+    # converged in hundreds, and a second bar restarted at 0 % for the float64 phase.
+    from pyro_esc import LocalMultivariateNormal, fit
+    from pyro_esc.train.loop import _bar_extent
+    from pyro_esc.train.options import check_fit_options
+
+    x = bars(60, side=3, noise=0.1, seed=0)[0]
+    with pyro.get_param_store().scope():
+        model = SparseCoding(9, 6)
+        guide = LocalMultivariateNormal(model)
+        arguments = dict(loss=None, optimizer="auto", steps=None, epochs=None, batch_size=None, lr=None,
+                         lr_schedule=None, optim=None, seed=0, record_every=1, eval_every=None, trace_elbo_every=None,
+                         trace_elbo_particles=16, checkpoint=None, checkpoint_every=None, resume=None, annealing=None,
+                         tol="auto", gtol="auto", window=20, n_init=1, train_dictionary=True, inner_steps=None,
+                         train_model=True, finish_in_float64=True)
+        converging = check_fit_options(model, guide, x, **arguments)
+        fixed = check_fit_options(model, guide, x, **dict(arguments, steps=40, tol=None))
+    assert _bar_extent(converging, 0, None) == {"total": None, "initial": 0, "desc": "fit"}
+    assert _bar_extent(fixed, 0, None)["total"] == 40
+    assert _bar_extent(converging, 542, object()) == {"total": None, "initial": 542, "desc": "fit, in float64"}
+    for options in (dict(steps=5, tol=None), dict(steps=3)):
+        with pyro.get_param_store().scope():
+            model = SparseCoding(9, 6)
+            fit(model, LocalMultivariateNormal(model), x, progress=True, **options)
+    shown = capsys.readouterr().err
+    assert "fit: 100%" in shown and "5/5" in shown  # a fixed budget: its fraction and the time left
+    assert "3it" in shown and "3/20000" not in shown  # a convergence test: steps and rate, no made-up total

@@ -18,6 +18,7 @@ scikit-learn's dictionary learning. Every posterior is solved at its optimum
 """
 
 import contextlib
+import functools
 import warnings
 from typing import NamedTuple
 
@@ -49,6 +50,27 @@ def _budget(steps_given):
         if not steps_given:
             warnings.filterwarnings("ignore", message="fit: step limit", category=ConvergenceWarning)
         yield
+
+
+def _warnings_at_caller(function):
+    """Show the warnings raised inside ``function`` (fit's) at its caller's line, not inside the library."""
+
+    @functools.wraps(function)
+    def shown_at_caller(*args, **kwargs):
+        pending = []
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    return function(*args, **kwargs)
+                finally:
+                    pending = list(caught)
+        finally:
+            # Outside the recording context: the caller's filters decide (e.g. "error" raises here).
+            for warning in pending:
+                warnings.warn(warning.message, warning.category, stacklevel=2)
+
+    return shown_at_caller
 
 
 def default_latents(patch_size):
@@ -91,6 +113,7 @@ def _patches(image, size, max_patches=None, seed=0):
     return torch.from_numpy(patches - means), means
 
 
+@_warnings_at_caller
 def learn_dictionary(image, patch_size=7, n_latents=None, max_patches=10000, seed=0, **fit_options):
     """Learn a :class:`~pyro_esc.SparseCoding` model of an image's patches (means removed).
 
@@ -127,6 +150,7 @@ def learn_dictionary(image, patch_size=7, n_latents=None, max_patches=10000, see
     return model
 
 
+@_warnings_at_caller
 def denoise(image, patch_size=7, model=None, n_latents=None, max_patches=10000, seed=0, steps=None, **fit_options):
     r"""Denoise a grey-scale image: posterior means of its overlapping patches, averaged.
 

@@ -201,7 +201,10 @@ def fit(model, guide, data, loss=None, *, optimizer="auto", steps=None, epochs=N
         device or ``"meta"`` is refused before training.
     :param dtype: dtype for array data (default torch's default dtype): float32 or float64. float16 and
         bfloat16 (as data or as ``dtype``) are refused: the objective's sums need float32's resolution.
-    :param bool progress: show a tqdm progress bar with the objective, lambda and sigma^2.
+    :param bool progress: show a tqdm progress bar with the objective, lambda and sigma^2: steps and
+        their rate, and the time left only where the run has a fixed number of steps (with a
+        convergence test the step limit is a bound, not an estimate); a float64 continuation
+        goes on counting under "fit, in float64".
     :param int record_every: record the history every this many steps (and at the last).
     :param int eval_every: record the exact full-data ELBO every this many steps (and after the
         last); default: once per epoch for minibatches, after the last step for full batch.
@@ -387,7 +390,7 @@ def _fit_once(model, guide, x, options, seed, progress, callback, resume, contin
         save_checkpoint(options.checkpoint, step, model, guide, stepper.state_dict(), loss, batches, history,
                         time.perf_counter() - started, x, options.route, fingerprint, statistics)
 
-    bar = tqdm(total=total_steps, initial=start_step, disable=not progress, desc="fit", dynamic_ncols=True)
+    bar = tqdm(**_bar_extent(options, start_step, continue_from), disable=not progress, dynamic_ncols=True)
     started = time.perf_counter() - elapsed
     step, previous, stalls, stalled = start_step, None, 0, None
     try:
@@ -473,6 +476,15 @@ def _fit_once(model, guide, x, options, seed, progress, callback, resume, contin
     if options.checkpoint is not None and not hasattr(stepper, "finish"):
         save(step)
     return history, stepper
+
+
+def _bar_extent(options, start_step, continue_from):
+    """tqdm's total, start and label for a run: no total (so no remaining time) where a convergence test
+    ends the run, since the step limit is then only a bound (20,000 for L-BFGS, which converges in hundreds:
+    an estimate against it reads hours); a float64 continuation goes on counting from where float32 stopped."""
+    total = None if options.tol is not None else options.total_steps
+    label = "fit, in float64" if continue_from is not None else "fit"
+    return {"total": total, "initial": start_step, "desc": label}
 
 
 def training_step(stepper, model, guide, x, kwargs, step, options, annealing_step=None, statistics=None):
