@@ -99,6 +99,68 @@ def _skip_generated(app, what, name, obj, skip, options):
     return None
 
 
+#: Where the tutorials are rendered: generated at every build from the notebooks' stored outputs (gitignored).
+TUTORIALS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tutorials")
+NOTEBOOKS = os.path.join(os.path.dirname(TUTORIALS), "..", "notebooks")
+
+
+def _benchmark_sections():
+    # BENCHMARKS.md's headings by their GitHub anchors, so a notebook's link to one can name its section.
+    path = os.path.join(NOTEBOOKS, "..", "BENCHMARKS.md")
+    headings = re.findall(r"^#+ (.+?)\s*$", open(path, encoding="utf-8").read(), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-"): heading for heading in headings}
+
+
+def render_notebooks(app=None):
+    """Write each notebook as a page of ``docs/tutorials/``: its markdown, its code, and the outputs it was
+    committed with (text and figures), nothing executed. Links into the documentation keep working from
+    there (``../docs/theory.md`` becomes ``../theory.md``); links to BENCHMARKS.md, outside the site, name
+    the section instead."""
+    import base64
+    import glob
+    import json
+
+    os.makedirs(TUTORIALS, exist_ok=True)
+    sections = _benchmark_sections()
+
+    def benchmark_link(match):
+        title = sections.get(match.group(2) or "")
+        where = "`BENCHMARKS.md`" if title is None else f'`BENCHMARKS.md`, "{title}"'
+        return f"{match.group(1)} ({where})"
+
+    for path in sorted(glob.glob(os.path.join(NOTEBOOKS, "*.ipynb"))):
+        name = os.path.splitext(os.path.basename(path))[0]
+        cells = json.load(open(path, encoding="utf-8"))["cells"]
+        parts, figures = [], 0
+        for cell in cells:
+            source = "".join(cell["source"]).rstrip()
+            if cell["cell_type"] == "markdown":
+                source = source.replace("](../docs/", "](../")
+                source = re.sub(r"\[([^\]]+)\]\(\.\./BENCHMARKS\.md(?:#([\w\-]+))?\)", benchmark_link, source)
+                parts.append(source)
+                if len(parts) == 1:
+                    parts.append(f"*Rendered from `notebooks/{name}.ipynb` as committed, with its outputs; "
+                                 f"run the notebook to reproduce them.*")
+                continue
+            if cell["cell_type"] != "code" or not source:
+                continue
+            parts.append(f"```python\n{source}\n```")
+            for output in cell.get("outputs", []):
+                data = output.get("data", {})
+                if "image/png" in data:
+                    figures += 1
+                    image = f"{name}_{figures}.png"
+                    with open(os.path.join(TUTORIALS, image), "wb") as handle:
+                        handle.write(base64.b64decode(data["image/png"]))
+                    parts.append(f"![output]({image})")
+                elif output.get("output_type") == "stream" and output.get("name") == "stdout":
+                    parts.append("```text\n" + "".join(output["text"]).rstrip() + "\n```")
+                elif "text/plain" in data:
+                    parts.append("```text\n" + "".join(data["text/plain"]).rstrip() + "\n```")
+        with open(os.path.join(TUTORIALS, f"{name}.md"), "w", encoding="utf-8") as handle:
+            handle.write("\n\n".join(parts) + "\n")
+
+
 class _CommandLineHelp(Directive):
     """``command-line-help``: every sub-command's ``--help``, generated from ``pyro_esc.cli.build_parser()``
     at build time, so the reference cannot drift from the parser."""
@@ -120,3 +182,4 @@ def setup(app):
     app.connect("missing-reference", _resolve_reexport)
     app.connect("autodoc-skip-member", _skip_generated)
     app.add_directive("command-line-help", _CommandLineHelp)
+    app.connect("builder-inited", render_notebooks)

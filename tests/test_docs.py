@@ -118,6 +118,17 @@ def test_sphinx_build_has_no_warnings(tmp_path):
     assert theory.count('class="math') > 20 and "```math" not in theory
     # autodoc found the documented objects (a failed import would leave the page empty).
     assert "pyro_esc.apps.lightning.SparseCodingModule" in (html / "api" / "lightning.html").read_text(encoding="utf-8")
+    # The tutorials: every notebook rendered from its stored outputs, figures included, nothing executed.
+    for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        page = (html / "tutorials" / f"{notebook.stem}.html").read_text(encoding="utf-8")
+        assert "<img" in page and "Rendered from" in page, notebook.name
+    # The command-line reference is the parser's help, every sub-command's.
+    reference = (html / "guide" / "command_line.html").read_text(encoding="utf-8")
+    from pyro_esc.cli import build_parser
+
+    commands = next(action for action in build_parser()._actions if hasattr(action, "choices") and action.choices
+                    and "bars" in action.choices).choices
+    assert all(f"pyro-esc {name}" in reference for name in commands) and "--no-warm-start" in reference
 
 
 def modules_with_examples():
