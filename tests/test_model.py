@@ -159,3 +159,16 @@ def test_the_model_without_data_draws_from_itself():
     assert pyro.infer.Predictive(model, num_samples=2)(None, subsample_size=5)["x"].shape == (2, 5, 4)
     with pytest.raises(ValueError, match="subsample_size"):
         model(None, subsample=torch.arange(3))
+
+
+def test_pyros_model_inspection_traces_the_model():
+    # pyro.render_model (through get_model_relations) failed on any Laplace site: torch's sampler builds its
+    # uniforms with loc.new(shape), which Pyro's provenance-tracked tensors read as data. The codes' Laplace draws
+    # the very same numbers another way.
+    from pyro.infer.inspect import get_model_relations
+
+    x = bars(20)[0]
+    relations = get_model_relations(SparseCoding(25, 10), (x,))
+    assert relations["sample_sample"] == {"z": [], "x": ["z"]} and relations["observed"] == ["x"]
+    assert relations["sample_param"]["z"] == ["prior_scale"] and relations["plate_sample"]["data"] == ["z", "x"]
+    assert relations["sample_dist"]["z"] == "Laplace"

@@ -14,9 +14,8 @@ import math
 
 import torch
 
-import pyro.distributions as dist
-
 from ..distributions.gaussian import LOG_2E, folded_normal_mean
+from ..distributions.laplace import Laplace as LaplaceDistribution
 from .base import Prior
 
 _LOG_2 = math.log(2.0)
@@ -39,7 +38,7 @@ class Laplace(Prior):
     degree = 1
 
     def distribution(self, scale):
-        return dist.Laplace(torch.zeros_like(scale), scale)
+        return LaplaceDistribution(torch.zeros_like(scale), scale)
 
     def statistic(self, z):
         return z.abs()
