@@ -101,19 +101,14 @@ def load(path, map_location=None):
 
     Example::
 
-        >>> import os, tempfile, pyro, torch
-        >>> from pyro_esc import LocalMultivariateNormal, SparseCoding, fit, load, save
-        >>> from pyro_esc.data import bars
-        >>> pyro.clear_param_store()
-        >>> x, _ = bars(100, seed=0)
-        >>> model = SparseCoding(25, 10)
-        >>> history = fit(model, LocalMultivariateNormal(model), x, steps=30, tol=None, progress=False)
-        >>> path = os.path.join(tempfile.mkdtemp(), "bars.pt")
-        >>> save(path, model, run="bars", seed=0)          # plain tensors and metadata: loading runs no code
-        >>> pyro.clear_param_store()
-        >>> loaded = load(path)
-        >>> torch.allclose(loaded.model.dictionary, model.dictionary), loaded.metadata["run"]
-        (True, 'bars')
+        >>> import os, tempfile, torch
+        >>> from pyro_esc import load
+        >>> path = os.path.join(tempfile.mkdtemp(), "weights.pt")
+        >>> torch.save({"weights": torch.zeros(3)}, path)   # a file that save did not write
+        >>> load(path)                                       # refused before anything is built (save's example loads one)
+        Traceback (most recent call last):
+        ...
+        ValueError: ... is not a pyro_esc model file of format 'pyro_esc.model/1' (found None); ...
 
     :param map_location: as for ``torch.load``, e.g. ``"cpu"`` or ``"cuda"``.
     :raises ValueError: for a file that is not a pyro_esc model file of a known format.
