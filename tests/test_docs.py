@@ -69,13 +69,28 @@ def test_no_pointer_to_a_file_outside_the_repository():
     assert not hits, f"point to docs/theory.md instead of {outside} in {hits}"
 
 
+def _exists_unimported(module):
+    # The module's file is there (found on its package's path without running it).
+    import importlib.machinery
+
+    package, _, name = module.rpartition(".")
+    try:
+        path = importlib.import_module(package).__path__
+    except (ImportError, AttributeError):
+        return False
+    return importlib.machinery.PathFinder.find_spec(name, path) is not None
+
+
 def _resolves(dotted):
     # The longest importable module prefix, then attributes: "pyro_esc.rows.parameter_name", "pyro_esc.denoise".
     parts = dotted.split(".")
     for cut in range(len(parts), 0, -1):
+        module = ".".join(parts[:cut])
         try:
-            found = importlib.import_module(".".join(parts[:cut]))
+            found = importlib.import_module(module)
         except ImportError:
+            if cut > 1 and _exists_unimported(module):
+                return True  # it exists, and needs an optional extra that is not installed (pyro_esc.lightning)
             continue
         for attribute in parts[cut:]:
             if not hasattr(found, attribute):
