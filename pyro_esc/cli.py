@@ -155,6 +155,7 @@ def build_parser():
     denoise.add_argument("--steps", type=int, default=None,
                          help="EM step limit of each fit (default 30; each stops earlier on convergence)")
     denoise.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    denoise.add_argument("--quiet", action="store_true", help="no progress bars")
     _threads(denoise)
     denoise.set_defaults(run=_denoise)
 
@@ -274,7 +275,8 @@ def _denoise(args):
         with pyro.get_param_store().scope():
             model = load(args.dictionary).model
     image = read_image(args.input)
-    result = denoise(image, args.patch_size, model=model, n_latents=args.latents, seed=args.seed, steps=args.steps)
+    result = denoise(image, args.patch_size, model=model, n_latents=args.latents, seed=args.seed, steps=args.steps,
+                     progress=not args.quiet)
 
     def write(path, array):
         Image.fromarray(np.round(np.clip(array, 0, 1) * 255).astype(np.uint8)).save(path)

@@ -60,7 +60,7 @@ def test_bad_input_is_a_clear_error(clean_model):
         denoise(crop(), 5, model="dictionary")
 
 
-def test_the_command_writes_the_denoised_image_and_the_noise(tmp_path):
+def test_the_command_writes_the_denoised_image_and_the_noise(tmp_path, capsys):
     image = crop()
     path = tmp_path / "noisy.png"
     Image.fromarray(np.round(np.clip(noisy_version(image), 0, 1) * 255).astype(np.uint8)).save(path)
@@ -68,6 +68,10 @@ def test_the_command_writes_the_denoised_image_and_the_noise(tmp_path):
     assert main(["denoise", str(path), str(out), "--noise-image", str(noise), "--patch-size", "5",
                  "--latents", "12", "--steps", "40"]) == 0
     assert np.asarray(Image.open(out)).shape == image.shape == np.asarray(Image.open(noise)).shape
+    assert "fit" in capsys.readouterr().err  # its fits show their progress (it ran silently), unless --quiet
+    assert main(["denoise", str(path), str(out), "--patch-size", "5", "--latents", "12", "--steps", "5",
+                 "--quiet"]) == 0
+    assert "fit" not in capsys.readouterr().err
     assert main(["denoise", str(tmp_path / "missing.png"), str(out)]) == 2
 
 

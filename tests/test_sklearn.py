@@ -163,7 +163,7 @@ def test_clone_get_params_set_params(small_data):
     params = est.get_params()
     assert params["n_components"] == 2 and params["guide"] == "amortized" and params["random_state"] == 0
     assert set(params) == {"n_components", "guide", "solver", "max_iter", "tol", "n_init", "learning_rate",
-                           "hidden", "transform_max_iter", "transform_tol", "random_state", "prior"}
+                           "hidden", "transform_max_iter", "transform_tol", "random_state", "prior", "verbose"}
     est.fit(small_data)
     copy = clone(est)
     assert copy.get_params() == params
@@ -273,3 +273,13 @@ def test_bad_data_raise_value_error(small_data):
     bad_codes[1, 1] = np.inf
     with pytest.raises(ValueError, match="infinity"):
         est.inverse_transform(bad_codes)
+
+
+def test_verbose_shows_fits_progress_and_the_default_is_silent(small_data, capsys):
+    # The estimator trained silently whatever it cost (78 s for local-full on 300 digits); verbose=1 shows fit's bar.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        _small("local-diag").fit(small_data)
+        assert "fit" not in capsys.readouterr().err
+        _small("local-diag", verbose=1).fit(small_data)
+    assert "fit" in capsys.readouterr().err

@@ -132,6 +132,7 @@ class SparseCodingEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         initialisation (the seed of :func:`~pyro_esc.fit`); an int gives reproducible fits.
     :param prior: the prior over the codes: ``"laplace"`` (default, sparse coding), ``"gaussian"``
         (probabilistic PCA) or a :class:`~pyro_esc.priors.Prior`.
+    :param int verbose: 0 (default) trains silently; 1 or more shows :func:`~pyro_esc.fit`'s progress bar.
 
     Fitted attributes: ``components_`` (n_components, n_features), the dictionary W^T with
     unit-norm rows (scikit-learn's orientation); ``prior_scale_`` (n_components,), the prior's scale (lambda);
@@ -144,7 +145,7 @@ class SparseCodingEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
 
     def __init__(self, n_components=None, *, guide="local-diag", solver="auto", max_iter=None, tol=1e-7,
                  n_init=1, learning_rate=0.2, hidden=(100,), transform_max_iter=None, transform_tol=1e-9,
-                 random_state=None, prior="laplace"):
+                 random_state=None, prior="laplace", verbose=0):
         self.n_components = n_components
         self.guide = guide
         self.solver = solver
@@ -157,6 +158,7 @@ class SparseCodingEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
         self.transform_tol = transform_tol
         self.random_state = random_state
         self.prior = prior
+        self.verbose = verbose
 
     # ------------------------------------------------------------ tags and names
 
@@ -253,7 +255,8 @@ class SparseCodingEstimator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, B
                 steps = ADAM_DEFAULT_STEPS if self.max_iter is None else int(self.max_iter)
                 options = dict(optimizer="svi", steps=steps,
                                optim=bars_optimizer(guide, steps, float(self.learning_rate)))
-            history = _fit(model, guide, x, seed=seed, n_init=int(self.n_init), progress=False, **options)
+            history = _fit(model, guide, x, seed=seed, n_init=int(self.n_init), progress=bool(self.verbose),
+                           **options)
             with torch.no_grad():
                 dictionary = model.dictionary.detach().clone()
                 prior_scale = model.prior_scale.detach().clone()
