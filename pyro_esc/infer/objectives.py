@@ -307,7 +307,8 @@ class EntropyELBO(ELBO):
         """
         if statistics is not None and subsample is not None and self.minibatch_statistics == "running":
             if not statistics.belongs_to(model, guide, x):
-                raise ValueError("statistics belong to another model, guide or data tensor")
+                raise ValueError("statistics belong to another model, guide or data tensor: build this one's with "
+                                 "elbo.init_statistics(model, guide, x)")
             check_distinct(subsample)
             if points is None:
                 evaluation = read_posterior(model, guide, (x,), {"subsample": subsample}, "EntropyELBO")
