@@ -17,7 +17,7 @@ is reconstructed from its overlapping patches. Lines:
   reconstructions: OMP with 1 and 2 atoms, LARS with 5, thresholding (rescaled to [0, 1] as
   the example does);
 - scikit-image's ``denoise_wavelet`` (BayesShrink, which estimates the noise itself; needs
-  PyWavelets, ``pip install pyro-esc[baselines]``, else the line is skipped).
+  PyWavelets, ``pip install -e '.[baselines]'`` in a checkout, else the line is skipped).
 
 PSNR and SSIM (data range 1) of the right half, one core; seconds per line, learning included
 (scikit-learn's: the example's dictionary learning and its transform). Run:
@@ -107,7 +107,7 @@ def main(argv=None):
             lines["pyro_esc, blind"] = (blind.image, blind.noise_std, time.perf_counter() - start)
         for name, (estimate, seconds) in sklearn_lines(clean_half, noisy, 0).items():
             lines[name] = (estimate, None, seconds)
-        try:  # needs PyWavelets (pip install pyro-esc[baselines])
+        try:  # needs PyWavelets (pip install -e '.[baselines]')
             lines["scikit-image wavelet (BayesShrink)"] = (denoise_wavelet(noisy, method="BayesShrink", mode="soft",
                                                                            rescale_sigma=True), None, None)
         except ImportError as error:

@@ -111,6 +111,22 @@ def test_every_name_the_prose_gives_imports():
     assert not dead, f"names that do not import: {dead}"
 
 
+def test_every_install_line_names_an_extra_that_exists_as_a_checkout_installs_it():
+    # "pip install pyro-esc[lightning]" was printed, but the package is not on a package index, and a message
+    # suggested an extra, "extras", that does not exist. From a checkout: pip install -e '.[name]'.
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    paths = [ROOT / "README.md", ROOT / "BENCHMARKS.md"] + [
+        path for folder in ("pyro_esc", "benchmarks", "docs", "notebooks")
+        for path in (ROOT / folder).rglob("*") if path.suffix in (".py", ".md", ".rst", ".ipynb")
+        and "_build" not in path.parts and "tutorials" not in path.parts]
+    wrong = sorted({(path.name, line) for path in paths for line in re.findall(
+        r"pip install[^`\n]*?pyro[-_]esc\[\w+\]|pip install -e '\.\[(?!(?:" + "|".join(extras) + r")\])\w+\]'",
+        path.read_text(encoding="utf-8"))})
+    assert not wrong, f"install lines that do not work from a checkout: {wrong}"
+
+
 def test_the_estimator_is_public_without_importing_scikit_learn_up_front():
     code = ("import sys, pyro_esc; assert 'sklearn' not in sys.modules; "
             "from pyro_esc import SparseCodingEstimator; from pyro_esc.sklearn import SparseCodingEstimator as E; "

@@ -51,7 +51,8 @@ def _bundled_path(name):
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(f"the natural image {name!r} ships with {distribution}, which is not installed; "
-                          f"install it with `pip install {distribution}` (or `pip install pyro-esc[extras]`)")
+                          f"install it with `pip install {distribution}` (a dependency of pyro_esc: `pip install -e .` in "
+                          f"a checkout installs it)")
     for location in spec.submodule_search_locations:
         path = Path(location) / relative
         if path.is_file():
