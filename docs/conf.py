@@ -161,6 +161,36 @@ def render_notebooks(app=None):
             handle.write("\n\n".join(parts) + "\n")
 
 
+#: Where BENCHMARKS.md is rendered, a page per section (generated at every build, gitignored).
+BENCHMARK_PAGES = os.path.join(os.path.dirname(TUTORIALS), "benchmarks")
+
+
+def render_benchmarks(app=None):
+    """BENCHMARKS.md as pages of the site: its preamble as ``benchmarks/index``, each "## " section as a page
+    of its own (one table and its commands each), with paths into the repository written from there."""
+    with open(os.path.join(NOTEBOOKS, "..", "BENCHMARKS.md"), encoding="utf-8") as handle:
+        text = handle.read()
+    os.makedirs(BENCHMARK_PAGES, exist_ok=True)
+    preamble, *sections = re.split(r"^## ", text, flags=re.M)
+
+    def repository_paths(body):
+        body = body.replace("](figures/", "](../../figures/").replace("](docs/", "](../")
+        return re.sub(r"\[([^\]]+)\]\(README\.md\)", r"\1 (the repository's `README.md`)", body)
+
+    names = []
+    for number, section in enumerate(sections, 1):
+        title, body = section.split("\n", 1)
+        name = f"{number:02d}_" + re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_")
+        names.append(name)
+        body = re.sub(r"^#(#+) ", r"\1 ", body, flags=re.M)  # one level up: the section is the page
+        with open(os.path.join(BENCHMARK_PAGES, f"{name}.md"), "w", encoding="utf-8") as handle:
+            handle.write(f"# {title}\n{repository_paths(body)}")
+    toctree = "\n".join(["```{toctree}", ":maxdepth: 1", ""] + names + ["```"])
+    with open(os.path.join(BENCHMARK_PAGES, "index.md"), "w", encoding="utf-8") as handle:
+        handle.write(repository_paths(preamble).rstrip() + "\n\nOne page per table, with the commands that made it:\n\n"
+                     + toctree + "\n")
+
+
 class _CommandLineHelp(Directive):
     """``command-line-help``: every sub-command's ``--help``, generated from ``pyro_esc.cli.build_parser()``
     at build time, so the reference cannot drift from the parser."""
@@ -183,3 +213,4 @@ def setup(app):
     app.connect("autodoc-skip-member", _skip_generated)
     app.add_directive("command-line-help", _CommandLineHelp)
     app.connect("builder-inited", render_notebooks)
+    app.connect("builder-inited", render_benchmarks)

@@ -153,6 +153,10 @@ def test_sphinx_build_has_no_warnings(tmp_path):
     for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
         page = (html / "tutorials" / f"{notebook.stem}.html").read_text(encoding="utf-8")
         assert "<img" in page and "Rendered from" in page, notebook.name
+    # BENCHMARKS.md: a page per section (each table with its commands), figures included.
+    sections = re.findall(r"^## (.+?)\s*$", (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8"), flags=re.M)
+    pages = sorted((html / "benchmarks").glob("[0-9][0-9]_*.html"))
+    assert len(pages) == len(sections) and "<img" in (html / "benchmarks" / pages[5].name).read_text(encoding="utf-8")
     # The command-line reference is the parser's help, every sub-command's.
     reference = (html / "guide" / "command_line.html").read_text(encoding="utf-8")
     from pyro_esc.cli import build_parser
