@@ -68,6 +68,8 @@ import torch
 
 import pyro
 
+from records import read_records
+
 #: Encoder configurations: name -> (description, function D -> AmortizedNormal keyword arguments).
 CONFIGS = {
     "h100-diag": ("1 x 100, ELU, diag (default)", lambda d: dict(hidden=(100,), covariance="diag")),
@@ -207,12 +209,6 @@ def run_one(config, data, seed, recipe, steps, refine, n=N):
     record["refine_steps"] = refine
     return record
 
-
-def read_records(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
 
 
 def key(record):

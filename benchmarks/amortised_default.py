@@ -25,6 +25,8 @@ import warnings
 
 import torch
 
+from records import read_records
+
 OUT = os.path.join(os.path.dirname(__file__), "results", "amortised_default.jsonl")
 HELD_OUT_SEED = 10_000
 METHODS = ("warm", "scratch")
@@ -56,12 +58,6 @@ def run_one(method, side, noise, seed, n=None, steps=None):
                 hidden=result.hidden, skip=result.guide_object.skip, wall_s=round(seconds, 1))
 
 
-def read(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
 
 def table(records):
     groups = {}
@@ -90,7 +86,7 @@ def main(argv=None):
     parser.add_argument("--table", action="store_true", help="only print the table of what has run")
     args = parser.parse_args(argv)
     if not args.table:
-        done = {(r["method"], r["side"], r["noise"], r["seed"]) for r in read(args.out)}
+        done = {(r["method"], r["side"], r["noise"], r["seed"]) for r in read_records(args.out)}
         for side in args.sides:
             for noise in args.noises:
                 for seed in range(args.seeds):
@@ -101,7 +97,7 @@ def main(argv=None):
                         with open(args.out, "a") as handle:
                             handle.write(json.dumps(record) + "\n")
                         print(json.dumps(record), flush=True)
-    text = table(read(args.out))
+    text = table(read_records(args.out))
     print(text)
     return text
 

@@ -33,6 +33,8 @@ import json
 import os
 import time
 
+from records import read_records
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "amortised_patches.jsonl")
 
 
@@ -163,12 +165,6 @@ def figures(out, runs, size, whitening):
     plots.save_figure(fig, os.path.join(out, "paper_scale_amortised_fields.png"))
 
 
-def read(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
 
 def table(records):
     lines = ["| N | size | annealing | seed | per-point ELBO | encoder ELBO (after match) | held-out gap | median spread "
@@ -226,7 +222,7 @@ def main(argv=None):
             print(json.dumps(record), flush=True)
         if args.figures and runs:
             figures(args.figures, runs, args.size, whitening)
-    text = table(read(args.out))
+    text = table(read_records(args.out))
     print(text)
     return text
 

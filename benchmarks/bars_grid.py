@@ -45,6 +45,8 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+from records import read_records
+
 SIDES = (4, 5, 6, 8)
 NOISES = (0.05, 0.1, 0.3, 0.5)
 FAMILIES = {"full": "local-full", "diag": "local-diag", "amortized": "amortized-full",
@@ -72,12 +74,6 @@ def run_one(job):
     record.update(family=family, tol=tol, step_limit=steps, total_time_s=round(time.perf_counter() - started, 2))
     return record
 
-
-def read_records(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
 
 
 def data_n(side, n=None):

@@ -34,6 +34,8 @@ import torch
 
 import pyro
 
+from records import read_records
+
 #: name -> (guide name of pyro_esc.experiments.make_guide, hidden layers, description).
 CONFIGS = {
     "h100-diag": ("amortized-diag", (100,), "1 x 100, diag (reproduce's until now)"),
@@ -79,12 +81,6 @@ def run_one(config, size, epochs, seed, held_out, full_optimum):
         record["gap_full_optimum"] = full - record["held_out"]
     return record
 
-
-def read_records(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
 
 
 def table(records):

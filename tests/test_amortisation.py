@@ -1,16 +1,12 @@
 """Smoke test: benchmarks/amortisation_gap.py runs end to end at a tiny size and tabulates its runs."""
 
-import importlib.util
 import json
-import pathlib
 
-BENCHMARK = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "amortisation_gap.py"
+from test_benchmarks import load
 
 
 def test_amortisation_gap_records_gaps_and_tabulates(tmp_path):
-    spec = importlib.util.spec_from_file_location("amortisation_gap", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load("amortisation_gap")
     out = tmp_path / "gap.jsonl"
     common = ["--data", "bars0.3", "--seeds", "1", "--n", "60", "--steps", "5", "--out", str(out)]
     module.main(["--configs", "res2-lowrank", "--refine", "3"] + common)

@@ -3,6 +3,7 @@
 import importlib.util
 import math
 import pathlib
+import sys
 
 import pytest
 
@@ -11,6 +12,9 @@ BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def load(name):
+    # As `python benchmarks/<name>.py` does: the scripts import the module beside them (records.py).
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
