@@ -58,7 +58,6 @@ says: benchmarks/results/amortisation_gap.txt.
 """
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -68,7 +67,7 @@ import torch
 
 import pyro
 
-from records import read_records
+from records import append_record, read_records
 
 #: Encoder configurations: name -> (description, function D -> AmortizedNormal keyword arguments).
 CONFIGS = {
@@ -266,8 +265,7 @@ def main(argv=None):
                     if (config, data, seed, args.recipe, args.n) in done:
                         continue
                     record = run_one(config, data, seed, args.recipe, args.steps, args.refine, args.n)
-                    with open(args.out, "a") as handle:
-                        handle.write(json.dumps(record) + "\n")
+                    append_record(args.out, record)
                     print(f"{data} {config} seed {seed}: {record.get('bars_found', '-')} bars, "
                           f"ELBO {record['elbo']:.4f}, gap train {record['gap_train']:.4f} test "
                           f"{record['gap_test']:.4f}, {record['train_time_s']:.1f} s, {record['stop_reason']}",

@@ -25,7 +25,7 @@ import warnings
 
 import torch
 
-from records import read_records
+from records import append_record, read_records
 
 OUT = os.path.join(os.path.dirname(__file__), "results", "amortised_default.jsonl")
 HELD_OUT_SEED = 10_000
@@ -94,8 +94,7 @@ def main(argv=None):
                         if (method, side, noise, seed) in done:
                             continue
                         record = run_one(method, side, noise, seed, args.n, args.steps)
-                        with open(args.out, "a") as handle:
-                            handle.write(json.dumps(record) + "\n")
+                        append_record(args.out, record)
                         print(json.dumps(record), flush=True)
     text = table(read_records(args.out))
     print(text)

@@ -33,7 +33,7 @@ import json
 import os
 import time
 
-from records import read_records
+from records import append_record, read_records
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "amortised_patches.jsonl")
 
@@ -211,14 +211,12 @@ def main(argv=None):
             annealing = None if name == "none" else name
             if args.scratch:
                 record = scratch(args, annealing)
-                with open(args.out, "a") as handle:
-                    handle.write(json.dumps(record) + "\n")
+                append_record(args.out, record)
                 print(json.dumps(record), flush=True)
                 continue
             record, per_point, stages, whitening = run(args, annealing)
             runs[annealing] = (record, per_point, stages)
-            with open(args.out, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            append_record(args.out, record)
             print(json.dumps(record), flush=True)
         if args.figures and runs:
             figures(args.figures, runs, args.size, whitening)

@@ -39,13 +39,12 @@ One torch thread per run; ``--jobs 2`` runs two settings side by side.
 """
 
 import argparse
-import json
 import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from records import read_records
+from records import append_record, read_records
 
 SIDES = (4, 5, 6, 8)
 NOISES = (0.05, 0.1, 0.3, 0.5)
@@ -198,10 +197,8 @@ def main(argv=None):
         settings = sorted({(r["side"], r["noise"], r["seed"], r["n"]) for r in read_records(args.out)
                            if r["side"] in args.sides and r["noise"] in args.noises} - set(known))
         print(f"{len(settings)} reference ELBOs to compute", file=sys.stderr)
-        with open(reference_path(args.out), "a") as handle:
-            for record in map(reference_one, settings):
-                handle.write(json.dumps(record) + "\n")
-                handle.flush()
+        for record in map(reference_one, settings):
+            append_record(reference_path(args.out), record)
         return references(reference_path(args.out))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     done = {key(r) for r in read_records(args.out)}
@@ -213,13 +210,11 @@ def main(argv=None):
     jobs = [job for job in jobs if job[:5] not in done]
     print(f"{len(jobs)} runs to go ({len(done)} already in {args.out})", file=sys.stderr)
     pool = ProcessPoolExecutor(max_workers=args.jobs) if args.jobs > 1 else None
-    with open(args.out, "a") as handle:
-        for record in (pool.map(run_one, jobs) if pool else map(run_one, jobs)):
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            print(f"{record['family']} side {record['side']} sigma {record['noise']} seed {record['seed']} init "
-                  f"{record['init_seed']}: {record['bars_found']} bars, ELBO {record['elbo']:.4f}, "
-                  f"{record['wall_time_s']:.1f} s", file=sys.stderr, flush=True)
+    for record in (pool.map(run_one, jobs) if pool else map(run_one, jobs)):
+        append_record(args.out, record)
+        print(f"{record['family']} side {record['side']} sigma {record['noise']} seed {record['seed']} init "
+              f"{record['init_seed']}: {record['bars_found']} bars, ELBO {record['elbo']:.4f}, "
+              f"{record['wall_time_s']:.1f} s", file=sys.stderr, flush=True)
     if pool is not None:
         pool.shutdown()
     records = with_references(read_records(args.out), references(reference_path(args.out)))

@@ -17,6 +17,7 @@ import json
 import time
 
 import torch
+from records import append_record
 
 from pyro_esc import experiments
 
@@ -56,8 +57,7 @@ def main(argv=None):
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     if args.out:
-                        with open(args.out, "a") as handle:
-                            handle.write(json.dumps(row) + "\n")
+                        append_record(args.out, row)
     summarise(rows)
     return rows
 

@@ -32,6 +32,8 @@ import subprocess
 import sys
 import time
 
+from records import append_record, read_records
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "learning_at_scale.jsonl")
 UNIFORM_SPREAD = {12: 4.88, 16: 6.52}
 
@@ -100,7 +102,7 @@ def label(record):
 
 
 def table(path=RESULTS):
-    records = [json.loads(line) for line in open(path) if line.strip()]
+    records = read_records(path)
     print("| N | size | annealing | route (** fit's default) | epochs | seed | threads | ELBO per patch | "
           "median spread (px) | kurtosis | fit (s) | peak MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -138,9 +140,7 @@ def main(argv=None):
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         record = output.strip().splitlines()[-1]
         print(record, flush=True)
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "a") as handle:
-            handle.write(record + "\n")
+        append_record(args.out, json.loads(record))
 
 
 if __name__ == "__main__":
