@@ -29,35 +29,8 @@ Run:  python benchmarks/estimators.py [--n 1000] [--budget 60] [--lrs 0.01,0.03,
 (about 25 minutes). The question it answers: does EntropyELBO reach the target at least 10x sooner
 than Trace_ELBO?
 
-Measured (2 CPU cores, 1 thread, torch 2.13.0 CPU, pyro 1.9.2; ``--json`` holds the curves).
-Sections 1-2 are deterministic (seeded); section 3 from a separate run on a quiet machine
-(``--budget 0.5 --lrs 0.1 --rounds 5``), because the full run shared the machine:
-
-    estimator                 loss/N   +- SE   Var/|g|^2   time/step
-    EntropyELBO              27.0318  0.0000          0     4.64 ms  (1.0x)
-    AnalyticELBO             27.0318  0.0000          0     4.69 ms  (1.0x)
-    Trace_ELBO (1)           27.0337  0.0016   2.73e+04     6.30 ms  (1.4x)
-    Trace_ELBO (10)          27.0319  0.0006       2748    16.92 ms  (3.6x)
-    Trace_ELBO (100)         27.0318  0.0003      267.3   195.90 ms (42.2x)
-    TraceMeanField_ELBO (1)  27.0543  0.0144   2.71e+04     6.21 ms  (1.3x)
-    TraceMeanField_ELBO (10) 27.0317  0.0039       2734    20.54 ms  (4.4x)
-
-    4. time to within 0.05 nats/point of the best ELBO found (-26.4268); 60 s per run
-    EntropyELBO              6.0 s (lr 0.1)      best final -26.4276
-    AnalyticELBO             6.0 s (lr 0.1)      best final -26.4269
-    Trace_ELBO (1)           not within 60 s     best final -27.5742
-    Trace_ELBO (10)          not within 60 s     best final -27.1110
-    Trace_ELBO (100)         not within 60 s     best final -27.3903
-    TraceMeanField_ELBO (1)  not within 60 s     best final -27.4335
-    TraceMeanField_ELBO (10) not within 60 s     best final -27.0333
-
-So EntropyELBO reaches the target more than 10x sooner than any Trace_ELBO variant (a
-lower bound: none of them got there within the budget; the best stayed 0.6 nats per
-point short). One sampled gradient's variance is 2.7e4 times the squared norm of the exact
-gradient, which is why: noisy steps need small learning rates (0.01 was best for every
-sampled estimator), and 10 or 100 particles cut the variance 10 or 100 times at 3.6 or
-42 times the cost per step. Integrating the prior analytically (TraceMeanField_ELBO) leaves
-the gradient variance where it was: the noise is in the sampled likelihood term.
+The results, and the command and commit that made them: BENCHMARKS.md, "Estimators of the same ELBO"
+(``--json`` holds the curves).
 """
 
 import argparse

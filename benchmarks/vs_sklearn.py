@@ -6,11 +6,11 @@ scikit-learn's DictionaryLearning and MiniBatchDictionaryLearning (coordinate de
 ``n_components=10``) are swept over alpha; two alphas are reported per method: the one a
 user without ground truth would pick (lowest validation MSE of the common coder) and the
 oracle (most seeds with all bars, then most bars, then the fastest fit). pyro_esc learns
-lambda and sigma^2, so it has no alpha: LocalMultivariateNormal + EntropyELBO with the bars
-recipe (``experiments.bars_optimizer``, 2000 steps). Held-out reconstruction error is
-reported twice: with each method's own coder (sklearn's ``transform`` at its training alpha;
-pyro_esc's posterior means after fitting a fresh local guide to the test points with the
-dictionary, lambda and sigma^2 fixed) and with one common coder (lasso_lars at the
+lambda and sigma^2, so it has no alpha: LocalMultivariateNormal + EntropyELBO with fit's
+defaults (``--recipe adam``: the bars recipe, ``experiments.bars_optimizer``, 2000 steps). Held-out
+reconstruction error is reported twice: with each method's own coder (sklearn's ``transform`` at its
+training alpha; pyro_esc's posterior means from ``encode``, the per-point optima with the dictionary,
+lambda and sigma^2 fixed) and with one common coder (lasso_lars at the
 generating model's MAP alpha sigma^2 / lambda) on unit-length atoms, which compares
 dictionaries rather than coders.
 
@@ -22,60 +22,7 @@ Run (about 37 minutes here; ``--seeds 3 --skip-patches`` for a 10-minute look):
 
     python benchmarks/vs_sklearn.py [--json results.json] [--out field_figures/]
 
-Measured (2 CPU cores, one thread per library, shared with another job part of the time;
-torch 2.13.0 CPU, pyro 1.9.2, scikit-learn 1.9.1):
-
-    Bars (1000 training points, 10 seeds 10-19); test MSE per pixel on 1000 held-out points; common coder = lasso_lars at alpha 0.04
-    | method                           | alpha (chosen by)              | all found | mean bars | test MSE, own coder | test MSE, common coder (nnz) | fit time mean (max) |
-    |----------------------------------|--------------------------------|-----------|-----------|---------------------|------------------------------|---------------------|
-    | DictionaryLearning               | 0.03 (validation MSE)          |    0/10   |       0.4 |              0.0549 |              0.0552 ( 9.8)   |    42.3 s ( 48.2 s) |
-    | DictionaryLearning               | 3 (bars found (oracle))        |   10/10   |      10.0 |              1.5383 |              0.0589 ( 8.9)   |     2.6 s (  5.5 s) |
-    | MiniBatchDictionaryLearning      | 0.03 (validation MSE)          |    0/10   |       0.0 |              0.0549 |              0.0552 ( 9.8)   |     4.8 s (  5.6 s) |
-    | MiniBatchDictionaryLearning      | 3 (bars found (oracle))        |    9/10   |       9.7 |              1.5474 |              0.0590 ( 8.9)   |     4.6 s (  5.4 s) |
-    | pyro_esc LocalMVN + EntropyELBO  | -                              |    9/10   |       9.6 |              0.0582 |              0.0584 ( 9.0)   |     9.3 s ( 13.5 s) |
-    | reference: true dictionary       | -                              |         - |      10.0 |                   - |              0.0585 ( 8.9)   |                   - |
-    | reference: PCA, 10 components    | -                              |         - |       0.0 |                   - |              0.0551 ( 9.8)   |                   - |
-
-    The alpha sweep (means over seeds; val = validation set, common coder):
-    | method                      | alpha | all found | mean bars | val MSE | test MSE own (nnz) | test MSE common | fit time mean | iterations |
-    |-----------------------------|-------|-----------|-----------|---------|--------------------|-----------------|---------------|------------|
-    | DictionaryLearning          |  0.03 |    0/10   |       0.4 |  0.0551 |     0.0549 ( 9.8) |          0.0552 |        42.3 s |       1000 |
-    | DictionaryLearning          |   0.1 |    0/10   |       5.4 |  0.0582 |     0.0614 ( 8.8) |          0.0584 |        46.0 s |       1000 |
-    | DictionaryLearning          |   0.3 |   10/10   |      10.0 |  0.0584 |     0.0868 ( 8.1) |          0.0586 |        35.2 s |        856 |
-    | DictionaryLearning          |     1 |   10/10   |      10.0 |  0.0584 |     0.3279 ( 6.2) |          0.0586 |         7.1 s |        184 |
-    | DictionaryLearning          |     3 |   10/10   |      10.0 |  0.0587 |     1.5383 ( 2.7) |          0.0589 |         2.6 s |         67 |
-    | DictionaryLearning          |    10 |    0/10   |       1.1 |  0.1029 |     3.8962 ( 0.1) |          0.1020 |         1.7 s |         47 |
-    | MiniBatchDictionaryLearning |  0.03 |    0/10   |       0.0 |  0.0551 |     0.0549 ( 9.9) |          0.0552 |         4.8 s |        100 |
-    | MiniBatchDictionaryLearning |   0.1 |    0/10   |       0.1 |  0.0569 |     0.0610 ( 9.0) |          0.0570 |         6.7 s |        100 |
-    | MiniBatchDictionaryLearning |   0.3 |    0/10   |       0.0 |  0.0584 |     0.0871 ( 8.3) |          0.0586 |         5.7 s |        100 |
-    | MiniBatchDictionaryLearning |     1 |    0/10   |       4.8 |  0.0584 |     0.3339 ( 6.4) |          0.0587 |         5.1 s |        100 |
-    | MiniBatchDictionaryLearning |     3 |    9/10   |       9.7 |  0.0588 |     1.5474 ( 2.7) |          0.0590 |         4.6 s |        100 |
-    | MiniBatchDictionaryLearning |    10 |    0/10   |       1.2 |  0.1039 |     3.9070 ( 0.1) |          0.1032 |         4.7 s |        100 |
-
-    Patches: wall time to a dictionary; held-out MSE per whitened dimension (1000 patches); common coder = lasso_lars at alpha 1 (sklearn's training alpha)
-    | method                                               | fit time | iterations (steps) | test MSE own coder (nnz) | test MSE common coder (nnz) | field spread |
-    |------------------------------------------------------|----------|--------------------|--------------------------|-----------------------------|--------------|
-    | MiniBatchDL cd, early stopping (max_iter 10)         |    2.5 s |      2 (    97)    |           0.2823 ( 16.2) |              0.2823 ( 16.2) |      6.12 px |
-    | MiniBatchDL cd, 10 epochs, no early stopping         |   14.4 s |     10 (   790)    |           0.2696 ( 15.2) |              0.2696 ( 15.2) |      5.77 px |
-    | MiniBatchDL lars (sklearn's default), early stopping |   40.2 s |      2 (    97)    |           0.2823 ( 16.2) |              0.2823 ( 16.2) |      6.12 px |
-    | DictionaryLearning cd, max_iter 50                   |   65.9 s |     50 (    50)    |           0.2439 ( 13.5) |              0.2439 ( 13.5) |      4.64 px |
-    | pyro_esc AutoNormal + EntropyELBO, 600 steps         |   47.1 s |    600 (   600)    |          1.8e-05 (100.0) |              0.2780 ( 13.7) |      5.33 px |
-
-    pyro_esc along the way (training time only; common coder): step 75: 6.4 s, MSE 0.2837, ELBO/N -106.67; step 150: 12.0 s, MSE 0.2710, ELBO/N -99.82; step 300: 22.8 s, MSE 0.2747, ELBO/N -88.61; step 600: 47.1 s, MSE 0.2780, ELBO/N -86.72
-
-Reading it: on bars, no alpha lets scikit-learn both find the bars and reconstruct well
-with its own coder: the alphas that find every bar (DictionaryLearning 0.3-3,
-MiniBatchDictionaryLearning 3) code held-out points 1.6-28 times worse than the small
-alpha that validation picks, and that alpha finds no bars. pyro_esc, with no alpha to
-choose, finds all bars on 9 of 10 seeds (6 of 10 on seed 19) with held-out MSE 0.058 by
-its own coder, the level of the true dictionary (0.0585 with the common coder).
-DictionaryLearning at its oracle alpha is faster (2.6 s vs 9.3 s). On patches, pyro_esc's
-600 full-batch steps (47 s) give a dictionary that codes held-out patches like
-MiniBatchDictionaryLearning's after 10 epochs (0.278 vs 0.270 with the common coder), with
-more localised fields than the mini-batch runs (5.3 vs 5.8-6.1 px) and less localised than
-DictionaryLearning's 50 iterations (4.6 px, 66 s). Its own coder's MSE is tiny because the
-learned sigma^2 is tiny (0.0028 per whitened dimension): 100 atoms in 76 dimensions
-explain the patches almost exactly.
+The results, and the commands and commit that made them: BENCHMARKS.md, "Against scikit-learn".
 """
 
 import argparse
@@ -95,7 +42,8 @@ from sklearn.decomposition import PCA, DictionaryLearning, MiniBatchDictionaryLe
 from sklearn.exceptions import ConvergenceWarning
 from threadpoolctl import threadpool_limits
 
-from pyro_esc import AnalyticELBO, EntropyELBO, LocalMultivariateNormal, SparseCoding, fit, gaussian_posterior
+from pyro_esc import (AnalyticELBO, EntropyELBO, LocalMultivariateNormal, SparseCoding, encode, fit, gaussian_posterior,
+                      held_out_elbo)
 from pyro_esc.data import Whitening, bars, image_patches
 from pyro_esc.experiments import bars_optimizer
 from pyro_esc.metrics import bars_recovery, field_spread
@@ -207,6 +155,20 @@ def frozen_posterior_mean(model, make_guide, x, steps, lr, seed):
     return means, history.elbo[-1], seconds
 
 
+def encoded_posterior_mean(model, x):
+    """Held-out posterior means the library's way: ``encode`` (per-point optima, the model fixed).
+
+    :returns: (means as a float64 numpy array (N, H), ELBO per point, seconds)
+    """
+    with pyro.get_param_store().scope():
+        start = time.perf_counter()
+        posterior = encode(model, LocalMultivariateNormal(model), x)
+        seconds = time.perf_counter() - start
+        with torch.no_grad():
+            means = gaussian_posterior(posterior, x).mean.double().cpu().numpy()
+        return means, held_out_elbo(model, posterior, x), seconds
+
+
 def short(value):
     """A small MSE legibly: 4 decimals, or scientific notation below 0.001."""
     return f"{value:.4f}" if value >= 1e-3 else f"{value:.1e}"
@@ -257,17 +219,23 @@ def bars_seed(seed, args):
     model = SparseCoding(x.size(1), HIDDEN)
     start = time.perf_counter()
     guide = LocalMultivariateNormal(model)
-    history = fit(model, guide, x, loss=EntropyELBO(), steps=args.steps, optim=bars_optimizer(guide, args.steps),
-                  seed=seed, progress=False, record_every=args.steps)
+    if args.recipe == "defaults":
+        history = fit(model, guide, x, loss=EntropyELBO(), seed=seed, progress=False)
+    else:
+        history = fit(model, guide, x, loss=EntropyELBO(), steps=args.steps, optim=bars_optimizer(guide, args.steps),
+                      seed=seed, progress=False, record_every=args.steps)
     seconds = time.perf_counter() - start
     dictionary = model.dictionary.detach().double()
     recovery = bars_recovery(dictionary, true)
-    means, heldout_elbo, infer_s = frozen_posterior_mean(model, LocalMultivariateNormal, x_test.to(x.dtype),
-                                                          args.heldout_steps, HELDOUT_LR, seed)
+    if args.recipe == "defaults":
+        means, heldout_elbo, infer_s = encoded_posterior_mean(model, x_test.to(x.dtype))
+    else:
+        means, heldout_elbo, infer_s = frozen_posterior_mean(model, LocalMultivariateNormal, x_test.to(x.dtype),
+                                                              args.heldout_steps, HELDOUT_LR, seed)
     atoms = dictionary.numpy().T
     common_mse, common_nnz = common_coder(test, atoms, args.common_alpha)
     rows.append({"method": PYRO_NAME, "alpha": None, "seed": seed, "bars_found": recovery.num_found,
-                 "all_found": recovery.all_found, "fit_s": seconds, "iterations": args.steps,
+                 "all_found": recovery.all_found, "fit_s": seconds, "iterations": history.step[-1],
                  "val_common_mse": common_coder(val, atoms, args.common_alpha)[0],
                  "test_own_mse": reconstruction_mse(test, means, atoms), "test_own_nnz": float(HIDDEN),
                  "test_common_mse": common_mse, "test_common_nnz": common_nnz,
@@ -534,7 +502,10 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=10, help="number of bars seeds")
     parser.add_argument("--first-seed", type=int, default=FIRST_SEED)
     parser.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS), help="sklearn alpha grid (bars)")
-    parser.add_argument("--steps", type=int, default=STEPS, help="pyro_esc training steps on bars")
+    parser.add_argument("--recipe", choices=("defaults", "adam"), default="defaults",
+                        help="pyro_esc on bars: fit's defaults and encode (default), or the Adam recipe of "
+                             "--steps steps and held-out posteriors by --heldout-steps Adam steps")
+    parser.add_argument("--steps", type=int, default=STEPS, help="pyro_esc training steps on bars (--recipe adam)")
     parser.add_argument("--n", type=int, default=1000, help="bars points per set (training, test, validation)")
     parser.add_argument("--common-alpha", type=float, default=COMMON_ALPHA, help="alpha of the common coder (bars)")
     parser.add_argument("--dl-max-iter", type=int, default=DL_MAX_ITER)
