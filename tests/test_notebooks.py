@@ -8,6 +8,8 @@ the notebooks import the pyro_esc installed here, not another environment's).
 """
 
 import json
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +32,50 @@ KERNEL_NAME = "python3"
 def test_expected_notebooks_exist():
     missing = [name for name in EXPECTED if not (NOTEBOOKS / name).is_file()]
     assert not missing, f"notebooks missing from {NOTEBOOKS}: {missing}"
+
+
+def _cells(name):
+    return json.loads((NOTEBOOKS / name).read_text(encoding="utf-8"))["cells"]
+
+
+def _text(value):
+    return "".join(value) if isinstance(value, list) else value
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_notebook_says_which_commit_produced_its_outputs(name):
+    # notebooks/execute.py appends this cell; a notebook edited after its run, or never run, has none.
+    notebook = json.loads((NOTEBOOKS / name).read_text(encoding="utf-8"))
+    last = notebook["cells"][-1]
+    record = notebook["metadata"].get("pyro_esc", {})
+    assert "provenance" in last.get("metadata", {}).get("tags", []) and record.get("commit"), \
+        f"{name}: run `python notebooks/execute.py notebooks/{name}` to execute and stamp it"
+    assert f"`{record['commit']}`" in _text(last["source"]), f"{name}: the stamp cell and the metadata disagree"
+    assert any(cell.get("outputs") for cell in notebook["cells"] if cell["cell_type"] == "code"), \
+        f"{name}: stamped, but no cell has an output"
+    try:
+        ancestor = subprocess.run(["git", "merge-base", "--is-ancestor", record["commit"], "HEAD"],
+                                  cwd=NOTEBOOKS, capture_output=True).returncode
+    except OSError:
+        pytest.skip("git is not installed")
+    if ancestor == 128:
+        pytest.skip("not a git checkout with history")
+    assert ancestor == 0, f"{name}: the commit its stamp names, {record['commit']}, is not in this history"
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_numbers_in_a_notebooks_prose_are_printed_by_its_cells(name):
+    # Prose once quoted a run's numbers by hand ("444 s" where the cell printed 440 s). A decimal number in
+    # markdown must appear in a code cell or an output, where the run writes it.
+    cells = _cells(name)
+    printed = "\n".join(_text(cell["source"]) + "".join(
+        _text(output.get("text", "")) + _text(output.get("data", {}).get("text/plain", ""))
+        for output in cell.get("outputs", [])) for cell in cells if cell["cell_type"] == "code")
+    prose = [_text(cell["source"]) for cell in cells if cell["cell_type"] == "markdown"
+             and "provenance" not in cell.get("metadata", {}).get("tags", [])]
+    copied = sorted({number for text in prose for number in re.findall(r"(?<![\w.])\d+\.\d+(?![\w.])", text)
+                     if number not in printed})
+    assert not copied, f"{name}: numbers in the prose that no cell prints: {copied}"
 
 
 def _kernelspec(folder):
