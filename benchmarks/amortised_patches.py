@@ -150,7 +150,11 @@ def figures(out, runs, size, whitening):
     left.set_title("The model (per-point posteriors, EM); exact ELBOs at the end")
     left.set_ylim(min(lows) - 1, max(highs) + 1)
     right.set_xlabel("Adam step of the encoder stage (model fixed)")
-    right.set_ylabel("ELBO per point (900 drawn from the model + 100 patches)")
+    from pyro_esc.warm_start import DEFAULT_MODEL_SAMPLES
+
+    # fit_amortized's batch: its model points and a ninth as many rows of the data (model_samples // 9)
+    right.set_ylabel(f"ELBO per point ({DEFAULT_MODEL_SAMPLES} drawn from the model + "
+                     f"{DEFAULT_MODEL_SAMPLES // 9} patches)")
     right.set_title("The encoder's objective: points drawn afresh at every step")
     for ax in (left, right):
         ax.grid(alpha=0.3)

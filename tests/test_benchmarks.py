@@ -326,3 +326,8 @@ def test_every_table_in_benchmarks_md_names_the_commit_it_measured():
         if found == 128:
             pytest.skip("not a git checkout with history")
         assert found == 0, f"BENCHMARKS.md names commit {commit}, which is not in this history"
+
+
+def test_threads_runs_the_quick_start_at_each_thread_count():
+    lines = load("threads").main(["--threads", "1", "--repeats", "1"])
+    assert len(lines) == 1 and lines[0].startswith("threads 1:") and "of 10 bars" in lines[0]

@@ -232,3 +232,42 @@ def test_the_readme_is_a_front_door_and_the_guide_is_in_the_site():
     for page in sorted((DOCS / "guide").glob("*.md")):
         assert f"docs/guide/{page.name}" in readme, f"README does not point to {page.name}"
         assert re.search(rf"^   guide/{page.stem}$", index, flags=re.M), f"docs/index.rst does not list {page.name}"
+
+
+def test_every_command_line_the_prose_gives_names_a_sub_command_and_flags_that_exist():
+    # The README once showed `denoise [--latents 50]` and said every sub-command takes --device/--out: each
+    # `pyro-esc SUB --flag` written in the prose must name a sub-command and flags its parser accepts.
+    from pyro_esc.cli import build_parser
+
+    sub_parsers = next(action for action in build_parser()._actions
+                       if hasattr(action, "choices") and action.choices and "bars" in action.choices).choices
+    flags = {name: {option for action in parser._actions for option in action.option_strings}
+             for name, parser in sub_parsers.items()}
+    paths = [ROOT / "README.md", ROOT / "BENCHMARKS.md", ROOT / "notebooks" / "README.md"]
+    paths += sorted(DOCS.rglob("*.md")) + sorted((ROOT / "notebooks").glob("*.ipynb"))
+    wrong, seen = set(), 0
+    for path in paths:
+        if {"_build", "tutorials", "benchmarks"} & set(path.relative_to(ROOT).parts[:-1]):
+            continue  # generated at build time from the files checked here
+        for command, rest in re.findall(r"pyro-esc ([a-z][\w-]*)((?:[ \t]+[^`\n|;)]*)?)", _prose(path)):
+            if command not in flags:
+                if command not in ("and", "or", "is", "uses", "runs", "itself"):  # prose, not a command
+                    wrong.add((path.name, f"pyro-esc {command}"))
+                continue
+            seen += 1
+            for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", rest):
+                if flag not in flags[command]:
+                    wrong.add((path.name, f"pyro-esc {command} {flag}"))
+    assert seen > 20, "the pattern found too few command lines to be checking anything"
+    assert not wrong, f"command lines in the prose that the CLI does not accept: {sorted(wrong)}"
+
+
+def test_the_results_page_quotes_only_numbers_the_benchmarks_hold():
+    # docs/guide/results.md once held copies of BENCHMARKS.md's tables that drifted from them: every decimal
+    # number on the page must be one BENCHMARKS.md (which names the commit of each table) also has.
+    page = (DOCS / "guide" / "results.md").read_text(encoding="utf-8")
+    benchmarks = (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8")
+    numbers = set(re.findall(r"(?<![\w.])\d+\.\d+(?![\w.])", page))
+    assert len(numbers) > 5
+    copied = sorted(number for number in numbers if number not in benchmarks)
+    assert not copied, f"numbers on docs/guide/results.md that BENCHMARKS.md does not hold: {copied}"
