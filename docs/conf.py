@@ -114,8 +114,8 @@ def _benchmark_sections():
 def render_notebooks(app=None):
     """Write each notebook as a page of ``docs/tutorials/``: its markdown, its code, and the outputs it was
     committed with (text and figures), nothing executed. Links into the documentation keep working from
-    there (``../docs/theory.md`` becomes ``../theory.md``); links to BENCHMARKS.md, outside the site, name
-    the section instead."""
+    there (``../docs/theory.md`` becomes ``../theory.md``, ``02_x.ipynb`` the page ``02_x.md``); links to
+    BENCHMARKS.md, outside the site, name the section instead."""
     import base64
     import glob
     import json
@@ -137,6 +137,7 @@ def render_notebooks(app=None):
             if cell["cell_type"] == "markdown":
                 source = source.replace("](../docs/", "](../")
                 source = re.sub(r"\[([^\]]+)\]\(\.\./BENCHMARKS\.md(?:#([\w\-]+))?\)", benchmark_link, source)
+                source = re.sub(r"\]\((\d\d_\w+)\.ipynb\)", r"](\1.md)", source)  # another tutorial: its page
                 parts.append(source)
                 if len(parts) == 1:
                     parts.append(f"*Rendered from `notebooks/{name}.ipynb` as committed, with its outputs; "
