@@ -4,8 +4,10 @@ registry of the guides that the tests run by name (:data:`GUIDES`, :func:`guide_
 import functools
 import math
 import re
+import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
 import pyro
@@ -369,3 +371,22 @@ def one_point_optimum(model, x_point, full):
     optimizer.step(closure)
     with torch.no_grad():
         return loc.detach(), -float(negative_elbo())
+
+
+#: A decimal number as prose writes one ("0.035", not "v1.9" or "1.2.3"): what the drift tests look for.
+DECIMAL_NUMBER = re.compile(r"(?<![\w.])\d+\.\d+(?![\w.])")
+
+
+def commit_in_history(commit):
+    """Whether ``commit`` is an ancestor of HEAD; skips the calling test outside a git checkout with its
+    whole history (no git, an exported tree, a shallow clone), where an unknown commit proves nothing."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True)
+
+    try:
+        shallow = git("rev-parse", "--is-shallow-repository")
+    except OSError:
+        pytest.skip("git is not installed")
+    if shallow.returncode != 0 or shallow.stdout.strip() != "false":
+        pytest.skip("not a git checkout with its whole history")
+    return git("merge-base", "--is-ancestor", commit, "HEAD").returncode == 0

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import DECIMAL_NUMBER
 
 import pyro_esc
 
@@ -267,7 +268,7 @@ def test_the_results_page_quotes_only_numbers_the_benchmarks_hold():
     # number on the page must be one BENCHMARKS.md (which names the commit of each table) also has.
     page = (DOCS / "guide" / "results.md").read_text(encoding="utf-8")
     benchmarks = (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8")
-    numbers = set(re.findall(r"(?<![\w.])\d+\.\d+(?![\w.])", page))
+    numbers = set(DECIMAL_NUMBER.findall(page))
     assert len(numbers) > 5
     copied = sorted(number for number in numbers if number not in benchmarks)
     assert not copied, f"numbers on docs/guide/results.md that BENCHMARKS.md does not hold: {copied}"
