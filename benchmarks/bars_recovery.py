@@ -43,7 +43,7 @@ import pyro
 from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
-from pyro_esc import AmortizedNormal, EntropyELBO, LocalMultivariateNormal, SparseCoding, fit
+from pyro_esc import AmortizedNormal, EntropyELBO, LocalMultivariateNormal, NonFiniteObjectiveError, SparseCoding, fit
 from pyro_esc.data import bars
 from pyro_esc.metrics import bars_recovery
 from pyro_esc.training import decaying_adam
@@ -113,7 +113,7 @@ def run(config, seed, steps=STEPS, lr=LR, recipe="defaults"):
             fit(model, guide, x, loss=config.loss(), seed=seed, progress=False)
         else:
             train(model, guide, x, config.loss(), seed, steps=steps, lr=lr, guide_lr=config.guide_lr)
-    except FloatingPointError:  # fit stopped on a non-finite objective: a diverged run, counted as such
+    except NonFiniteObjectiveError:  # fit stopped on a non-finite objective: a diverged run, counted as such
         return 0, False, math.nan, time.perf_counter() - start
     seconds = time.perf_counter() - start
     elbo = -EntropyELBO().loss(model, guide, x) / x.size(0)
